@@ -1,0 +1,195 @@
+"""Run one heavy function in a fresh worker process (``spawn``), with a time and a memory limit.
+
+The reconciler calls ``JobRunner.run`` from a thread (``asyncio.to_thread``); the worker modules
+(``modeld.workers.*``) hold the functions, so onnx, onnxruntime and huggingface_hub are only ever
+imported in the child. A crash, a hang or an exception in the child becomes a typed error here;
+the daemon process never dies with it (uvicorn's ``_subprocess.py`` is the model).
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import (DiskFullError, ModeldError, PermanentError, TemporaryError,
+                     WorkerCrashedError, WorkerTimeoutError)
+
+_CTX = mp.get_context("spawn")
+
+ProgressFn = Callable[[float | None, str], None]
+
+
+class JobCancelledError(TemporaryError):
+    """The job was cancelled (newer desired state, or shutdown) before it finished."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Which worker function to run: ``module:function``, resolved in the child."""
+
+    target: str          # e.g. "modeld.workers.fetch:fetch_model"
+    timeout_s: float
+    memory_mb: int | None = None
+
+
+class Progress:
+    """Handed to worker functions: ``progress(0.4, "quantizing")`` reports to the parent."""
+
+    __slots__ = ("_conn", "_last")
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self._last = 0.0
+
+    def __call__(self, fraction: float | None, detail: str = "") -> None:
+        now = time.monotonic()
+        if now - self._last < 0.2 and fraction not in (0.0, 1.0):
+            return  # rate-limit: progress is for STATUS= lines, not a stream
+        self._last = now
+        try:
+            self._conn.send(("progress", fraction, detail))
+        except (BrokenPipeError, OSError):
+            pass
+
+
+def _child_main(conn, target: str, request: Any, memory_mb: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if memory_mb:
+        import resource
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        module_name, _, func_name = target.partition(":")
+        module = __import__(module_name, fromlist=[func_name])
+        result = getattr(module, func_name)(request, Progress(conn))
+        conn.send(("ok", result))
+    except BaseException as e:  # noqa: BLE001 - everything must reach the parent as a typed error
+        conn.send(("error", _to_modeld_error(e)))
+    finally:
+        conn.close()
+
+
+def _to_modeld_error(e: BaseException) -> ModeldError:
+    if isinstance(e, ModeldError):
+        return e
+    if isinstance(e, MemoryError):
+        return WorkerCrashedError("worker ran out of memory", hint="raise worker_memory_mb")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(f"no space left on device: {e}", hint="free disk space")
+    text = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
+    return PermanentError(f"{type(e).__name__}: {text}" if text else type(e).__name__)
+
+
+class JobHandle:
+    """One running job; ``cancel()`` kills its process (safe from any thread)."""
+
+    def __init__(self, process) -> None:
+        self.process = process
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        _kill(self.process)
+
+
+class JobRunner:
+    """Starts worker processes and remembers them, so shutdown can stop every one."""
+
+    def __init__(self) -> None:
+        self._live: set[JobHandle] = set()
+        self._lock = threading.Lock()
+
+    def run(self, spec: JobSpec, request: Any, *, on_progress: ProgressFn | None = None,
+            on_start: Callable[[JobHandle], None] | None = None) -> Any:
+        """Blocking: run ``spec.target(request, progress)`` in a child; return its result or raise
+        the child's typed error, ``WorkerTimeoutError``, ``WorkerCrashedError`` or
+        ``JobCancelledError``."""
+        parent_conn, child_conn = _CTX.Pipe(duplex=False)
+        process = _CTX.Process(target=_child_main, name=f"modeld-worker:{spec.target}",
+                               args=(child_conn, spec.target, request, spec.memory_mb),
+                               daemon=True)
+        handle = JobHandle(process)
+        with self._lock:
+            self._live.add(handle)
+        try:
+            process.start()
+            child_conn.close()
+            if on_start:
+                on_start(handle)
+            return self._wait(handle, parent_conn, spec, on_progress)
+        finally:
+            with self._lock:
+                self._live.discard(handle)
+            parent_conn.close()
+            if process.is_alive():
+                _kill(process)
+            process.join(timeout=5)
+
+    def _wait(self, handle: JobHandle, conn, spec: JobSpec, on_progress: ProgressFn | None):
+        deadline = time.monotonic() + spec.timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if handle.cancelled.is_set():
+                raise JobCancelledError(f"job {spec.target} cancelled", retry_after_s=0)
+            if remaining <= 0:
+                _kill(handle.process)
+                raise WorkerTimeoutError(f"worker exceeded its time limit of {spec.timeout_s:.0f} s",
+                                         hint="raise the timeout or check the model")
+            try:
+                ready = conn.poll(min(remaining, 0.25))
+            except (EOFError, OSError):
+                ready = True
+            if not ready:
+                continue
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return self._died(handle, spec)
+            kind = message[0]
+            if kind == "progress":
+                if on_progress:
+                    on_progress(message[1], message[2])
+            elif kind == "ok":
+                return message[1]
+            elif kind == "error":
+                raise message[1]
+
+    def _died(self, handle: JobHandle, spec: JobSpec):
+        handle.process.join(timeout=5)
+        if handle.cancelled.is_set():
+            raise JobCancelledError(f"job {spec.target} cancelled", retry_after_s=0)
+        code = handle.process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            how = f"was killed by {name}"
+        else:
+            how = f"exited with code {code}"
+        raise WorkerCrashedError(f"worker {how} before it finished", exitcode=code,
+                                 hint="see the log; the job is retried")
+
+    def kill_all(self) -> int:
+        """Stop every live worker (shutdown). Returns how many were stopped."""
+        with self._lock:
+            handles = list(self._live)
+        for h in handles:
+            h.cancel()
+        return len(handles)
+
+    @property
+    def live_pids(self) -> list[int]:
+        with self._lock:
+            return [h.process.pid for h in self._live if h.process.pid]
+
+
+def _kill(process) -> None:
+    try:
+        if process.pid and process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, ValueError, AssertionError):
+        pass
