@@ -1,0 +1,524 @@
+"""Prove a model file before it is served: onnx checker, load and run per execution provider,
+agreement with FP32 and speed measured interleaved with FP32.
+
+``prove_file`` runs in-process (quantize's ``auto`` calls it while choosing a recipe); ``prove`` is
+the worker entry point the reconciler runs through ``modeld.jobs.JobRunner``. A bad model never
+raises: the answer is a ``Proof`` whose reasons say what failed. Only infrastructure problems
+(a missing file) raise typed errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import structlog
+
+from ..errors import StoreError
+from ..variants import FP32, Gates, Proof, ProviderProof, proof_key
+
+log = structlog.get_logger(__name__)
+
+CPU = "CPUExecutionProvider"
+#: protobuf cannot hold more than 2 GiB; anything larger is not a model we should parse
+MAX_PROTOBUF_BYTES = 2**31 - 1
+#: interleaved timing: wall-clock budget per provider, and the least/most rounds of each file
+SPEED_BUDGET_S = 1.5
+MIN_ROUNDS = 15
+MAX_ROUNDS = 400
+WARMUP_RUNS = 2
+#: detection agreement: candidates above this score count, matched at IoU >= MATCH_IOU
+DETECTION_SCORE = 0.25
+MATCH_IOU = 0.5
+MAX_DETECTIONS = 300
+REASON_CHARS = 300
+
+Feed = dict[str, np.ndarray]
+ProgressFn = Callable[[float | None, str], None]
+
+
+@dataclass(frozen=True)
+class ProveRequest:
+    """What the reconciler asks a verify worker to prove (pickles across the spawn boundary)."""
+
+    model_dir: str
+    file_name: str
+    variant: str
+    reference_file: str | None      # "model.onnx" for derived variants, None for fp32
+    providers: tuple[str, ...]
+    gates: Gates
+    calibration: str | None
+    preprocessing_preset: str | None
+    input_size: int | None
+    simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    samples: int = 8
+    seed: int = 0
+    task: str | None = None         # "detection" forces the detection-match check
+
+
+def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
+    """Worker entry point: build sample inputs, then ``prove_file``."""
+    model_dir = Path(request.model_dir)
+    path = model_dir / request.file_name
+    reference = model_dir / request.reference_file if request.reference_file else None
+    progress(0.0, f"proving {request.file_name}")
+    feeds, synthetic = feeds_for(reference or path, calibration=request.calibration,
+                                 preset=request.preprocessing_preset,
+                                 input_size=request.input_size, count=request.samples,
+                                 seed=request.seed)
+    proof = prove_file(path, variant=request.variant, reference=reference,
+                       providers=request.providers, gates=request.gates, feeds=feeds,
+                       simulated=request.simulated, model_dir=model_dir, seed=request.seed,
+                       task=request.task, progress=progress)
+    if synthetic and reference is not None:
+        proof = _with_warning(proof, "agreement measured on synthetic inputs (no calibration data)")
+    progress(1.0, f"proved {request.file_name}")
+    return proof
+
+
+def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
+               providers: tuple[str, ...], gates: Gates, feeds: list[Feed] | None,
+               simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
+               task: str | None = None, progress: ProgressFn | None = None) -> Proof:
+    """Prove ``path`` on each provider (against ``reference``, the FP32 file, when derived)."""
+    path, model_dir = Path(path), Path(model_dir)
+    reference = Path(reference) if reference is not None else None
+    providers = tuple(providers)
+    simulated = {k: tuple(v) for k, v in (simulated or {}).items()}
+    file_sha = _sha256_of(path)
+    ref_sha = _sha256_of(reference) if reference is not None else None
+    key = proof_key(file_sha256=file_sha, reference_sha256=ref_sha, providers=providers,
+                    gates=gates, onnxruntime=ort.__version__, simulated=simulated)
+    base = dict(variant=variant, file_sha256=file_sha, key=key, onnxruntime=ort.__version__)
+
+    model, checker_error = check_file(path, model_dir)
+    if checker_error:
+        log.info("proof_refused_by_checker", file=path.name, variant=variant, reason=checker_error)
+        return Proof(checker_ok=False, checker_error=checker_error, **base,
+                     providers=tuple(ProviderProof(p, usable=False, passed=False,
+                                                   reason=f"onnx checker: {checker_error}")
+                                     for p in providers))
+    ref_model = None
+    if reference is not None:
+        ref_model, ref_error = check_file(reference, model_dir)
+        if ref_error:
+            # the FP32 reference is broken: nothing can be compared, so nothing is proven
+            return Proof(checker_ok=True, **base, providers=tuple(
+                ProviderProof(p, usable=False, passed=False,
+                              reason=f"FP32 reference refused by onnx checker: {ref_error}")
+                for p in providers))
+    if feeds is None:
+        feeds = feeds_for(reference or path, calibration=None, preset=None, input_size=None,
+                          count=4, seed=seed)[0]
+    results, warnings = [], []
+    for i, provider in enumerate(providers):
+        if progress:
+            progress(i / max(len(providers), 1), f"proving {path.name} on {provider}")
+        results.append(_prove_on(provider, path, model, reference, ref_model, feeds, gates,
+                                 simulated, task, warnings))
+    proof = Proof(checker_ok=True, **base, providers=tuple(results), warnings=tuple(warnings))
+    log.info("proved", file=path.name, variant=variant, passed_anywhere=proof.passed_anywhere,
+             providers={p.provider: (p.passed, p.reason) for p in results})
+    return proof
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. structure: size, external-data locations, onnx checker
+
+def check_file(path: Path, model_dir: Path) -> tuple[onnx.ModelProto | None, str]:
+    """(model without external data, "") if ``path`` is a sound ONNX file, else (None, reason)."""
+    size = path.stat().st_size
+    if size > MAX_PROTOBUF_BYTES:
+        return None, (f"protobuf is {size} bytes, over the {MAX_PROTOBUF_BYTES} byte limit "
+                      "(weights this large must be stored as external data)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeError, ...
+        return None, f"not an ONNX model (protobuf does not parse: {_first_line(e)})"
+    if not model.HasField("graph") or model.ir_version == 0:
+        return None, "not an ONNX model (no graph or no IR version)"
+    escape = _external_data_escape(model, path.parent, model_dir)
+    if escape:
+        return None, escape
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: >2 GB and external data
+    except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, OSError ...
+        return None, _first_line(e)
+    return model, ""
+
+
+def _external_data_escape(model: onnx.ModelProto, base: Path, model_dir: Path) -> str:
+    """A reason if any external-data location leaves ``model_dir``; "" if all stay inside."""
+    root = model_dir.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        where = f"external data of tensor {tensor.name!r} at {location!r}"
+        if not location:
+            return f"{where}: no location"
+        if os.path.isabs(location) or ".." in Path(location).parts:
+            return f"{where} escapes the model folder"
+        if not (base / location).resolve().is_relative_to(root):
+            return f"{where} escapes the model folder (through a symlink)"
+    return ""
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph, its sparse initializers, node attributes and subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
+
+
+def op_types(graph: onnx.GraphProto) -> set[str]:
+    """Operator types used anywhere in a graph, subgraphs included."""
+    out: set[str] = set()
+    for node in graph.node:
+        out.add(node.op_type)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                out |= op_types(sub)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 2.-4. per provider: load, run, agreement, interleaved speed
+
+def _prove_on(provider: str, path: Path, model: onnx.ModelProto, reference: Path | None,
+              ref_model: onnx.ModelProto | None, feeds: list[Feed], gates: Gates,
+              simulated: Mapping[str, tuple[str, ...]], task: str | None,
+              warnings: list[str]) -> ProviderProof:
+    session, reason = open_session(path, model, provider, simulated)
+    if session is None:
+        return ProviderProof(provider, usable=False, passed=False, reason=reason)
+    try:
+        outputs = [run_session(session, feed) for feed in feeds]
+    except Exception as e:  # noqa: BLE001 - the runtime's own message is the reason
+        return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
+
+    if reference is None:  # FP32 itself: usable means passed
+        latency_ms, _ = interleaved_latency_ms(session, None, feeds)
+        return ProviderProof(provider, usable=True, passed=True, latency_ms=latency_ms,
+                             fp32_latency_ms=latency_ms, speedup=1.0)
+
+    ref_session, ref_reason = open_session(reference, ref_model, provider, simulated)
+    baseline_on_provider = ref_session is not None
+    if ref_session is None:  # FP32 cannot run here: compare against FP32 on CPU, no speed ratio
+        ref_session, _ = open_session(reference, ref_model, CPU, {})
+    if ref_session is None:
+        return ProviderProof(provider, usable=True, passed=False,
+                             reason=f"FP32 reference does not load: {ref_reason}")
+    try:
+        ref_outputs = [run_session(ref_session, feed) for feed in feeds]
+    except Exception as e:  # noqa: BLE001
+        return ProviderProof(provider, usable=True, passed=False,
+                             reason=f"FP32 reference does not run: {_first_line(e)}")
+    agreement = compare_outputs(ref_outputs, outputs, task)
+    if baseline_on_provider:
+        latency_ms, fp32_ms = interleaved_latency_ms(session, ref_session, feeds)
+        speedup = fp32_ms / latency_ms if latency_ms > 0 else None
+    else:
+        latency_ms, _ = interleaved_latency_ms(session, None, feeds)
+        fp32_ms, speedup = None, None
+    failures = gate_failures(gates, agreement, speedup)
+    if not baseline_on_provider:
+        warnings.append(f"FP32 does not run on {provider} ({ref_reason}): agreement measured "
+                        "against FP32 on CPU, speed not compared")
+    return ProviderProof(provider, usable=True, passed=not failures, reason="; ".join(failures),
+                         latency_ms=latency_ms, fp32_latency_ms=fp32_ms, speedup=speedup,
+                         cosine=agreement.cosine, max_abs_error=agreement.max_abs_error,
+                         detection_match=agreement.detection_match)
+
+
+def open_session(path: Path, model: onnx.ModelProto | None, provider: str,
+                 simulated: Mapping[str, tuple[str, ...]]):
+    """(session, "") on ``provider`` alone, or (None, reason) if it cannot be used there."""
+    run_on = provider
+    if provider in simulated:
+        missing = sorted(op_types(model.graph) & set(simulated[provider])) if model else []
+        if missing:
+            return None, f"{missing[0]} is not implemented for {provider} (simulated)"
+        run_on = CPU  # a stand-in for a provider that cannot exist on this host
+    elif provider not in ort.get_available_providers():
+        return None, "provider not available on this host"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cores_available()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if run_on != CPU:
+        # fail the load instead of silently running unsupported nodes on the CPU
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[run_on])
+    except Exception as e:  # noqa: BLE001 - Fail, InvalidGraph, NotImplemented, ...
+        return None, _first_line(e)
+    active = session.get_providers()
+    if not active or active[0] != run_on:
+        return None, f"onnxruntime fell back to {', '.join(active) or 'nothing'} instead of {run_on}"
+    return session, ""
+
+
+def cores_available() -> int:
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+               "tensor(double)": np.float64, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+               "tensor(bool)": np.bool_}
+
+
+def run_session(session, feed: Feed) -> list[np.ndarray]:
+    """Run one feed, cast to the session's input types (an FP16 variant may take float16)."""
+    adapted = {}
+    for meta in session.get_inputs():
+        if meta.name not in feed:
+            raise ValueError(f"no sample for input {meta.name!r}")
+        dtype = _ORT_DTYPES.get(meta.type)
+        value = feed[meta.name]
+        adapted[meta.name] = value.astype(dtype) if dtype and value.dtype != dtype else value
+    return session.run(None, adapted)
+
+
+def interleaved_latency_ms(session, ref_session, feeds: list[Feed]) -> tuple[float, float | None]:
+    """Median latency (ms) of ``session`` and of ``ref_session``, timed in alternate rounds.
+
+    Timing noise between separate passes reached 30% on this kind of host; alternating the two
+    files round by round lets both see the same conditions.
+    """
+    sessions = [session] if ref_session is None else [ref_session, session]
+    for s in sessions:
+        for i in range(WARMUP_RUNS):
+            run_session(s, feeds[i % len(feeds)])
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS
+                                   or time.perf_counter() - start < SPEED_BUDGET_S):
+        feed = feeds[rounds % len(feeds)]
+        for s, bucket in zip(sessions, times):
+            t0 = time.perf_counter()
+            run_session(s, feed)
+            bucket.append((time.perf_counter() - t0) * 1000.0)
+        rounds += 1
+    medians = [float(np.median(t)) for t in times]
+    return (medians[0], None) if ref_session is None else (medians[1], medians[0])
+
+
+@dataclass(frozen=True)
+class Agreement:
+    cosine: float
+    max_abs_error: float | None
+    detection_match: float | None
+    problem: str = ""   # a structural mismatch (shape, non-finite values) that fails outright
+
+
+def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
+                    task: str | None = None) -> Agreement:
+    """Worst per-output cosine (flattened over all feeds, float64) and the largest abs error."""
+    worst_cos, max_abs, problem = 1.0, 0.0, ""
+    n_outputs = len(reference[0]) if reference else 0
+    for o in range(n_outputs):
+        pairs = [(r[o], v[o]) for r, v in zip(reference, variant)]
+        if not all(isinstance(a, np.ndarray) and isinstance(b, np.ndarray) for a, b in pairs):
+            continue  # sequences/maps (ZipMap) are not compared
+        if any(a.shape != b.shape for a, b in pairs):
+            return Agreement(0.0, None, None, f"output {o} shape {pairs[0][1].shape} differs "
+                                                f"from FP32 {pairs[0][0].shape}")
+        ref = np.concatenate([a.astype(np.float64).ravel() for a, _ in pairs])
+        var = np.concatenate([b.astype(np.float64).ravel() for _, b in pairs])
+        if not np.isfinite(var).all() and np.isfinite(ref).all():
+            return Agreement(0.0, None, None, f"output {o} has NaN/Inf values where FP32 has none")
+        finite = np.isfinite(ref) & np.isfinite(var)
+        ref, var = ref[finite], var[finite]
+        worst_cos = min(worst_cos, cosine_similarity(ref, var))
+        if ref.size:
+            max_abs = max(max_abs, float(np.max(np.abs(ref - var))))
+    detection = None
+    if n_outputs:
+        detection = detection_match([r[0] for r in reference], [v[0] for v in variant], task)
+    return Agreement(worst_cos, max_abs, detection)
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def gate_failures(gates: Gates, agreement: Agreement, speedup: float | None) -> list[str]:
+    """Which gates a derived variant misses, each with its numbers."""
+    failures = []
+    if agreement.problem:
+        failures.append(agreement.problem)
+    elif agreement.cosine < gates.min_cosine:
+        failures.append(f"cosine {agreement.cosine:.4f} < min_cosine {gates.min_cosine:.4f}")
+    if (gates.max_abs_error is not None and agreement.max_abs_error is not None
+            and agreement.max_abs_error > gates.max_abs_error):
+        failures.append(f"max abs error {agreement.max_abs_error:.4g} > max_abs_error "
+                        f"{gates.max_abs_error:.4g}")
+    if speedup is not None and speedup < gates.min_speedup:
+        head = "slower than FP32: " if speedup < 1.0 else "speedup "
+        failures.append(f"{head}{speedup:.2f}x < min_speedup {gates.min_speedup:.2f}")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# detection agreement (YOLO-style raw heads)
+
+def detector_layout(shape: tuple[int, ...], task: str | None) -> str | None:
+    """"CN" for [1, 4+C, N], "NC" for [1, N, 4+C], None if the output is not a detection head."""
+    if len(shape) != 3 or shape[0] != 1:
+        return None
+    a, b = shape[1], shape[2]
+    forced = task == "detection"
+    if a >= 5 and (b >= 8 * a or (forced and b > a)):
+        return "CN"
+    if b >= 5 and (a >= 8 * b or (forced and a > b)):
+        return "NC"
+    return None
+
+
+def detection_match(reference: list[np.ndarray], variant: list[np.ndarray],
+                    task: str | None) -> float | None:
+    """Share of FP32 detections (score >= DETECTION_SCORE) that the variant also finds
+    (same class, IoU >= MATCH_IOU); None if the first output is not a detection head or FP32
+    detects nothing."""
+    if not reference or not isinstance(reference[0], np.ndarray):
+        return None
+    layout = detector_layout(tuple(reference[0].shape), task)
+    if layout is None:
+        return None
+    found = matched = 0
+    for ref, var in zip(reference, variant):
+        ref_boxes = _detections(ref, layout)
+        var_boxes = _detections(var, layout)
+        found += len(ref_boxes[0])
+        matched += _count_matched(ref_boxes, var_boxes)
+    return matched / found if found else None
+
+
+def _detections(raw: np.ndarray, layout: str):
+    rows = raw[0].T if layout == "CN" else raw[0]           # [N, 4+C]
+    rows = rows.astype(np.float64)
+    scores = rows[:, 4:].max(axis=1)
+    classes = rows[:, 4:].argmax(axis=1)
+    keep = np.flatnonzero(scores >= DETECTION_SCORE)
+    keep = keep[np.argsort(-scores[keep])][:MAX_DETECTIONS]
+    cx, cy, w, h = (rows[keep, i] for i in range(4))
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    return boxes, classes[keep]
+
+
+def _count_matched(ref, var) -> int:
+    ref_boxes, ref_classes = ref
+    var_boxes, var_classes = var
+    if not len(ref_boxes) or not len(var_boxes):
+        return 0
+    iou = _iou_matrix(ref_boxes, var_boxes)
+    same_class = ref_classes[:, None] == var_classes[None, :]
+    return int(np.count_nonzero(((iou >= MATCH_IOU) & same_class).any(axis=1)))
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+def feeds_for(model_path: Path, *, calibration: str | None, preset: str | None,
+              input_size: int | None, count: int, seed: int = 0) -> tuple[list[Feed], bool]:
+    """(feeds, synthetic?): the inputs worker's samples, or seeded random feeds shaped by the
+    model's signature while that worker is absent."""
+    try:
+        from .inputs import sample_inputs
+    except ImportError:
+        return _signature_feeds(model_path, count=count, seed=seed, input_size=input_size), True
+    return sample_inputs(model_path, calibration=calibration, preset=preset,
+                         input_size=input_size, count=count, seed=seed)
+
+
+def _signature_feeds(model_path: Path, *, count: int, seed: int,
+                     input_size: int | None) -> list[Feed]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for value in model.graph.input:
+            if value.name in initializers:
+                continue
+            tensor = value.type.tensor_type
+            # unknown dims: batch 1, everything else input_size (or 64)
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                    else (1 if i == 0 else (input_size or 64))
+                    for i, d in enumerate(tensor.shape.dim)]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+            if np.issubdtype(dtype, np.floating):
+                feed[value.name] = rng.random(dims, dtype=np.float32).astype(dtype)
+            elif dtype == np.bool_:
+                feed[value.name] = rng.random(dims) < 0.5
+            else:
+                feed[value.name] = rng.integers(0, 2, dims).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError as e:
+        raise StoreError(f"cannot prove {path.name}: file is missing", path=str(path),
+                         hint="re-run the reconcile; the file will be rebuilt") from e
+    except OSError as e:
+        raise StoreError(f"cannot read {path.name}: {e.strerror}", path=str(path)) from e
+    return digest.hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    return line[:REASON_CHARS]
+
+
+def _with_warning(proof: Proof, warning: str) -> Proof:
+    return replace(proof, warnings=proof.warnings + (warning,))
