@@ -8,6 +8,7 @@ the daemon process never dies with it (uvicorn's ``_subprocess.py`` is the model
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import multiprocessing as mp
 import os
@@ -31,11 +32,17 @@ class JobCancelledError(TemporaryError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Which worker function to run: ``module:function``, resolved in the child."""
+    """Which worker function to run: ``module:function``, resolved in the child.
 
-    target: str          # e.g. "modeld.workers.fetch:fetch_model"
+    With ``request_type`` (``module:Class``) the request is passed as a dict of fields and built
+    in the child, and a dataclass result comes back as a dict of its fields: the daemon never
+    imports a worker module (they import onnxruntime and huggingface_hub at the top).
+    """
+
+    target: str                      # e.g. "modeld.workers.fetch:fetch_model"
     timeout_s: float
     memory_mb: int | None = None
+    request_type: str | None = None  # e.g. "modeld.workers.fetch:FetchRequest"
 
 
 class Progress:
@@ -58,16 +65,24 @@ class Progress:
             pass
 
 
-def _child_main(conn, target: str, request: Any, memory_mb: int | None) -> None:
+def _resolve(path: str):
+    module_name, _, attr = path.partition(":")
+    module = __import__(module_name, fromlist=[attr])
+    return getattr(module, attr)
+
+
+def _child_main(conn, spec: JobSpec, request: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    if memory_mb:
+    if spec.memory_mb:
         import resource
-        limit = memory_mb * 1024 * 1024
+        limit = spec.memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        module_name, _, func_name = target.partition(":")
-        module = __import__(module_name, fromlist=[func_name])
-        result = getattr(module, func_name)(request, Progress(conn))
+        if spec.request_type:
+            request = _resolve(spec.request_type)(**request)
+        result = _resolve(spec.target)(request, Progress(conn))
+        if spec.request_type and dataclasses.is_dataclass(result):
+            result = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
         conn.send(("ok", result))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent as a typed error
         conn.send(("error", _to_modeld_error(e)))
@@ -112,7 +127,7 @@ class JobRunner:
         ``JobCancelledError``."""
         parent_conn, child_conn = _CTX.Pipe(duplex=False)
         process = _CTX.Process(target=_child_main, name=f"modeld-worker:{spec.target}",
-                               args=(child_conn, spec.target, request, spec.memory_mb),
+                               args=(child_conn, spec, request),
                                daemon=True)
         handle = JobHandle(process)
         with self._lock:

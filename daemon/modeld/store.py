@@ -1,0 +1,282 @@
+"""The model store on disk: ``models/<name>/`` folders, their manifests, and the scan -> Inventory.
+
+Called by the reconciler (scan, manifest updates, clean-up) and the one-shot CLI commands. "Is
+this file good?" is answered by the manifest: a file whose size + mtime_ns + inode match its record
+is trusted without hashing; otherwise it is hashed (once per stat triple, cached) and compared.
+Only the reconciler writes manifests; workers publish files and return records.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import stat
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import structlog
+
+from .atomic import TEMP_PREFIX, WORK_PREFIX, is_temp_name, write_atomic
+from .errors import StoreError, StoreLockedError
+from .manifest import MANIFEST_NAME, FileRecord, Manifest
+
+log = structlog.get_logger(__name__)
+
+LOCK_NAME = ".modeld.lock"
+
+OK, MISSING, DAMAGED, UNREADABLE = "ok", "missing", "damaged", "unreadable"
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a recorded file looks like now."""
+
+    name: str
+    status: str                     # ok | missing | damaged | unreadable
+    record: FileRecord | None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model folder: its manifest and the state of every recorded file."""
+
+    name: str
+    manifest: Manifest
+    files: Mapping[str, FileState] = field(default_factory=dict)
+
+    def intact(self, file_name: str) -> bool:
+        state = self.files.get(file_name)
+        return state is not None and state.ok
+
+    def record(self, file_name: str) -> FileRecord | None:
+        return self.manifest.files.get(file_name)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    models: Mapping[str, ModelState] = field(default_factory=dict)
+
+    def get(self, name: str) -> ModelState | None:
+        return self.models.get(name)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Store:
+    """The ``models/`` folder. Not thread-safe: one owner (the reconciler's event loop)."""
+
+    def __init__(self, models_dir: Path, *, hasher: Callable[[Path], str] = sha256_file) -> None:
+        self.root = Path(models_dir).absolute()
+        self._hasher = hasher
+        self._hash_cache: dict[tuple[str, int, int, int], str] = {}
+        self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
+        self._lock_fd: int | None = None
+        self.hash_count = 0   # how many files were hashed: the no-op benchmark asserts it stays 0
+
+    # -- layout ---------------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        """``models/<name>``; refuses anything that is not one plain folder name inside the root."""
+        if (not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name
+                or name.startswith(".")):
+            raise StoreError(f"not a valid model folder name: {name!r}", entry=name)
+        path = self.root / name
+        if path.parent != self.root:
+            raise StoreError(f"model folder escapes {self.root}", entry=name)
+        return path
+
+    def names_on_disk(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.root.iterdir()
+                          if p.is_dir() and not p.name.startswith(".") and not is_temp_name(p.name))
+        except FileNotFoundError:
+            return []
+
+    # -- manifest -------------------------------------------------------------------------------
+    def read_manifest(self, name: str) -> Manifest:
+        path = self.model_dir(name) / MANIFEST_NAME
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._manifest_cache.pop(name, None)
+            return Manifest(name=name)
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = self._manifest_cache.get(name)
+        if cached and cached[0] == key:
+            return cached[1]
+        try:
+            manifest = Manifest.from_json(path.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # A damaged manifest only costs work: every file is re-verified or re-made.
+            log.warning("manifest_unreadable", model=name, error=str(e))
+            manifest = Manifest(name=name)
+        self._manifest_cache[name] = (key, manifest)
+        return manifest
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        folder = self.model_dir(manifest.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / MANIFEST_NAME
+        write_atomic(path, manifest.to_json())
+        st = path.stat()
+        self._manifest_cache[manifest.name] = ((st.st_size, st.st_mtime_ns, st.st_ino), manifest)
+
+    def update_manifest(self, name: str, change: Callable[[Manifest], Manifest]) -> Manifest:
+        manifest = change(self.read_manifest(name))
+        self.write_manifest(manifest)
+        return manifest
+
+    # -- scan -----------------------------------------------------------------------------------
+    def scan(self, names: Iterable[str]) -> Inventory:
+        """The actual state of the named models (those with no folder are absent)."""
+        models = {}
+        for name in names:
+            state = self.scan_model(name)
+            if state is not None:
+                models[name] = state
+        return Inventory(models=models)
+
+    def scan_model(self, name: str) -> ModelState | None:
+        folder = self.model_dir(name)
+        if not folder.is_dir():
+            return None
+        manifest = self.read_manifest(name)
+        files = {file_name: self._check(folder / file_name, record)
+                 for file_name, record in manifest.files.items()}
+        return ModelState(name=name, manifest=manifest, files=files)
+
+    def _check(self, path: Path, record: FileRecord) -> FileState:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return FileState(record.name, MISSING, record, "file is missing")
+        except OSError as e:
+            return FileState(record.name, UNREADABLE, record, e.strerror or str(e))
+        if not stat.S_ISREG(st.st_mode):
+            return FileState(record.name, DAMAGED, record, "not a regular file")
+        if not st.st_mode & stat.S_IRUSR:
+            # Root can read a mode-000 file, but the nodes cannot: treat it as unreadable.
+            return FileState(record.name, UNREADABLE, record, "file has no read permission")
+        if record.stat_matches(st):
+            return FileState(record.name, OK, record)
+        if st.st_size != record.size:
+            return FileState(record.name, DAMAGED, record,
+                             f"size {st.st_size} != recorded {record.size}")
+        try:
+            digest = self.digest(path, st)
+        except OSError as e:
+            return FileState(record.name, UNREADABLE, record, e.strerror or str(e))
+        if digest != record.sha256:
+            return FileState(record.name, DAMAGED, record, "sha256 differs from the manifest")
+        # Same content, new stat (touched, copied back): trust it, and remember the new stat.
+        return FileState(record.name, OK, replace(record, mtime_ns=st.st_mtime_ns, inode=st.st_ino))
+
+    def digest(self, path: Path, st: os.stat_result | None = None) -> str:
+        st = st or path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = self._hash_cache.get(key)
+        if cached is None:
+            self.hash_count += 1
+            cached = self._hasher(path)
+            if len(self._hash_cache) > 10_000:
+                self._hash_cache.clear()
+            self._hash_cache[key] = cached
+        return cached
+
+    def refresh_stats(self, state: ModelState) -> None:
+        """Record the new stat triple of files whose content proved unchanged (saves re-hashing)."""
+        changed = {n: s.record for n, s in state.files.items()
+                   if s.ok and s.record is not None and s.record != state.manifest.files.get(n)}
+        if changed:
+            self.update_manifest(state.name, lambda m: replace(m, files={**m.files, **changed}))
+
+    def restore_mode(self, name: str, file_name: str) -> None:
+        """A file that lost its read permission but kept its content: give it back 0644."""
+        os.chmod(self.model_dir(name) / file_name, 0o644)
+
+    # -- removal and clean-up -------------------------------------------------------------------
+    def remove_model(self, name: str) -> bool:
+        """Delete ``models/<name>``: renamed aside first (atomic), then deleted."""
+        folder = self.model_dir(name)
+        if not folder.exists():
+            return False
+        aside = self.root / f"{TEMP_PREFIX}removed-{uuid.uuid4().hex[:8]}-{name}"
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        self._manifest_cache.pop(name, None)
+        return True
+
+    def remove_file(self, name: str, file_name: str) -> None:
+        try:
+            (self.model_dir(name) / file_name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove temp files and scratch folders of an interrupted run (start-up)."""
+        removed: list[str] = []
+        if not self.root.is_dir():
+            return removed
+        folders = [self.root] + [p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()]
+        for folder in folders:
+            try:
+                entries = list(folder.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.name.startswith((TEMP_PREFIX, WORK_PREFIX)):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(str(entry.relative_to(self.root)))
+        return removed
+
+    # -- one daemon per store -------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the store's lock, or raise ``StoreLockedError`` naming the holder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                who = f"pid {holder}" if holder else "another process"
+                raise StoreLockedError(f"{self.root} is already managed by {who}",
+                                       hint="stop that mecha10-modeld first, or use another --models") from e
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(os.read(fd, 32).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
