@@ -1,0 +1,221 @@
+"""Pure planning: compare the desired state (catalog) with the actual state (inventory).
+
+``plan(catalog, inventory, context) -> list[Action]`` gives at most one action per model, the
+first thing that model needs (pull before derive before prove); the reconciler runs it and plans
+again. No disk, no clock: tested with plain tables in tests/test_planning.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+from .catalog import Catalog, ModelEntry
+from .manifest import FileRecord, Manifest
+from .store import UNREADABLE, Inventory, ModelState
+from .variants import (FILE_VARIANTS, FP32, METHODS, VARIANT_FILES, Derivation, Gates,
+                       proof_key)
+
+FP32_FILE = VARIANT_FILES[FP32]
+LABELS_FILE = "labels.txt"
+CONFIG_FILE = "config.json"
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """Inputs of planning that are not the catalog or the store."""
+
+    providers: tuple[str, ...]                       # daemon default (an entry may override)
+    onnx_version: str
+    onnxruntime_version: str
+    simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: models whose upstream branch/tag should be asked again (resync, SIGHUP, `sync`)
+    refresh: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Pull:
+    name: str
+    entry: ModelEntry
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "pull", self.entry.source(), config_params(self.entry))
+
+
+@dataclass(frozen=True)
+class Derive:
+    name: str
+    entry: ModelEntry
+    derivation: Derivation
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "derive", self.derivation.key())
+
+
+@dataclass(frozen=True)
+class Prove:
+    name: str
+    entry: ModelEntry
+    file_name: str
+    variant: str
+    key: str                     # the proof key the result will be recorded under
+    reference_file: str | None   # FP32 file for derived variants
+    gates: Gates
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "prove", self.file_name, self.key)
+
+
+@dataclass(frozen=True)
+class RestoreMode:
+    name: str
+    file_name: str
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "restore-mode", self.file_name)
+
+
+Action = Union[Pull, Derive, Prove, RestoreMode]
+
+
+def plan(catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
+    actions = []
+    for entry in catalog.entries.values():
+        action = plan_model(entry, inventory.get(entry.name), context)
+        if action is not None:
+            actions.append(action)
+    return actions
+
+
+def plan_model(entry: ModelEntry, state: ModelState | None, context: PlanContext) -> Action | None:
+    manifest = state.manifest if state else Manifest(name=entry.name)
+    if state is not None:
+        for file_state in state.files.values():
+            if file_state.status == UNREADABLE and file_state.record is not None:
+                return RestoreMode(entry.name, file_state.name, f"{file_state.name}: {file_state.detail}")
+
+    stale = source_problem(entry, state)
+    if stale:
+        return Pull(entry.name, entry, stale)
+    fp32 = manifest.files[FP32_FILE]
+    if entry.name in context.refresh and not is_pinned(entry, fp32):
+        return Pull(entry.name, entry, "check upstream for a new commit")
+
+    providers = providers_for(entry, context)
+    fp32_key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=providers,
+                         gates=Gates(), onnxruntime=context.onnxruntime_version,
+                         simulated=context.simulated)
+    fp32_proof = manifest.proofs.get(FP32_FILE)
+    if fp32_proof is None or fp32_proof.key != fp32_key:
+        return Prove(entry.name, entry, FP32_FILE, FP32, fp32_key, None, Gates(),
+                     "FP32 not proven" if fp32_proof is None else "FP32 proof is stale")
+
+    spec = entry.quantize
+    if spec is None or not spec.enabled:
+        return None
+    derivation = desired_derivation(entry, fp32, context)
+    if derivation.key() in manifest.failures:
+        return None  # failed permanently for exactly these inputs; a change of any input retries
+    record = derived_record(manifest, derivation)
+    if record is None:
+        return Derive(entry.name, entry, derivation, f"no {spec.method} variant for these inputs")
+    if state is None or not state.intact(record.name):
+        detail = state.files[record.name].detail if state and record.name in state.files else "missing"
+        return Derive(entry.name, entry, derivation, f"{record.name}: {detail}")
+    key = derived_proof_key(entry, record, fp32, context)
+    proof = manifest.proofs.get(record.name)
+    if proof is None or proof.key != key:
+        return Prove(entry.name, entry, record.name, variant_of(record), key, FP32_FILE,
+                     spec.gates, f"{record.name} not proven" if proof is None else
+                     f"{record.name} proof is stale")
+    return None
+
+
+def source_problem(entry: ModelEntry, state: ModelState | None) -> str:
+    """Why the pulled files do not match the entry ('' when they do)."""
+    if state is None:
+        return "not pulled yet"
+    fp32 = state.manifest.files.get(FP32_FILE)
+    if fp32 is None or fp32.provenance is None:
+        return "not pulled yet"
+    p = fp32.provenance
+    if (p.repo, p.filename, p.revision) != (entry.repo, entry.filename, entry.revision):
+        return "catalog source changed"
+    if not state.intact(FP32_FILE):
+        return f"{FP32_FILE}: {state.files[FP32_FILE].detail}"
+    labels = state.manifest.files.get(LABELS_FILE)
+    if entry.labels:
+        if labels is None or labels.provenance is None or labels.provenance.filename != entry.labels:
+            return "labels not pulled yet"
+        if not state.intact(LABELS_FILE):
+            return f"{LABELS_FILE}: {state.files[LABELS_FILE].detail}"
+    config = state.manifest.files.get(CONFIG_FILE)
+    if config is None or config.derivation is None:
+        return "config.json not written yet"
+    if config.derivation.key() != config_derivation(entry, fp32, labels).key():
+        return "config.json out of date"
+    if not state.intact(CONFIG_FILE):
+        return f"{CONFIG_FILE}: {state.files[CONFIG_FILE].detail}"
+    return ""
+
+
+def is_pinned(entry: ModelEntry, fp32: FileRecord) -> bool:
+    """A full commit hash never moves: no need to ask the hub again."""
+    return bool(entry.revision and _COMMIT.fullmatch(entry.revision))
+
+
+def providers_for(entry: ModelEntry, context: PlanContext) -> tuple[str, ...]:
+    return tuple(entry.providers) if entry.providers else tuple(context.providers)
+
+
+def config_params(entry: ModelEntry) -> dict:
+    return {"task": entry.task, "description": entry.description,
+            "preprocessing_preset": entry.preprocessing_preset, "input_size": entry.input_size}
+
+
+def config_derivation(entry: ModelEntry, fp32: FileRecord, labels: FileRecord | None) -> Derivation:
+    """config.json is derived from the model, its labels and the entry's metadata."""
+    params = config_params(entry) | {"labels_sha256": labels.sha256 if labels and entry.labels else None}
+    return Derivation(source_sha256=fp32.sha256, method="config", params=params)
+
+
+def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext) -> Derivation:
+    spec = entry.quantize
+    assert spec is not None
+    params = dict(spec.params) | {"calibration": spec.calibration}
+    if METHODS.get(spec.method) is None:
+        # auto chooses among candidates by the gates and the providers: they are inputs too
+        params |= {"gates": spec.gates.to_dict(), "providers": list(providers_for(entry, context))}
+    return Derivation(source_sha256=fp32.sha256, method=spec.method, params=params,
+                      onnx=context.onnx_version, onnxruntime=context.onnxruntime_version)
+
+
+def derived_record(manifest: Manifest, derivation: Derivation) -> FileRecord | None:
+    key = derivation.key()
+    for record in manifest.files.values():
+        if record.derivation is not None and record.derivation.method != "config" \
+                and record.derivation.key() == key:
+            return record
+    return None
+
+
+def derived_proof_key(entry: ModelEntry, record: FileRecord, fp32: FileRecord,
+                      context: PlanContext) -> str:
+    assert entry.quantize is not None
+    return proof_key(file_sha256=record.sha256, reference_sha256=fp32.sha256,
+                     providers=providers_for(entry, context), gates=entry.quantize.gates,
+                     onnxruntime=context.onnxruntime_version, simulated=context.simulated)
+
+
+def variant_of(record: FileRecord) -> str:
+    return FILE_VARIANTS.get(record.name, record.name)

@@ -1,0 +1,465 @@
+"""The reconcile loop: desired state (catalog) vs actual state (store) -> actions in workers.
+
+Level-triggered: a wake-up (file event, SIGHUP, timer, a finished job) only makes the loop
+re-read the catalog, re-scan the store and plan again; what to do is always derived from the
+state, never from the event. One job per model at a time, a bounded number of workers, and the
+newest desired state wins (a running job that the plan no longer wants is cancelled). Retry is
+decided by the error's type: ``TemporaryError`` backs off, ``PermanentError`` waits for an input
+to change. Knows nothing of sockets: it hands ``ModelView``s to a ``publish`` callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from importlib import metadata
+from typing import Any, Callable, Mapping
+
+import structlog
+
+from .catalog import Catalog, CatalogKeeper
+from .errors import ModeldError, PermanentError, TemporaryError
+from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
+from .manifest import Manifest
+from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
+                       Pull, RestoreMode, config_derivation, derived_proof_key, plan,
+                       providers_for)
+from .serving import ModelView
+from .settings import Settings
+from .store import Store
+from .views import Activity, build_views
+
+log = structlog.get_logger(__name__)
+
+FETCH = "modeld.workers.fetch"
+QUANTIZE = "modeld.workers.quantize"
+VERIFY = "modeld.workers.verify"
+
+_VERBS = {Pull: "pulling", Derive: "quantizing", Prove: "proving", RestoreMode: "repairing"}
+
+
+def runtime_versions() -> tuple[str, str]:
+    """onnx and onnxruntime versions, read without importing them (the daemon stays small)."""
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "absent"
+    return version("onnx"), version("onnxruntime")
+
+
+@dataclass
+class _Running:
+    action: Action
+    task: asyncio.Task
+    started: bool = False            # holds a worker slot (else still waiting for one)
+    handle: JobHandle | None = None  # the worker process, once it started
+
+
+@dataclass
+class _Failure:
+    identity: tuple
+    error: ModeldError
+    attempts: int
+    retry_at: float | None   # monotonic; None = permanent (until an input changes)
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, *, store: Store, catalog: CatalogKeeper,
+                 jobs: JobRunner | None = None,
+                 publish: Callable[[Mapping[str, ModelView]], None] | None = None,
+                 on_change: Callable[[], None] | None = None,
+                 backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = catalog
+        self.jobs = jobs or JobRunner()
+        self._publish = publish or (lambda views: None)
+        self._on_change = on_change or (lambda: None)
+        self.onnx_version, self.ort_version = runtime_versions()
+        self.views: dict[str, ModelView] = {}
+        self.pending: frozenset[str] = frozenset()
+        self._running: dict[str, _Running] = {}
+        self._failures: dict[str, _Failure] = {}
+        self._activity: dict[str, Activity] = {}
+        self._refresh_due: set[str] = set()
+        self._wake_event: asyncio.Event | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._oneshot = False
+        self._catalog_error_logged: str | None = None
+        self._backoff_base_s = backoff_base_s
+        self._backoff_cap_s = backoff_cap_s
+        self.passes = 0
+
+    # -- waking ---------------------------------------------------------------------------------
+    def wake(self, *, refresh: bool = False) -> None:
+        """Ask for a pass soon (call on the event loop's thread). ``refresh``: also ask the hub
+        whether branches and tags moved."""
+        if refresh:
+            self._refresh_due.update(self.catalog.current.entries)
+            self._forget_permanent_pull_failures()
+        if self._wake_event is not None:
+            self._wake_event.set()
+
+    def _ensure_loop_state(self) -> None:
+        if self._wake_event is None:
+            self._wake_event = asyncio.Event()
+            self._semaphore = asyncio.Semaphore(self.settings.max_workers)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Reconcile on every wake-up and at least every ``resync_interval_s``, until ``stopping``."""
+        self._ensure_loop_state()
+        assert self._wake_event is not None
+        next_refresh = time.monotonic() + self.settings.resync_interval_s
+        while not stopping.is_set():
+            if time.monotonic() >= next_refresh:
+                self.wake(refresh=True)
+                next_refresh = time.monotonic() + self.settings.resync_interval_s
+            await self.reconcile()
+            waiter = asyncio.ensure_future(self._wake_event.wait())
+            stopper = asyncio.ensure_future(stopping.wait())
+            timeout = max(0.0, next_refresh - time.monotonic())
+            await asyncio.wait({waiter, stopper}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for f in (waiter, stopper):
+                f.cancel()
+
+    async def converge(self, names: set[str] | None = None, *, refresh: bool = True) -> None:
+        """One-shot (``sync``/``pull``): work until nothing runnable is left; failures are final
+        for this run (the fetch worker already retried transient hub faults)."""
+        self._ensure_loop_state()
+        assert self._wake_event is not None
+        self._oneshot = True
+        self.catalog.reload()
+        if refresh:
+            self._refresh_due.update(names if names is not None else self.catalog.current.entries)
+        while True:
+            await self.reconcile(only=names)
+            if not self._running:
+                return
+            await self._wake_event.wait()
+
+    async def shutdown(self) -> None:
+        """Stop every worker and wait for the job tasks to end."""
+        self.jobs.kill_all()
+        tasks = [r.task for r in self._running.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    # -- one pass -------------------------------------------------------------------------------
+    async def reconcile(self, only: set[str] | None = None) -> list[Action]:
+        self._ensure_loop_state()
+        assert self._wake_event is not None
+        self._wake_event.clear()
+        self.passes += 1
+        self.catalog.reload()
+        self._log_catalog_error()
+        catalog = self.catalog.current
+        names = [n for n in catalog.entries if only is None or n in only]
+        inventory = self.store.scan(names)
+        for state in inventory.models.values():
+            self.store.refresh_stats(state)
+        context = self.context(frozenset(self._refresh_due))
+        actions = plan(catalog, inventory, context)
+        if only is not None:
+            actions = [a for a in actions if a.name in only]
+        self._cancel_obsolete(catalog, actions)
+        self.pending = frozenset(a.name for a in actions)
+        for action in actions:
+            self._dispatch(action)
+        self.views = build_views(catalog, inventory, context, self._activity_now(),
+                                 self.pending, str(self.store.root))
+        self._publish(self.views)
+        self._on_change()
+        return actions
+
+    def context(self, refresh: frozenset[str] = frozenset()) -> PlanContext:
+        return PlanContext(providers=self.settings.providers, onnx_version=self.onnx_version,
+                           onnxruntime_version=self.ort_version,
+                           simulated=dict(self.settings.simulated_providers), refresh=refresh)
+
+    def _log_catalog_error(self) -> None:
+        err = self.catalog.error
+        text = str(err) if err else None
+        if text != self._catalog_error_logged:
+            if err is not None:
+                log.error("catalog_refused", **err.fields(),
+                          kept=f"last good catalog ({len(self.catalog.current.entries)} models)")
+            elif self._catalog_error_logged is not None:
+                log.info("catalog_ok", models=len(self.catalog.current.entries))
+            self._catalog_error_logged = text
+
+    def _cancel_obsolete(self, catalog: Catalog, actions: list[Action]) -> None:
+        wanted = {a.name: a.identity for a in actions}
+        for name, running in list(self._running.items()):
+            if wanted.get(name) == running.action.identity:
+                continue
+            if not running.started:
+                running.task.cancel()        # still waiting for a worker slot
+            elif running.handle is not None:
+                running.handle.cancel()      # kills the worker; the job ends as cancelled
+            else:
+                continue                     # starting right now: the next pass cancels it
+            log.info("job_cancelled", model=name, job=_VERBS[type(running.action)],
+                     why="removed from the catalog" if name not in catalog.entries
+                     else "desired state changed")
+
+    def _dispatch(self, action: Action) -> None:
+        name = action.name
+        if name in self._running:
+            return
+        failure = self._failures.get(name)
+        if failure is not None and failure.identity == action.identity:
+            if failure.retry_at is None or self._oneshot:
+                return
+            delay = failure.retry_at - time.monotonic()
+            if delay > 0:
+                self._schedule_wake(delay)
+                return
+        assert self._semaphore is not None
+        task = asyncio.get_running_loop().create_task(self._execute(action),
+                                                      name=f"job:{name}")
+        self._running[name] = _Running(action, task)
+
+    def _schedule_wake(self, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay_s
+        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self.wake)
+
+    # -- running one action ---------------------------------------------------------------------
+    async def _execute(self, action: Action) -> None:
+        name = action.name
+        verb = _VERBS[type(action)]
+        assert self._semaphore is not None
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._semaphore:
+                self._running[name].started = True
+                self._activity[name] = Activity(action=verb, detail=action.reason, progress=None)
+                self._on_change()
+                started = time.monotonic()
+                log.info("job_started", model=name, job=verb, reason=action.reason)
+                if isinstance(action, RestoreMode):
+                    self.store.restore_mode(name, action.file_name)
+                    result: Any = None
+                else:
+                    spec, request = self._job_for(action)
+
+                    def on_progress(fraction: float | None, detail: str) -> None:
+                        loop.call_soon_threadsafe(self._progress, name, verb, fraction, detail)
+
+                    def on_start(handle: JobHandle) -> None:
+                        loop.call_soon_threadsafe(self._attach_handle, name, handle)
+
+                    result = await asyncio.to_thread(self.jobs.run, spec, request,
+                                                     on_progress=on_progress, on_start=on_start)
+                self._apply(action, result, seconds=time.monotonic() - started)
+                self._failures.pop(name, None)
+                self._activity.pop(name, None)
+        except (JobCancelledError, asyncio.CancelledError):
+            self._activity.pop(name, None)
+        except ModeldError as e:
+            self._record_failure(action, e)
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the loop; it is an entry error
+            log.exception("job_crashed", model=name, job=verb)
+            self._record_failure(action, PermanentError(f"internal error: {type(e).__name__}: {e}",
+                                                        entry=name))
+        finally:
+            self._running.pop(name, None)
+            self.wake()
+
+    def _attach_handle(self, name: str, handle: JobHandle) -> None:
+        running = self._running.get(name)
+        if running is not None:
+            running.handle = handle
+
+    def _progress(self, name: str, verb: str, fraction: float | None, detail: str) -> None:
+        if name in self._running:
+            self._activity[name] = Activity(action=verb, detail=detail, progress=fraction)
+            self._on_change()
+
+    def _record_failure(self, action: Action, error: ModeldError) -> None:
+        name = action.name
+        previous = self._failures.get(name)
+        attempts = previous.attempts + 1 if previous and previous.identity == action.identity else 1
+        if isinstance(error, TemporaryError):
+            delay = min(self._backoff_cap_s, max(error.retry_after_s,
+                                                 self._backoff_base_s * 2 ** (attempts - 1)))
+            delay *= random.uniform(0.5, 1.0)   # jitter: a fleet must not retry in lockstep
+            retry_at: float | None = time.monotonic() + delay
+        else:
+            delay, retry_at = None, None
+            if isinstance(action, Derive):
+                # Persisted: the same inputs are not quantized again, even after a restart.
+                self.store.update_manifest(name, lambda m: m.with_failure(
+                    action.derivation.key(), str(error)))
+        self._failures[name] = _Failure(action.identity, error, attempts, retry_at)
+        self._activity[name] = Activity(error=str(error), error_type=type(error).__name__,
+                                        retry_in_s=round(delay, 1) if delay else None)
+        log.error("job_failed", model=name, job=_VERBS[type(action)], attempts=attempts,
+                  retry_in_s=round(delay, 1) if delay else None,
+                  **{k: v for k, v in error.fields().items() if k != "entry"})
+
+    def _forget_permanent_pull_failures(self) -> None:
+        for name, failure in list(self._failures.items()):
+            if failure.identity[1] == "pull":
+                del self._failures[name]
+                self._activity.pop(name, None)
+
+    # -- worker requests and results ------------------------------------------------------------
+    def _job_for(self, action: Action) -> tuple[JobSpec, dict[str, Any]]:
+        s = self.settings
+        folder = str(self.store.model_dir(action.name))
+        entry = action.entry  # type: ignore[union-attr]
+        if isinstance(action, Pull):
+            known = dict(self.store.read_manifest(action.name).files)
+            request = dict(name=action.name, model_dir=folder, repo=entry.repo,
+                           filename=entry.filename, revision=entry.revision, labels=entry.labels,
+                           task=entry.task, description=entry.description,
+                           preprocessing_preset=entry.preprocessing_preset,
+                           input_size=entry.input_size, known=known,
+                           endpoint=s.hub_endpoint, token=_hf_token(), offline=s.hub_offline,
+                           attempts=s.pull_attempts)
+            return JobSpec(f"{FETCH}:fetch_model", s.pull_timeout_s, s.worker_memory_mb,
+                           f"{FETCH}:FetchRequest"), request
+        providers = providers_for(entry, self.context())
+        if isinstance(action, Derive):
+            spec = entry.quantize
+            request = dict(name=action.name, model_dir=folder,
+                           source_sha256=action.derivation.source_sha256, method=spec.method,
+                           params=dict(spec.params), calibration=spec.calibration,
+                           preprocessing_preset=entry.preprocessing_preset,
+                           input_size=entry.input_size, providers=providers, gates=spec.gates,
+                           simulated=dict(s.simulated_providers))
+            return JobSpec(f"{QUANTIZE}:quantize_model", s.quantize_timeout_s,
+                           s.worker_memory_mb, f"{QUANTIZE}:QuantizeRequest"), request
+        assert isinstance(action, Prove)
+        calibration = entry.quantize.calibration if entry.quantize else None
+        request = dict(model_dir=folder, file_name=action.file_name, variant=action.variant,
+                       reference_file=action.reference_file, providers=providers,
+                       gates=action.gates, calibration=calibration,
+                       preprocessing_preset=entry.preprocessing_preset,
+                       input_size=entry.input_size, simulated=dict(s.simulated_providers))
+        return JobSpec(f"{VERIFY}:prove", s.verify_timeout_s, s.worker_memory_mb,
+                       f"{VERIFY}:ProveRequest"), request
+
+    def _apply(self, action: Action, result: Any, *, seconds: float) -> None:
+        name = action.name
+        if isinstance(action, Pull):
+            self._apply_pull(action, result, seconds)
+        elif isinstance(action, Derive):
+            self._apply_derive(action, result, seconds)
+        elif isinstance(action, Prove):
+            self._apply_prove(action, result, seconds)
+        else:
+            log.info("file_repaired", model=name, file=action.file_name, how="read permission restored")
+
+    def _apply_pull(self, action: Pull, result: Mapping[str, Any], seconds: float) -> None:
+        records = {r.name: r for r in result["files"]}
+
+        def change(m: Manifest) -> Manifest:
+            for record in records.values():
+                if record.name == CONFIG_FILE:
+                    continue
+                m = m.with_file(record)
+            config = records.get(CONFIG_FILE)
+            fp32 = m.files.get(FP32_FILE)
+            if config is not None and fp32 is not None:
+                derivation = config_derivation(action.entry, fp32, m.files.get(LABELS_FILE))
+                m = m.with_file(replace(config, derivation=derivation))
+            return m
+
+        self.store.update_manifest(action.name, change)
+        self._refresh_due.discard(action.name)
+        log.info("pulled", model=action.name, repo=action.entry.repo, commit=result["commit"],
+                 changed=result["changed"], bytes=result["downloaded_bytes"],
+                 seconds=round(seconds, 2))
+
+    def _apply_derive(self, action: Derive, result: Mapping[str, Any], seconds: float) -> None:
+        record = replace(result["record"], derivation=action.derivation)
+        proof = result["proof"]
+
+        def change(m: Manifest) -> Manifest:
+            m = m.with_file(record).with_failure(action.derivation.key(), None)
+            fp32 = m.files.get(FP32_FILE)
+            if fp32 is not None and proof is not None and proof.file_sha256 == record.sha256:
+                key = derived_proof_key(action.entry, record, fp32, self.context())
+                m = m.with_proof(record.name, replace(proof, key=key))
+            return m
+
+        self.store.update_manifest(action.name, change)
+        fp32_size = (self.store.read_manifest(action.name).files.get(FP32_FILE) or record).size
+        log.info("quantized", model=action.name, method=action.derivation.method,
+                 file=record.name, seconds=round(seconds, 2),
+                 size_ratio=round(record.size / max(1, fp32_size), 3),
+                 served=bool(proof and proof.passed_anywhere),
+                 warnings=list(result.get("warnings", ())))
+
+    def _apply_prove(self, action: Prove, proof: Any, seconds: float) -> None:
+        def change(m: Manifest) -> Manifest:
+            record = m.files.get(action.file_name)
+            if record is None or record.sha256 != proof.file_sha256:
+                return m  # the file changed while it was being proven: the next pass re-plans
+            return m.with_proof(action.file_name, replace(proof, key=action.key))
+
+        self.store.update_manifest(action.name, change)
+        refused = {p.provider: p.reason for p in proof.providers if not p.passed}
+        log.info("proven", model=action.name, file=action.file_name,
+                 passed=[p.provider for p in proof.providers if p.passed], refused=refused,
+                 checker_ok=proof.checker_ok, seconds=round(seconds, 2))
+
+    # -- reporting ------------------------------------------------------------------------------
+    def _activity_now(self) -> dict[str, Activity]:
+        now = time.monotonic()
+        out = dict(self._activity)
+        for name, failure in self._failures.items():
+            if name in out and failure.retry_at is not None and out[name].error:
+                out[name] = replace(out[name], retry_in_s=round(max(0.0, failure.retry_at - now), 1))
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def failed_models(self) -> dict[str, ModeldError]:
+        return {n: f.error for n, f in self._failures.items()}
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: '3 models ready, 1 quantizing (yolov8s 40%), catalog ok'."""
+        views = self.views
+        ready = sum(1 for v in views.values() if v.variants and v.state == "ready")
+        parts = [f"{ready} model{'s' if ready != 1 else ''} ready"]
+        busy = [(n, a) for n, a in self._activity.items() if a.action]
+        by_verb: dict[str, list[str]] = {}
+        for name, act in sorted(busy):
+            pct = f" {act.progress:.0%}" if act.progress is not None else ""
+            by_verb.setdefault(act.action or "", []).append(f"{name}{pct}")
+        for verb, items in by_verb.items():
+            parts.append(f"{len(items)} {verb} ({', '.join(items[:3])}"
+                         f"{', ...' if len(items) > 3 else ''})")
+        failed = [n for n, a in self._activity.items() if a.error and not a.action]
+        if failed:
+            parts.append(f"{len(failed)} failed ({', '.join(sorted(failed)[:3])})")
+        err = self.catalog.error
+        parts.append(f"catalog error: {err.message}" if err else "catalog ok")
+        return ", ".join(parts)
+
+    def status(self) -> dict[str, Any]:
+        err = self.catalog.error
+        return {"catalog": {"path": str(self.settings.catalog_path), "ok": err is None,
+                            "error": str(err) if err else None,
+                            "entry_errors": [str(e) for e in self.catalog.current.errors]},
+                "summary": self.summary(), "workers": len(self._running),
+                "onnxruntime": self.ort_version}
+
+
+def _hf_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
