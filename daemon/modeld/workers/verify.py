@@ -22,7 +22,8 @@ import onnxruntime as ort
 import structlog
 
 from ..errors import StoreError
-from ..variants import FP32, Gates, Proof, ProviderProof, proof_key
+from ..variants import Gates, Proof, ProviderProof, proof_key
+from .inputs import sample_inputs
 
 log = structlog.get_logger(__name__)
 
@@ -69,10 +70,10 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
     path = model_dir / request.file_name
     reference = model_dir / request.reference_file if request.reference_file else None
     progress(0.0, f"proving {request.file_name}")
-    feeds, synthetic = feeds_for(reference or path, calibration=request.calibration,
-                                 preset=request.preprocessing_preset,
-                                 input_size=request.input_size, count=request.samples,
-                                 seed=request.seed)
+    feeds, synthetic = sample_inputs(reference or path, calibration=request.calibration,
+                                     preset=request.preprocessing_preset,
+                                     input_size=request.input_size, count=request.samples,
+                                     seed=request.seed)
     proof = prove_file(path, variant=request.variant, reference=reference,
                        providers=request.providers, gates=request.gates, feeds=feeds,
                        simulated=request.simulated, model_dir=model_dir, seed=request.seed,
@@ -115,8 +116,8 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                               reason=f"FP32 reference refused by onnx checker: {ref_error}")
                 for p in providers))
     if feeds is None:
-        feeds = feeds_for(reference or path, calibration=None, preset=None, input_size=None,
-                          count=4, seed=seed)[0]
+        feeds, _ = sample_inputs(reference or path, calibration=None, preset=None,
+                                 input_size=None, count=4, seed=seed)
     results, warnings = [], []
     for i, provider in enumerate(providers):
         if progress:
@@ -141,7 +142,8 @@ def check_file(path: Path, model_dir: Path) -> tuple[onnx.ModelProto | None, str
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeError, ...
-        return None, f"not an ONNX model (protobuf does not parse: {_first_line(e)})"
+        return None, ("not a readable ONNX model (truncated, or not ONNX at all): "
+                      f"{_first_line(e)}")
     if not model.HasField("graph") or model.ir_version == 0:
         return None, "not an ONNX model (no graph or no IR version)"
     escape = _external_data_escape(model, path.parent, model_dir)
@@ -453,48 +455,6 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-def feeds_for(model_path: Path, *, calibration: str | None, preset: str | None,
-              input_size: int | None, count: int, seed: int = 0) -> tuple[list[Feed], bool]:
-    """(feeds, synthetic?): the inputs worker's samples, or seeded random feeds shaped by the
-    model's signature while that worker is absent."""
-    try:
-        from .inputs import sample_inputs
-    except ImportError:
-        return _signature_feeds(model_path, count=count, seed=seed, input_size=input_size), True
-    return sample_inputs(model_path, calibration=calibration, preset=preset,
-                         input_size=input_size, count=count, seed=seed)
-
-
-def _signature_feeds(model_path: Path, *, count: int, seed: int,
-                     input_size: int | None) -> list[Feed]:
-    model = onnx.load(str(model_path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        feed = {}
-        for value in model.graph.input:
-            if value.name in initializers:
-                continue
-            tensor = value.type.tensor_type
-            # unknown dims: batch 1, everything else input_size (or 64)
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
-                    else (1 if i == 0 else (input_size or 64))
-                    for i, d in enumerate(tensor.shape.dim)]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-            if np.issubdtype(dtype, np.floating):
-                feed[value.name] = rng.random(dims, dtype=np.float32).astype(dtype)
-            elif dtype == np.bool_:
-                feed[value.name] = rng.random(dims) < 0.5
-            else:
-                feed[value.name] = rng.integers(0, 2, dims).astype(dtype)
-        feeds.append(feed)
-    return feeds
 
 
 # ---------------------------------------------------------------------------------------------
