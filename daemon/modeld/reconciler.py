@@ -151,7 +151,10 @@ class Reconciler:
             await asyncio.wait(tasks, timeout=10)
 
     # -- one pass -------------------------------------------------------------------------------
-    async def reconcile(self, only: set[str] | None = None) -> list[Action]:
+    async def reconcile(self, only: set[str] | None = None, *, dispatch: bool = True
+                        ) -> list[Action]:
+        """One pass: reload, scan, plan, start what is runnable (unless ``dispatch`` is False:
+        ``status`` plans without acting), publish the views. Returns the planned actions."""
         self._ensure_loop_state()
         assert self._wake_event is not None
         self._wake_event.clear()
@@ -161,16 +164,18 @@ class Reconciler:
         catalog = self.catalog.current
         names = [n for n in catalog.entries if only is None or n in only]
         inventory = self.store.scan(names)
-        for state in inventory.models.values():
-            self.store.refresh_stats(state)
+        if dispatch:
+            for state in inventory.models.values():
+                self.store.refresh_stats(state)
         context = self.context(frozenset(self._refresh_due))
         actions = plan(catalog, inventory, context)
         if only is not None:
             actions = [a for a in actions if a.name in only]
         self._cancel_obsolete(catalog, actions)
         self.pending = frozenset(a.name for a in actions)
-        for action in actions:
-            self._dispatch(action)
+        if dispatch:
+            for action in actions:
+                self._dispatch(action)
         self.views = build_views(catalog, inventory, context, self._activity_now(),
                                  self.pending, str(self.store.root))
         self._publish(self.views)

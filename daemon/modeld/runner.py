@@ -1,0 +1,132 @@
+"""Composition root of the daemon: wires watcher -> reconciler -> server, speaks to systemd.
+
+``run_daemon(settings)`` is what ``mecha10-modeld run`` (the unit's ExecStart) calls. Signal
+handlers only set flags or wake the loop; the loop acts. READY=1 once the socket listens and the
+first scan is served; RELOADING=1 ... READY=1 around SIGHUP; STOPPING=1, workers stopped and temp
+files removed on SIGTERM. Neither the server nor the reconciler knows of the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from typing import Any
+
+import structlog
+
+from . import systemd
+from .catalog import CatalogKeeper
+from .reconciler import Reconciler
+from .server import Server
+from .settings import Settings
+from .store import Store
+from .watcher import Watcher
+
+log = structlog.get_logger(__name__)
+
+STATUS_MIN_INTERVAL_S = 0.5
+
+
+def run_daemon(settings: Settings) -> int:
+    return asyncio.run(Daemon(settings).run())
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.models_dir)
+        self.catalog = CatalogKeeper(settings.catalog_path)
+        self.server = Server(socket_path=settings.socket_path, socket_mode=settings.socket_mode,
+                             socket_group=settings.socket_group, max_clients=settings.max_clients,
+                             on_rejection=self._on_rejection, status_extra=self._status_extra)
+        self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
+                                     publish=self.server.publish, on_change=self._on_change)
+        self.stopping = asyncio.Event()
+        self._status_task: asyncio.Task | None = None
+        self._last_status = ""
+        self._last_status_at = 0.0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
+        try:
+            removed = self.store.clean_leftovers()
+            if removed:
+                log.info("leftovers_removed", count=len(removed), files=removed[:20])
+            systemd.extend_timeout(90)
+            sockets = systemd.listen_sockets()
+            await self.server.start(sockets[0] if sockets else None)
+            log.info("listening", socket=str(self.settings.socket_path),
+                     activated=bool(sockets))
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
+            watcher = Watcher(catalog_path=self.settings.catalog_path,
+                              models_dir=self.settings.models_dir,
+                              wake=lambda reason: loop.call_soon_threadsafe(self.reconciler.wake),
+                              step_ms=self.settings.debounce_step_ms,
+                              max_ms=self.settings.debounce_max_ms)
+            watcher.start()
+            try:
+                await self.reconciler.reconcile()   # the first scan is served before READY
+                systemd.ready(self.reconciler.summary())
+                log.info("ready", models=len(self.catalog.current.entries),
+                         summary=self.reconciler.summary())
+                watchdog = loop.create_task(self._watchdog())
+                await self.reconciler.run(self.stopping)
+                watchdog.cancel()
+            finally:
+                systemd.stopping("stopping: workers, socket, temp files")
+                log.info("stopping")
+                watcher.stop()
+                await self.reconciler.shutdown()
+                await self.server.close()
+                self.store.clean_leftovers()
+        finally:
+            self.store.unlock()
+        log.info("stopped")
+        return 0
+
+    async def _reload(self) -> None:
+        """SIGHUP / ``systemctl reload``: re-read the catalog, ask the hub again, re-plan."""
+        systemd.reloading("reloading catalog")
+        log.info("reload", catalog=str(self.settings.catalog_path))
+        passes = self.reconciler.passes
+        self.reconciler.wake(refresh=True)
+        while self.reconciler.passes == passes and not self.stopping.is_set():
+            await asyncio.sleep(0.01)
+        systemd.ready(self.reconciler.summary())
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a stuck loop stops pinging and gets restarted."""
+        interval_s = systemd.watchdog_interval_s()
+        if not interval_s:
+            return
+        while True:
+            systemd.watchdog_ping()
+            await asyncio.sleep(interval_s / 2)
+
+    def _on_change(self) -> None:
+        """Keep systemd's STATUS= line current, at most every STATUS_MIN_INTERVAL_S."""
+        if self._status_task is None or self._status_task.done():
+            self._status_task = asyncio.get_running_loop().create_task(self._update_status())
+
+    async def _update_status(self) -> None:
+        wait_s = self._last_status_at + STATUS_MIN_INTERVAL_S - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        text = self.reconciler.summary()
+        if text != self._last_status:
+            systemd.status(text)
+            self._last_status = text
+        self._last_status_at = time.monotonic()
+
+    def _on_rejection(self, model: str, variant: str, sha256: str, provider: str, node: str | None,
+                      error: str) -> None:
+        log.warning("node_rejected_variant", model=model, variant=variant, sha256=sha256[:12],
+                    provider=provider, node=node, error=error)
+
+    def _status_extra(self) -> dict[str, Any]:
+        return self.reconciler.status()
+
