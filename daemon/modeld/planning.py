@@ -149,7 +149,8 @@ def source_problem(entry: ModelEntry, state: ModelState | None) -> str:
     if fp32 is None or fp32.provenance is None:
         return "not pulled yet"
     p = fp32.provenance
-    if (p.repo, p.filename, p.revision) != (entry.repo, entry.filename, entry.revision):
+    if (p.repo, p.filename, p.revision or "main") != (entry.repo, entry.filename,
+                                                      entry.revision or "main"):
         return "catalog source changed"
     if not state.intact(FP32_FILE):
         return f"{FP32_FILE}: {state.files[FP32_FILE].detail}"

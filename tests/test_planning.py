@@ -1,0 +1,167 @@
+"""Planning is a pure function: plain tables of (catalog, inventory) -> expected action. No disk."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from modeld.catalog import parse_catalog
+from modeld.manifest import FileRecord, Manifest, Provenance
+from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Derive, PlanContext, Prove, Pull,
+                             RestoreMode, config_derivation, derived_proof_key, desired_derivation,
+                             plan, plan_model, proof_key)
+from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
+from modeld.variants import FP32, INT8, Gates, Proof, ProviderProof
+
+CTX = PlanContext(providers=("CPUExecutionProvider",), onnx_version="1.0", onnxruntime_version="1.2")
+COMMIT = "a" * 40
+
+
+def entry(quantize: str = "", revision: str = "", labels: bool = True, name: str = "det"):
+    text = f'''
+[[models]]
+name = "{name}"
+repo = "acme/det"
+filename = "det/model.onnx"
+task = "object-detection"
+{'revision = "%s"' % revision if revision else ''}
+{'labels = "det/labels.txt"' if labels else ''}
+{quantize}
+'''
+    return parse_catalog(text).entries[name]
+
+
+QUANT = '[models.quantize]\nenabled = true\nmethod = "dynamic_int8"'
+QUANT_OFF = '[models.quantize]\nenabled = false\nmethod = "dynamic_int8"'
+
+
+def rec(name: str, sha: str, **kw) -> FileRecord:
+    return FileRecord(name=name, sha256=sha, size=10, mtime_ns=1, inode=1, **kw)
+
+
+def proof_for(record: FileRecord, key: str, passed: bool = True) -> Proof:
+    return Proof(variant=FP32, file_sha256=record.sha256, key=key, checker_ok=True,
+                 providers=(ProviderProof("CPUExecutionProvider", usable=True, passed=passed),))
+
+
+def pulled(e, *, fp32_sha: str = "f" * 64, revision: str | None = None) -> Manifest:
+    """A manifest of a complete, proven pull of entry ``e``."""
+    prov = Provenance(e.repo, e.filename, revision if revision is not None else e.revision,
+                      COMMIT, '"etag"')
+    fp32 = rec(FP32_FILE, fp32_sha, provenance=prov)
+    files = {FP32_FILE: fp32}
+    labels = None
+    if e.labels:
+        labels = rec(LABELS_FILE, "1" * 64, provenance=replace(prov, filename=e.labels))
+        files[LABELS_FILE] = labels
+    files[CONFIG_FILE] = rec(CONFIG_FILE, "2" * 64, derivation=config_derivation(e, fp32, labels))
+    m = Manifest(name=e.name, files=files)
+    key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=CTX.providers,
+                    gates=Gates(), onnxruntime=CTX.onnxruntime_version, simulated={})
+    return m.with_proof(FP32_FILE, proof_for(fp32, key))
+
+
+def with_int8(e, m: Manifest, *, proven: bool = True) -> Manifest:
+    d = desired_derivation(e, m.files[FP32_FILE], CTX)
+    r = rec("model-int8.onnx", "8" * 64, derivation=d)
+    m = m.with_file(r)
+    if proven:
+        m = m.with_proof(r.name, proof_for(r, derived_proof_key(e, r, m.files[FP32_FILE], CTX)))
+    return m
+
+
+def state(m: Manifest, **statuses: str) -> ModelState:
+    files = {n: FileState(n, statuses.get(n.replace("-", "_").replace(".", "_"), OK), r, "x")
+             for n, r in m.files.items()}
+    return ModelState(name=m.name, manifest=m, files=files)
+
+
+E, EQ = entry(), entry(QUANT)
+
+CASES = [
+    # (id, entry, state, context, expected action type, expected reason fragment)
+    ("nothing on disk", E, None, CTX, Pull, "not pulled"),
+    ("complete and proven", E, state(pulled(E)), CTX, None, ""),
+    ("fp32 missing", E, state(pulled(E), model_onnx=MISSING), CTX, Pull, "model.onnx"),
+    ("fp32 damaged", E, state(pulled(E), model_onnx=DAMAGED), CTX, Pull, "model.onnx"),
+    ("labels damaged", E, state(pulled(E), labels_txt=DAMAGED), CTX, Pull, "labels"),
+    ("config damaged", E, state(pulled(E), config_json=MISSING), CTX, Pull, "config.json"),
+    ("unreadable file: restore mode first", E, state(pulled(E), model_onnx=UNREADABLE), CTX,
+     RestoreMode, "model.onnx"),
+    ("revision changed in catalog", entry(revision="v2"), state(pulled(E)), CTX, Pull,
+     "source changed"),
+    ("labels added in catalog", E, state(pulled(entry(labels=False))), CTX, Pull, "labels"),
+    ("description edit rewrites config", replace(E, description="new"), state(pulled(E)), CTX, Pull,
+     "config.json out of date"),
+    ("refresh asks upstream", E, state(pulled(E)), replace(CTX, refresh=frozenset({"det"})), Pull,
+     "upstream"),
+    ("refresh skips a pinned commit", entry(revision=COMMIT), state(pulled(entry(revision=COMMIT))),
+     replace(CTX, refresh=frozenset({"det"})), None, ""),
+    ("fp32 unproven", E, state(replace(pulled(E), proofs={})), CTX, Prove, "FP32 not proven"),
+    ("providers changed: proof stale", E, state(pulled(E)),
+     replace(CTX, providers=("CUDAExecutionProvider",)), Prove, "stale"),
+    ("runtime upgraded: proof stale", E, state(pulled(E)),
+     replace(CTX, onnxruntime_version="9.9"), Prove, "stale"),
+    ("quantize enabled, no variant", EQ, state(pulled(EQ)), CTX, Derive, "no dynamic_int8"),
+    ("quantize disabled", entry(QUANT_OFF), state(pulled(EQ)), CTX, None, ""),
+    ("int8 present and proven", EQ, state(with_int8(EQ, pulled(EQ))), CTX, None, ""),
+    ("int8 unproven", EQ, state(with_int8(EQ, pulled(EQ), proven=False)), CTX, Prove,
+     "model-int8.onnx not proven"),
+    ("int8 damaged", EQ, state(with_int8(EQ, pulled(EQ)), model_int8_onnx=DAMAGED), CTX, Derive,
+     "model-int8.onnx"),
+    ("int8 missing", EQ, state(with_int8(EQ, pulled(EQ)), model_int8_onnx=MISSING), CTX, Derive,
+     "model-int8.onnx"),
+    ("method params changed: stale derivation",
+     entry(QUANT + '\nweight_type = "QInt8"'), state(with_int8(EQ, pulled(EQ))), CTX, Derive, "no"),
+    ("onnxruntime upgraded: stale derivation", EQ, state(with_int8(EQ, pulled(EQ))),
+     replace(CTX, onnxruntime_version="2.0"), Prove, "FP32"),
+    ("new upstream fp32: int8 stale", EQ, state(with_int8(EQ, pulled(EQ)).with_file(
+        rec(FP32_FILE, "e" * 64, provenance=pulled(EQ).files[FP32_FILE].provenance))), CTX, Pull,
+     "config.json out of date"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_plan_model(case):
+    _, e, st, ctx, expected, reason = case
+    action = plan_model(e, st, ctx)
+    if expected is None:
+        assert action is None
+    else:
+        assert isinstance(action, expected), action
+        assert reason in action.reason
+        assert action.name == e.name
+
+
+def test_permanent_failure_is_not_retried_until_an_input_changes():
+    m = pulled(EQ)
+    d = desired_derivation(EQ, m.files[FP32_FILE], CTX)
+    failed = state(m.with_failure(d.key(), "QuantizeError: boom"))
+    assert plan_model(EQ, failed, CTX) is None
+    changed = entry(QUANT + '\nper_channel = true')
+    assert isinstance(plan_model(changed, failed, CTX), Derive)
+
+
+def test_plan_gives_one_action_per_model_in_catalog_order():
+    catalog = parse_catalog("\n".join(
+        f'[[models]]\nname = "m{i}"\nrepo = "acme/m"\nfilename = "m{i}.onnx"\n' for i in range(5)))
+    m2 = pulled(catalog.entries["m2"])
+    inventory = Inventory(models={"m2": state(m2)})
+    actions = plan(catalog, inventory, CTX)
+    assert [a.name for a in actions] == ["m0", "m1", "m3", "m4"]
+    assert all(isinstance(a, Pull) for a in actions)
+
+
+def test_action_identity_follows_desired_state():
+    a = plan_model(E, None, CTX)
+    b = plan_model(entry(revision="v3"), None, CTX)
+    assert a.identity != b.identity
+    assert a.identity == plan_model(E, None, CTX).identity
+
+
+def test_derived_proof_key_changes_with_gates():
+    m = with_int8(EQ, pulled(EQ))
+    stricter = entry(QUANT + "\nmin_cosine = 0.999")
+    action = plan_model(stricter, state(m), CTX)
+    assert isinstance(action, Prove) and action.variant == INT8 and "stale" in action.reason
