@@ -1,0 +1,533 @@
+"""Quantize one model in a worker process: preprocess, quantize (dynamic/static INT8, FP16, or
+``auto``: prove several recipes and keep the fastest that passes), prove, publish atomically.
+
+``quantize_model`` is the entry point the reconciler runs through ``modeld.jobs.JobRunner``. All
+intermediate files live in a private scratch folder inside the model folder (the quantizer and
+symbolic shape inference drop temp files in the working directory), removed in every case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import onnx
+import structlog
+
+from ..atomic import WORK_PREFIX, publish_file, temp_path_for
+from ..errors import QuantizeError, StoreError
+from ..manifest import FileRecord
+from ..variants import FP32, VARIANT_FILES, Derivation, Gates, Proof
+from . import verify
+from .inputs import describe, sample_inputs
+from .recipes import (GraphSummary, Recipe, auto_candidates, canonical_params, derivation_for,
+                      recipe_for)
+
+log = structlog.get_logger(__name__)
+
+ProgressFn = Callable[[float | None, str], None]
+#: feeds used for the agreement check of each candidate (fewer than calibration: it repeats)
+AGREEMENT_SAMPLES = 4
+#: the agreement feeds are drawn with another seed than the calibration ones where a folder allows
+AGREEMENT_SEED = 1
+#: convolutions that together hold this share of the conv work count as "heavy"
+HEAVY_CONV_SHARE = 0.8
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+__all__ = ["QuantizeRequest", "QuantizeResult", "quantize_model", "derivation_for"]
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    name: str
+    model_dir: str              # absolute models/<name>/ ; the source is model_dir/model.onnx
+    source_sha256: str
+    method: str                 # dynamic_int8 | static_int8 | fp16 | auto
+    params: Mapping[str, Any]   # canonical options (defaults filled by the catalog)
+    calibration: str | None     # absolute folder, or None
+    preprocessing_preset: str | None
+    input_size: int | None
+    providers: tuple[str, ...]
+    gates: Gates
+    simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    record: FileRecord          # the published variant file, derivation set
+    variant: str                # "int8" | "fp16"
+    proof: Proof                # of the published file (also when it is refused)
+    candidates: tuple[dict, ...]  # one row per recipe tried
+    warnings: tuple[str, ...]
+
+
+def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeResult:
+    """Worker entry point: build, prove and publish the variant of ``request.method``."""
+    started = time.monotonic()
+    params = canonical_params(request.method, request.params, entry=request.name)
+    model_dir = Path(request.model_dir)
+    source = model_dir / VARIANT_FILES[FP32]
+    if not source.is_file():
+        raise StoreError(f"cannot quantize: {source.name} is missing", entry=request.name,
+                         path=str(source), hint="the model is fetched again on the next reconcile")
+    warnings: list[str] = []
+    with _scratch_dir(model_dir) as scratch:
+        if request.method == "auto":
+            built = _build_auto(request, params, source, scratch, progress, warnings)
+        else:
+            built = _build_one(request, params, source, scratch, progress, warnings)
+        progress(0.95, "publishing")
+        record = _publish(built.path, model_dir / VARIANT_FILES[built.recipe.variant],
+                          derivation_for(request, params))
+    result = QuantizeResult(record=record, variant=built.recipe.variant, proof=built.proof,
+                            candidates=tuple(built.rows), warnings=tuple(warnings))
+    primary = built.proof.on(request.providers[0]) if request.providers else None
+    log.info("quantized", model=request.name, method=request.method, recipe=built.recipe.name,
+             variant=result.variant, seconds=round(time.monotonic() - started, 2),
+             size_ratio=round(record.size / source.stat().st_size, 3),
+             passed=built.proof.passed_anywhere,
+             speedup=primary.speedup if primary else None,
+             cosine=primary.cosine if primary else None, warnings=list(warnings))
+    progress(1.0, "done")
+    return result
+
+
+@dataclass
+class _Built:
+    recipe: Recipe
+    path: Path
+    proof: Proof
+    rows: list[dict]
+
+
+# ---- explicit methods ------------------------------------------------------------------------
+
+def _build_one(request: QuantizeRequest, params: Mapping[str, Any], source: Path, scratch: Path,
+               progress: ProgressFn, warnings: list[str]) -> _Built:
+    recipe = recipe_for(request.method, params)
+    feeds = None
+    if recipe.kind == "fp16":
+        prepared = source  # the FP16 converter wants the graph as exported, not optimized
+    else:
+        progress(0.05, "preprocessing")
+        prepared = _preprocess(source, scratch, warnings)
+        if recipe.options.get("per_channel"):
+            prepared = _at_least_opset_13(prepared, scratch, request.name)
+    if recipe.kind == "static":
+        progress(0.2, "calibrating")
+        feeds = _calibration_feeds(request, prepared, params["samples"], warnings)
+    progress(0.5, "quantizing")
+    out = scratch / "quantized.onnx"
+    _run_recipe(recipe, prepared, out, feeds, scratch, request.name)
+    progress(0.7, "proving")
+    proof = _prove(request, out, recipe.variant, source, _agreement_feeds(request, source))
+    return _Built(recipe, out, proof, [_row(recipe, out, proof, request.providers, source)])
+
+
+# ---- auto --------------------------------------------------------------------------------------
+
+def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Path, scratch: Path,
+                progress: ProgressFn, warnings: list[str]) -> _Built:
+    progress(0.05, "preprocessing")
+    prepared = _preprocess(source, scratch, warnings)
+    agreement = _agreement_feeds(request, source)
+    summary = summarize_graph(onnx.load(str(prepared)), agreement[0])
+    recipes = auto_candidates(summary, tuple(request.providers))
+    # static candidates that calibrate every op type go first: their range cache serves the rest
+    recipes.sort(key=lambda r: (r.kind != "static", r.op_types_to_quantize is not None))
+    if not recipes:
+        raise QuantizeError("auto found nothing to quantize in this model", entry=request.name,
+                            hint="serve FP32 (remove 'quantize') or pick a method")
+    feeds = None
+    if any(r.kind == "static" for r in recipes):
+        progress(0.1, "calibrating")
+        feeds = _calibration_feeds(request, prepared, params["samples"], warnings)
+    cache = scratch / "calibration-ranges.json"
+    tried: list[_Built] = []
+    rows: list[dict] = []
+    made: dict[str, str] = {}  # file sha256 -> recipe that made it: identical files prove alike
+    for i, recipe in enumerate(recipes, 1):
+        progress(0.1 + 0.8 * (i - 1) / len(recipes), f"proving candidate {i}/{len(recipes)}")
+        out = scratch / f"candidate-{i}.onnx"
+        try:
+            _run_recipe(recipe, source if recipe.kind == "fp16" else prepared, out, feeds,
+                        scratch, request.name, calibration_cache=cache)
+        except QuantizeError as e:
+            rows.append(recipe.describe() | {"size": None, "speedup": None, "cosine": None,
+                                             "passed": False, "reason": e.message})
+            continue
+        same_as = made.setdefault(_sha256_of(out), recipe.name)
+        if same_as != recipe.name:
+            rows.append(recipe.describe() | {"size": out.stat().st_size, "speedup": None,
+                                             "cosine": None, "passed": False,
+                                             "reason": f"same file as {same_as}"})
+            continue
+        proof = _prove(request, out, recipe.variant, source, agreement)
+        rows.append(_row(recipe, out, proof, request.providers, source))
+        tried.append(_Built(recipe, out, proof, rows))
+    if not tried:
+        raise QuantizeError(f"every auto candidate failed to quantize ({rows[0]['reason']})",
+                            entry=request.name, hint="serve FP32, or pick a method explicitly")
+    chosen = _choose(tried, request.providers)
+    for row in rows:
+        row["chosen"] = row["recipe"] == chosen.recipe.name
+    if not chosen.proof.passed_anywhere:
+        warnings.append(f"no auto candidate passed the gates; kept {chosen.recipe.name} "
+                        "with its refusal (FP32 keeps serving)")
+    return chosen
+
+
+def _choose(tried: list[_Built], providers: tuple[str, ...]) -> _Built:
+    """The fastest candidate that passes; if none passes, the one closest to passing (best
+    agreement, then speed), so the refusal recorded is the most informative one."""
+    def speed(b: _Built) -> float:
+        return max((p.speedup or 0.0 for p in b.proof.providers if p.passed), default=0.0)
+
+    passing = [b for b in tried if b.proof.passed_anywhere]
+    if passing:
+        return max(passing, key=speed)
+
+    def closeness(b: _Built) -> tuple:
+        p = b.proof.on(providers[0]) if providers else None
+        return (b.proof.checker_ok, bool(p and p.usable), (p.cosine or 0.0) if p else 0.0,
+                (p.speedup or 0.0) if p else 0.0)
+    return max(tried, key=closeness)
+
+
+def summarize_graph(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> GraphSummary:
+    """Operator mix, conv/matmul work and the head of a model, for ``auto``'s candidates.
+
+    Shapes are inferred with the graph inputs fixed to the sample's shapes, so convolutions of
+    symbolic-size detectors still get their output area (their work = weights x area).
+    """
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feed[value.name].shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        fixed = onnx.shape_inference.infer_shapes(fixed)
+    except Exception:  # noqa: BLE001 - shapes only refine the estimate; weights alone still rank
+        pass
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0
+                       for d in v.type.tensor_type.shape.dim]
+              for v in list(fixed.graph.value_info) + list(fixed.graph.output)}
+    weights = {t.name: tuple(t.dims) for t in fixed.graph.initializer}
+    counts: dict[str, int] = {}
+    conv_work: dict[str, float] = {}
+    matmul_macs = 0.0
+    for node in fixed.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        w = weights.get(node.input[1]) if len(node.input) > 1 else None
+        if w is None:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            out_shape = shapes.get(node.output[0], [])
+            area = float(np.prod(out_shape[2:])) if len(out_shape) > 2 and all(out_shape[2:]) else 1.0
+            conv_work[node.name] = float(np.prod(w)) * area
+        elif node.op_type in ("MatMul", "Gemm"):
+            out_shape = shapes.get(node.output[0], [])
+            rows = float(np.prod(out_shape[:-1])) if len(out_shape) > 1 and all(out_shape[:-1]) else 1.0
+            matmul_macs += float(np.prod(w)) * rows
+    total = sum(conv_work.values())
+    heavy, running = [], 0.0
+    for name, work in sorted(conv_work.items(), key=lambda kv: -kv[1]):
+        if running >= HEAVY_CONV_SHARE * total:
+            break
+        heavy.append(name)
+        running += work
+    return GraphSummary(op_counts=counts, conv_macs=total, matmul_macs=matmul_macs,
+                        head_nodes=tuple(head_nodes(fixed.graph)), heavy_convs=tuple(heavy))
+
+
+def head_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Compute nodes nearest the outputs: walking back from each output through light nodes
+    (Sigmoid, Concat, Reshape, Resize ...), the first Conv/MatMul/Gemm met on every path."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        tensor = stack.pop()
+        node = producer.get(tensor)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in COMPUTE_OPS:
+            found.append(node.name)
+        else:
+            stack.extend(node.input)
+    return found
+
+
+# ---- the steps -------------------------------------------------------------------------------
+
+def _preprocess(source: Path, scratch: Path, warnings: list[str]) -> Path:
+    """``quant_pre_process`` (shape inference + ORT basic optimizations); when symbolic shape
+    inference fails, which it did on every real model measured, retry without it; when that
+    fails too, quantize the model as it is, with Constant weights moved to initializers."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = scratch / "preprocessed.onnx"
+    try:
+        quant_pre_process(str(source), str(out))
+        return _with_node_names(out)
+    except Exception as first:  # noqa: BLE001 - any failure means: try the next, simpler way
+        first_error = _one_line(first)
+    try:
+        quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
+        log.info("preprocess_fallback", step="skip_symbolic_shape", reason=first_error)
+        return _with_node_names(out)
+    except Exception as second:  # noqa: BLE001
+        second_error = _one_line(second)
+    warnings.append(f"preprocessing failed ({second_error}); quantized without it")
+    log.warning("preprocess_skipped", reason=second_error, symbolic_reason=first_error)
+    model = onnx.load(str(source))
+    constants_to_initializers(model.graph)
+    name_nodes(model.graph)
+    onnx.save(model, str(out))
+    return out
+
+
+def _with_node_names(path: Path) -> Path:
+    model = onnx.load(str(path))
+    if name_nodes(model.graph):
+        onnx.save(model, str(path))
+    return path
+
+
+def name_nodes(graph: onnx.GraphProto) -> int:
+    """Give unnamed nodes unique names: the quantizer selects and excludes nodes by name, and an
+    empty name would match every unnamed node at once. Returns how many were named."""
+    taken = {n.name for n in graph.node if n.name}
+    named = 0
+    for i, node in enumerate(graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers (Paddle exports keep weights
+    that way, and the quantizer only quantizes initializers). Returns how many moved."""
+    moved, keep = 0, []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return moved
+
+
+def _at_least_opset_13(path: Path, scratch: Path, entry: str) -> Path:
+    """Per-channel DequantizeLinear needs ``axis`` (opset 13): an opset 11/12 model quantized per
+    channel does not load, with no warning from the quantizer."""
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 13:
+        return path
+    try:
+        converted = onnx.version_converter.convert_version(model, 13)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+        raise QuantizeError(f"cannot convert opset {opset} to 13 for per-channel quantization: "
+                            f"{_one_line(e)}", entry=entry,
+                            hint="set per_channel = false") from e
+    out = scratch / "opset13.onnx"
+    onnx.save(converted, str(out))
+    log.info("opset_converted", model=entry, from_opset=opset, to_opset=13)
+    return out
+
+
+def _calibration_feeds(request: QuantizeRequest, model: Path, samples: int,
+                       warnings: list[str]) -> list[dict[str, np.ndarray]]:
+    feeds, synthetic = sample_inputs(model, calibration=request.calibration,
+                                     preset=request.preprocessing_preset,
+                                     input_size=request.input_size, count=samples, seed=0)
+    if synthetic:
+        warnings.append("no calibration data: calibrated on synthetic inputs; set 'calibration' "
+                        "to a folder of real samples for a trustworthy INT8 model")
+        log.warning("calibration_synthetic", model=request.name, **describe(feeds))
+    else:
+        log.info("calibration_loaded", model=request.name, folder=request.calibration,
+                 **describe(feeds))
+    return feeds
+
+
+def _agreement_feeds(request: QuantizeRequest, source: Path) -> list[dict[str, np.ndarray]]:
+    feeds, _ = sample_inputs(source, calibration=request.calibration,
+                             preset=request.preprocessing_preset, input_size=request.input_size,
+                             count=AGREEMENT_SAMPLES, seed=AGREEMENT_SEED)
+    return feeds
+
+
+class _FeedReader:
+    """The quantizer's ``CalibrationDataReader`` over a list of feeds (duck-typed: the ABC only
+    asks for ``get_next``)."""
+
+    __slots__ = ("_feeds", "_next")
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = feeds
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+
+def _run_recipe(recipe: Recipe, model: Path, out: Path, feeds: list | None, scratch: Path,
+                entry: str, *, calibration_cache: Path | None = None) -> None:
+    """Turn ``recipe`` into the onnxruntime quantizer call; library errors become QuantizeError."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+
+    opts = recipe.options
+    selection = dict(op_types_to_quantize=list(recipe.op_types_to_quantize)
+                     if recipe.op_types_to_quantize is not None else None,
+                     nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
+                     nodes_to_quantize=list(recipe.nodes_to_quantize)
+                     if recipe.nodes_to_quantize is not None else None)
+    try:
+        if recipe.kind == "dynamic":
+            quantize_dynamic(str(model), str(out), weight_type=QuantType[opts["weight_type"]],
+                             per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+                             **selection)
+        elif recipe.kind == "static":
+            quantize_static(str(model), str(out), _FeedReader(feeds or []),
+                            quant_format=QuantFormat[opts["format"]],
+                            activation_type=QuantType[opts["activation_type"]],
+                            weight_type=QuantType[opts["weight_type"]],
+                            per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+                            calibrate_method=CalibrationMethod[opts["calibrate_method"]],
+                            calibration_cache_path=str(calibration_cache) if calibration_cache else None,
+                            **selection)
+        else:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            converted = convert_float_to_float16(onnx.load(str(model)),
+                                                 keep_io_types=opts["keep_io_types"])
+            # keep_io_types appends its Casts after the nodes that read them: onnxruntime sorts
+            # on load, but the onnx checker (the proof's first step) refuses unsorted graphs
+            OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
+            onnx.save(converted, str(out))
+    except (MemoryError, QuantizeError):
+        raise
+    except OSError as e:
+        if e.errno is not None and e.filename is None:
+            raise  # disk full and friends: the job runner types them (DiskFullError)
+        raise QuantizeError(f"{recipe.name} quantization failed: {_one_line(e)}",
+                            entry=entry, recipe=recipe.name) from e
+    except Exception as e:  # noqa: BLE001 - the quantizer raises anything from anywhere
+        raise QuantizeError(f"{recipe.name} quantization failed: {type(e).__name__}: "
+                            f"{_one_line(e)}", entry=entry, recipe=recipe.name,
+                            hint="try another method or options") from e
+    if not out.is_file():
+        raise QuantizeError(f"{recipe.name} quantization wrote no model", entry=entry)
+    if recipe.kind != "fp16" and not quantized_op_count(out):
+        # e.g. weights held as Constants inside If subgraphs (silero-vad): a copy of FP32 is no
+        # INT8 variant, and serving it as one would only waste a reload
+        raise QuantizeError(f"{recipe.name} quantized no operator of this model", entry=entry,
+                            recipe=recipe.name, hint="serve FP32 or try another method")
+
+
+def quantized_op_count(path: Path) -> int:
+    """How many integer operators (QLinear*, *Integer, Q/DQ pairs' QuantizeLinear) a file holds."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(1 for n in model.graph.node
+               if n.op_type.startswith("QLinear") or n.op_type.endswith("Integer")
+               or n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulIntegerToFloat",
+                                "DynamicQuantizeMatMul", "QGemm", "QAttention"))
+
+
+def _prove(request: QuantizeRequest, path: Path, variant: str, source: Path,
+           feeds: list[dict[str, np.ndarray]]) -> Proof:
+    return verify.prove_file(path, variant=variant, reference=source,
+                             providers=tuple(request.providers), gates=request.gates, feeds=feeds,
+                             simulated=request.simulated, model_dir=request.model_dir)
+
+
+def _row(recipe: Recipe, path: Path, proof: Proof, providers: tuple[str, ...],
+         source: Path) -> dict:
+    p = proof.on(providers[0]) if providers else None
+    reason = proof.checker_error or (p.reason if p else "")
+    return recipe.describe() | {
+        "size": path.stat().st_size,
+        "size_ratio": round(path.stat().st_size / source.stat().st_size, 4),
+        "speedup": round(p.speedup, 3) if p and p.speedup is not None else None,
+        "cosine": round(p.cosine, 5) if p and p.cosine is not None else None,
+        "passed": proof.passed_anywhere, "reason": reason}
+
+
+def _publish(built: Path, final: Path, derivation: Derivation) -> FileRecord:
+    """Move the built file beside its final name, then publish it atomically."""
+    temp = temp_path_for(final)
+    os.replace(built, temp)  # same folder tree, same file system: a rename
+    try:
+        publish_file(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    st = final.stat()
+    return FileRecord(name=final.name, sha256=_sha256_of(final), size=st.st_size,
+                      mtime_ns=st.st_mtime_ns, inode=st.st_ino, derivation=derivation)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0].strip() if text else type(error).__name__)[:300]
+
+
+@contextmanager
+def _scratch_dir(model_dir: Path) -> Iterator[Path]:
+    """A private folder inside the model folder, our working directory and temp dir meanwhile
+    (quant_pre_process and the calibrator leave files in both), removed in every case."""
+    scratch = model_dir / f"{WORK_PREFIX}{uuid.uuid4().hex[:12]}"
+    scratch.mkdir()
+    old_cwd, old_tempdir = os.getcwd(), tempfile.tempdir
+    try:
+        os.chdir(scratch)
+        tempfile.tempdir = str(scratch)
+        yield scratch
+    finally:
+        tempfile.tempdir = old_tempdir
+        os.chdir(old_cwd)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,228 @@
+"""Quantization recipes: the options each method takes, their defaults and allowed values, and
+the candidates ``auto`` tries for a model's operator mix.
+
+Pure (no onnx/onnxruntime import): ``workers.quantize`` turns a ``Recipe`` into library calls;
+the catalog may import ``METHOD_OPTIONS``/``canonical_params`` to validate and fill defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Mapping
+
+from ..errors import QuantizeError
+from ..variants import Derivation
+
+QUANT_TYPES = ("QUInt8", "QInt8")
+CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
+FORMATS = ("QDQ", "QOperator")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option: its default and either the allowed values or the type it must have."""
+
+    default: Any
+    allowed: tuple[Any, ...] | None = None
+    kind: type | None = None
+    minimum: int | None = None
+
+    def check(self, value: Any) -> str:
+        """"" if ``value`` is acceptable, else what is wrong and what is allowed."""
+        if self.allowed is not None:
+            return "" if value in self.allowed else f"expected one of {', '.join(map(str, self.allowed))}"
+        if self.kind is bool:
+            return "" if isinstance(value, bool) else "expected true or false"
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return "expected an integer"
+            if self.minimum is not None and value < self.minimum:
+                return f"expected an integer >= {self.minimum}"
+        return ""
+
+
+_SAMPLES = Option(16, kind=int, minimum=1)
+
+#: method -> option -> rule. Defaults follow the measured facts of a non-VNNI AVX2 CPU:
+#: U8 weights for ConvInteger/MatMulInteger (S8 is 2-3x slower there), S8 weights with QDQ.
+METHOD_OPTIONS: Mapping[str, Mapping[str, Option]] = {
+    "dynamic_int8": {"weight_type": Option("QUInt8", QUANT_TYPES),
+                     "per_channel": Option(False, kind=bool),
+                     "reduce_range": Option(False, kind=bool)},
+    "static_int8": {"samples": _SAMPLES,
+                    "calibrate_method": Option("MinMax", CALIBRATE_METHODS),
+                    "format": Option("QDQ", FORMATS),
+                    "activation_type": Option("QUInt8", QUANT_TYPES),
+                    "weight_type": Option("QInt8", QUANT_TYPES),
+                    "per_channel": Option(False, kind=bool),
+                    "reduce_range": Option(False, kind=bool)},
+    "fp16": {"keep_io_types": Option(True, kind=bool)},
+    "auto": {"samples": _SAMPLES},
+}
+
+
+def canonical_params(method: str, params: Mapping[str, Any] | None, *, entry: str) -> dict[str, Any]:
+    """Validate ``params`` for ``method`` and fill defaults; ``QuantizeError`` names the entry,
+    the option and the allowed values."""
+    if method not in METHOD_OPTIONS:
+        raise QuantizeError(f"unknown quantization method {method!r}", entry=entry,
+                            hint=f"use one of {', '.join(METHOD_OPTIONS)}", option="method")
+    rules = METHOD_OPTIONS[method]
+    given = dict(params or {})
+    unknown = sorted(set(given) - set(rules))
+    if unknown:
+        raise QuantizeError(f"unknown option {unknown[0]!r} for method {method}", entry=entry,
+                            hint=f"{method} takes {', '.join(rules) or 'no options'}",
+                            option=unknown[0])
+    out = {}
+    for name, rule in rules.items():
+        value = given.get(name, rule.default)
+        problem = rule.check(value)
+        if problem:
+            raise QuantizeError(f"bad value {value!r} for option {name!r} of method {method}",
+                                entry=entry, hint=problem, option=name)
+        out[name] = value
+    if method == "static_int8" and (out["activation_type"], out["weight_type"]) == ("QInt8", "QUInt8"):
+        raise QuantizeError("static_int8 cannot pair activation_type QInt8 with weight_type QUInt8",
+                            entry=entry, hint="use QUInt8 activations or QInt8 weights",
+                            option="activation_type")
+    return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One concrete way to quantize a model, as the onnxruntime quantizer's arguments."""
+
+    name: str
+    kind: str                                    # "dynamic" | "static" | "fp16"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    op_types_to_quantize: tuple[str, ...] | None = None
+    nodes_to_exclude: tuple[str, ...] = ()
+    nodes_to_quantize: tuple[str, ...] | None = None
+
+    @property
+    def variant(self) -> str:
+        return "fp16" if self.kind == "fp16" else "int8"
+
+    def describe(self) -> dict[str, Any]:
+        """A candidate row's recipe fields (JSON-able)."""
+        out: dict[str, Any] = {"recipe": self.name, "kind": self.kind, **dict(self.options)}
+        if self.op_types_to_quantize is not None:
+            out["op_types"] = list(self.op_types_to_quantize)
+        if self.nodes_to_exclude:
+            out["excluded_nodes"] = len(self.nodes_to_exclude)
+        if self.nodes_to_quantize is not None:
+            out["quantized_nodes"] = len(self.nodes_to_quantize)
+        return out
+
+
+def recipe_for(method: str, params: Mapping[str, Any]) -> Recipe:
+    """The single recipe of an explicit method (``params`` already canonical)."""
+    if method == "dynamic_int8":
+        return Recipe("dynamic", "dynamic", dict(params))
+    if method == "static_int8":
+        return Recipe("static", "static", {k: v for k, v in params.items() if k != "samples"})
+    if method == "fp16":
+        return Recipe("fp16", "fp16", dict(params))
+    raise ValueError(f"{method} has no single recipe")
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """What ``auto`` needs to know of a model to choose candidates (built by ``quantize``)."""
+
+    op_counts: Mapping[str, int]
+    conv_macs: float          # multiply-accumulates per sample of Conv/ConvTranspose weights
+    matmul_macs: float        # of MatMul/Gemm with a constant weight
+    #: compute nodes (Conv/MatMul/Gemm) feeding the outputs with nothing heavy in between:
+    #: the head, whose precision the outputs feel directly
+    head_nodes: tuple[str, ...] = ()
+    #: the heaviest convolutions, largest first, that together hold most of the conv work
+    heavy_convs: tuple[str, ...] = ()
+
+    @property
+    def conv_heavy(self) -> bool:
+        return self.conv_macs >= self.matmul_macs and self.conv_macs > 0
+
+
+#: providers on which FP16 may pay off (tensor cores, Apple's ANE); never the CPU here
+FP16_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "CoreMLExecutionProvider",
+                  "DmlExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider")
+
+_QDQ_U8S8 = {"format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8",
+             "per_channel": False, "reduce_range": False, "calibrate_method": "MinMax"}
+_QOP_U8U8 = {"format": "QOperator", "activation_type": "QUInt8", "weight_type": "QUInt8",
+             "per_channel": False, "reduce_range": False, "calibrate_method": "MinMax"}
+_COMPUTE = ("Conv", "MatMul", "Gemm")
+
+
+def auto_candidates(summary: GraphSummary, providers: tuple[str, ...]) -> list[Recipe]:
+    """The recipes worth proving for this model, most promising first.
+
+    Measured on this kind of CPU: dynamic INT8 of a CNN lands on ConvInteger (0.3x-0.6x), so
+    CNNs get static recipes only, and selective ones: quantizing just the convolutions (not
+    Sigmoid/Resize/Concat/Add paths, whose Q/DQ pairs cost more than they save) and keeping the
+    head in FP32, where the outputs feel every rounding error.
+    """
+    head = tuple(summary.head_nodes)
+    out: list[Recipe] = []
+    if summary.conv_heavy:
+        out.append(Recipe("static_qdq_u8s8_conv_keep_head", "static", _QDQ_U8S8,
+                          op_types_to_quantize=("Conv",), nodes_to_exclude=head))
+        if summary.heavy_convs:
+            heavy = tuple(n for n in summary.heavy_convs if n not in head)
+            if heavy:
+                out.append(Recipe("static_qdq_u8s8_heavy_convs", "static", _QDQ_U8S8,
+                                  nodes_to_quantize=heavy))
+        out.append(Recipe("static_qdq_u8s8", "static", _QDQ_U8S8))
+        out.append(Recipe("static_qop_u8u8_conv_keep_head", "static", _QOP_U8U8,
+                          op_types_to_quantize=("Conv",), nodes_to_exclude=head))
+    else:
+        out.append(Recipe("dynamic_u8", "dynamic", {"weight_type": "QUInt8", "per_channel": False,
+                                                   "reduce_range": False},
+                          op_types_to_quantize=("MatMul", "Gemm")))
+        out.append(Recipe("dynamic_u8_keep_head", "dynamic",
+                          {"weight_type": "QUInt8", "per_channel": False, "reduce_range": False},
+                          op_types_to_quantize=("MatMul", "Gemm"), nodes_to_exclude=head))
+        out.append(Recipe("static_qdq_u8s8_matmul", "static", _QDQ_U8S8,
+                          op_types_to_quantize=_COMPUTE))
+    if any(p in FP16_PROVIDERS for p in providers):
+        out.append(Recipe("fp16", "fp16", {"keep_io_types": True}))
+    return _without_duplicates(out)
+
+
+def _without_duplicates(recipes: list[Recipe]) -> list[Recipe]:
+    seen, out = set(), []
+    for r in recipes:
+        key = (r.kind, tuple(sorted(r.options.items())), r.op_types_to_quantize,
+               r.nodes_to_exclude, r.nodes_to_quantize)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def derivation_for(request: Any, params: Mapping[str, Any] | None = None) -> Derivation:
+    """What a quantized file is derived from: source digest, method, canonical options, the
+    calibration inputs, the library versions, and for ``auto`` what its choice depends on (the
+    providers and gates). Light: versions come from package metadata, nothing heavy is imported,
+    so the planner may call it to tell whether a variant is stale."""
+    canonical = dict(params if params is not None
+                     else canonical_params(request.method, request.params, entry=request.name))
+    if request.method in ("static_int8", "auto"):
+        canonical |= {"calibration": request.calibration,
+                      "preprocessing_preset": request.preprocessing_preset,
+                      "input_size": request.input_size}
+    if request.method == "auto":
+        canonical |= {"providers": list(request.providers), "gates": request.gates.to_dict(),
+                      "simulated": {k: sorted(v) for k, v in dict(request.simulated).items()}}
+    return Derivation(source_sha256=request.source_sha256, method=request.method,
+                      params=canonical, onnx=_version("onnx"), onnxruntime=_version("onnxruntime"))
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
