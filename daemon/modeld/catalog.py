@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 import tomlkit
-from tomlkit.exceptions import ParseError
+from tomlkit.exceptions import ParseError, TOMLKitError
 
 from .errors import CatalogError
 from .variants import METHODS, Gates
@@ -361,6 +361,8 @@ def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
         reason = str(e).rsplit(" at line ", 1)[0]
         raise where.error(None, f"TOML syntax error at line {e.line} column {e.col}: "
                                 f"{_one_line(reason)}") from e
+    except TOMLKitError as e:  # e.g. KeyAlreadyPresent inside a table: no position known
+        raise where.error(None, f"invalid TOML: {_one_line(str(e))}") from e
     except RecursionError as e:
         raise where.error(None, "nested too deeply to parse") from e
     except Exception as e:  # noqa: BLE001 - tomlkit raises assorted types on junk; all are bad input
@@ -624,8 +626,8 @@ class CatalogKeeper:
         try:
             raw = read_catalog_bytes(self._path)
         except CatalogError as e:
-            self._seen_digest = None
-            self._refuse(e)
+            # Not logged here: the reconciler logs a file-level error once, with what it keeps.
+            self._seen_digest, self._error = None, e
             return False
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._seen_digest:
@@ -634,7 +636,7 @@ class CatalogKeeper:
         try:
             fresh = catalog_from_bytes(raw, path=str(self._path), base_dir=self._base_dir)
         except CatalogError as e:
-            self._refuse(e)
+            self._error = e
             return False
         merged = keep_last_good(fresh, self._current)
         changed = _signature(merged) != _signature(self._current)
@@ -645,11 +647,6 @@ class CatalogKeeper:
             log.warning("catalog_entry_error", stale=_is_stale(merged, error), **error.fields())
         return changed
 
-    def _refuse(self, error: CatalogError) -> None:
-        if self._error is None or str(self._error) != str(error):
-            log.error("catalog_refused", kept_models=len(self._current.entries),
-                      **error.fields())
-        self._error = error
 
 
 def _is_stale(catalog: Catalog, error: CatalogError) -> bool:
