@@ -9,7 +9,6 @@ raises: the answer is a ``Proof`` whose reasons say what failed. Only infrastruc
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ import onnxruntime as ort
 import structlog
 
 from ..errors import StoreError
+from ..store import sha256_file
 from ..variants import Gates, Proof, ProviderProof, proof_key
 from .inputs import sample_inputs
 
@@ -108,7 +108,7 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                                      for p in providers))
     ref_model = None
     if reference is not None:
-        ref_model, ref_error = check_file(reference, model_dir)
+        ref_model, ref_error = check_file(reference, _containing_folder(reference, model_dir))
         if ref_error:
             # the FP32 reference is broken: nothing can be compared, so nothing is proven
             return Proof(checker_ok=True, **base, providers=tuple(
@@ -154,6 +154,13 @@ def check_file(path: Path, model_dir: Path) -> tuple[onnx.ModelProto | None, str
     except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, OSError ...
         return None, _first_line(e)
     return model, ""
+
+
+def _containing_folder(reference: Path, model_dir: Path) -> Path:
+    """The folder the FP32 reference's external data must stay in: ``model_dir`` when the
+    reference lives there (the usual case), else the reference's own folder (a candidate proven
+    in a scratch folder against the store's FP32 file)."""
+    return model_dir if reference.resolve().is_relative_to(model_dir.resolve()) else reference.parent
 
 
 def _external_data_escape(model: onnx.ModelProto, base: Path, model_dir: Path) -> str:
@@ -461,17 +468,13 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # helpers
 
 def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return sha256_file(path)
     except FileNotFoundError as e:
         raise StoreError(f"cannot prove {path.name}: file is missing", path=str(path),
                          hint="re-run the reconcile; the file will be rebuilt") from e
     except OSError as e:
         raise StoreError(f"cannot read {path.name}: {e.strerror}", path=str(path)) from e
-    return digest.hexdigest()
 
 
 def _first_line(error: BaseException) -> str:

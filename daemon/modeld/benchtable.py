@@ -1,0 +1,103 @@
+"""Formats the rows of the ``bench`` job (``workers.bench.bench_model``) as a table for a person.
+
+The CLI prints ``format_table(rows)`` on a terminal and ``format_markdown(rows)`` for a report.
+Plain Python: the daemon side never imports onnx or onnxruntime.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+Row = Mapping[str, Any]
+
+HEADERS = ("variant", "provider", "size", "latency", "vs FP32", "agreement", "served", "why")
+WHY_CHARS = 120
+
+
+def format_table(rows: Iterable[Row]) -> str:
+    """An aligned text table: ``| variant | size | latency | vs FP32 | agreement | served | why |``."""
+    headers, body = table_cells(rows)
+    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    rule = "|-" + "-|-".join("-" * w for w in widths) + "-|"
+    return "\n".join([line(headers), rule, *(line(r) for r in body)])
+
+
+def format_markdown(rows: Iterable[Row]) -> str:
+    """The same table as GitHub-flavoured Markdown (``|`` in cells escaped)."""
+    headers, body = table_cells(rows)
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|",
+                      *(line(r) for r in body)])
+
+
+def table_cells(rows: Iterable[Row]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """(headers, cell texts); the provider column only when the rows span several providers."""
+    rows = list(rows)
+    fp32_size = next((r.get("size_bytes") for r in rows if r.get("variant") == "fp32"
+                      and r.get("size_bytes")), None)
+    with_provider = len({r.get("provider") for r in rows}) > 1
+    body = []
+    for r in rows:
+        cells = [_variant(r), _provider(r.get("provider")), _size(r.get("size_bytes"), fp32_size),
+                 _number(r.get("latency_ms"), "{:.2f} ms"), _number(r.get("speedup"), "{:.2f}x"),
+                 _agreement(r), _served(r), _why(r.get("why"))]
+        body.append(cells if with_provider else cells[:1] + cells[2:])
+    headers = HEADERS if with_provider else HEADERS[:1] + HEADERS[2:]
+    return headers, body
+
+
+def _variant(row: Row) -> str:
+    variant, recipe, file = row.get("variant", ""), row.get("recipe", ""), row.get("file")
+    label = variant if file and recipe == file else f"{variant} {recipe}".strip()
+    return label + (" (chosen)" if row.get("chosen") else "")
+
+
+def _provider(name: str | None) -> str:
+    return (name or "").removesuffix("ExecutionProvider") or "-"
+
+
+def _size(size_bytes: int | None, fp32_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "-"
+    value, unit = float(size_bytes), "B"
+    for next_unit in ("KB", "MB", "GB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    text = f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if fp32_bytes and size_bytes != fp32_bytes:
+        text += f" ({size_bytes / fp32_bytes:.0%})"
+    return text
+
+
+def _number(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _agreement(row: Row) -> str:
+    parts = []
+    if row.get("cosine") is not None:
+        parts.append(f"cos {row['cosine']:.4f}")
+    if row.get("max_abs_error") is not None:
+        parts.append(f"max err {row['max_abs_error']:.3g}")
+    if row.get("detection_match") is not None:
+        parts.append(f"det {row['detection_match']:.0%}")
+    return ", ".join(parts) or "-"
+
+
+def _served(row: Row) -> str:
+    if row.get("passed"):
+        return "yes"
+    return "refused" if row.get("usable", True) else "unusable"
+
+
+def _why(reason: str | None) -> str:
+    text = " ".join((reason or "").split())
+    return text if len(text) <= WHY_CHARS else text[: WHY_CHARS - 3] + "..."
