@@ -1,0 +1,562 @@
+"""What inference nodes import: subscribe to models, receive which file to load, hot-swap a session.
+
+``subscribe()`` (blocking iterator) and ``async_subscribe()`` (asyncio) follow the daemon's socket,
+reconnecting with capped exponential backoff when it restarts; ``HotSession`` wraps an
+onnxruntime session and swaps it off the inference path. Standard library + ``modeld.protocol``
+(and its ``modeld.errors``) only: onnxruntime is imported lazily, by ``HotSession`` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import random
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import IntegrityError, ModeldError, TemporaryError
+from .protocol import (CPU_PROVIDER, DEFAULT_PREFER, PROTOCOL_VERSION, STATE_EVENTS,
+                       LineSplitter, ProtocolError, ack_request, decode, default_socket_path,
+                       encode, subscribe_request)
+
+log = logging.getLogger(__name__)
+
+#: the daemon's answers (a ``status`` of many models) can be long; nodes accept far more than
+#: the daemon does from them
+CLIENT_MAX_LINE_BYTES = 64 * 1024 * 1024
+SEND_TIMEOUT_S = 5.0
+
+
+class DaemonUnavailableError(TemporaryError):
+    """The daemon's socket does not answer (not running, wrong path, no permission)."""
+
+
+class ModelNotReadyError(TemporaryError):
+    """``HotSession.run`` was called before any variant of the model was loaded."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (delays in seconds)."""
+
+    __slots__ = ("initial_s", "max_s", "_attempt")
+
+    def __init__(self, initial_s: float = 0.05, max_s: float = 5.0) -> None:
+        self.initial_s, self.max_s, self._attempt = initial_s, max_s, 0
+
+    def next_delay_s(self) -> float:
+        cap = min(self.max_s, self.initial_s * (2 ** min(self._attempt, 30)))
+        self._attempt += 1
+        # Full jitter (at least half the step) spreads a crowd of nodes after a daemon restart.
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class _EventFilter:
+    """What a subscription does with each line from the daemon; shared by both client kinds."""
+
+    __slots__ = ("hello", "last_error")
+
+    def __init__(self) -> None:
+        self.hello: dict[str, Any] | None = None
+        self.last_error: dict[str, Any] | None = None
+
+    def __call__(self, line: bytes) -> dict[str, Any] | None:
+        """The state event in ``line`` (variant/unavailable/removed), else None."""
+        try:
+            event = decode(line)
+        except ProtocolError as e:
+            log.warning("modeld: undecodable line from the daemon: %s", e)
+            return None
+        kind = event.get("event")
+        if kind in STATE_EVENTS:
+            return event
+        if kind == "hello":
+            self.hello = event
+            if event.get("protocol") != PROTOCOL_VERSION:
+                log.warning("modeld: daemon speaks protocol %s, this client %s",
+                            event.get("protocol"), PROTOCOL_VERSION)
+        elif kind == "error":
+            self.last_error = event
+            log.warning("modeld: daemon reported an error: %s", event.get("error"))
+        return None
+
+
+def _as_models(models: str | Iterable[str]) -> tuple[str, ...]:
+    return (models,) if isinstance(models, str) else tuple(models)
+
+
+class Subscription:
+    """A blocking iterator of state events for ``models``; reconnects and re-subscribes.
+
+    Iterate it from one thread; ``ack`` and ``close`` may be called from any thread.
+    """
+
+    def __init__(self, models: str | Iterable[str], *, socket_path: str | Path | None = None,
+                 providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
+                 node: str | None = None, reconnect: bool = True,
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0) -> None:
+        self.models = _as_models(models)
+        self.socket_path = str(socket_path or default_socket_path())
+        self.providers = tuple(providers)
+        self.reconnect = reconnect
+        self.connects = 0
+        self._request = encode(subscribe_request(self.models, providers=self.providers,
+                                                 prefer=prefer, node=node))
+        self._filter = _EventFilter()
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._splitter = LineSplitter(CLIENT_MAX_LINE_BYTES)
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._closed = threading.Event()
+
+    @property
+    def hello(self) -> dict[str, Any] | None:
+        return self._filter.hello
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        return self._filter.last_error
+
+    def __iter__(self) -> "Subscription":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        event = self.next_event()
+        if event is None:
+            raise StopIteration
+        return event
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def next_event(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The next state event; None on timeout or once closed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            if self._closed.is_set():
+                return None
+            if self._sock is None:
+                if not self._connect(deadline):
+                    return None
+                continue
+            if not self._receive(deadline):
+                return None
+
+    def _receive(self, deadline: float | None) -> bool:
+        """Read what the socket has; False on timeout."""
+        sock = self._sock
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(None if remaining is None else remaining * 1000):
+            return False
+        try:
+            data = sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._disconnected("the daemon closed the connection")
+            return True
+        try:
+            lines = self._splitter.feed(data)
+        except ProtocolError as e:
+            self._disconnected(str(e))
+            return True
+        for line in lines:
+            event = self._filter(line)
+            if event is not None:
+                self._pending.append(event)
+        return True
+
+    def _connect(self, deadline: float | None) -> bool:
+        """Connect and subscribe, waiting out failures with backoff; False on deadline/close."""
+        while not self._closed.is_set():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(SEND_TIMEOUT_S)
+            try:
+                sock.connect(self.socket_path)
+                sock.sendall(self._request)
+            except OSError as e:
+                sock.close()
+                if not self.reconnect and self.connects == 0:
+                    raise DaemonUnavailableError(
+                        f"cannot connect to {self.socket_path}: {e.strerror or e}",
+                        hint="is mecha10-modeld running? set MODELD_SOCKET") from e
+                if not self.reconnect:
+                    self._closed.set()
+                    return False
+                delay = self._backoff.next_delay_s()
+                if deadline is not None:
+                    delay = min(delay, deadline - time.monotonic())
+                if delay <= 0 or self._closed.wait(delay):
+                    return False
+                continue
+            with self._send_lock:
+                self._sock = sock
+            self._splitter.clear()
+            self._backoff.reset()
+            self.connects += 1
+            return True
+        return False
+
+    def _disconnected(self, why: str) -> None:
+        with self._send_lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        if not self._closed.is_set():
+            log.info("modeld: disconnected (%s)%s", why,
+                     "; reconnecting" if self.reconnect else "")
+        if not self.reconnect:
+            self._closed.set()
+
+    def ack(self, model: str, generation: int, ok: bool = True,
+            error: str | None = None) -> bool:
+        """Tell the daemon the variant of ``generation`` loaded (or not). False if not connected:
+        the next connection re-delivers the current state, so nothing is lost."""
+        line = encode(ack_request(model, generation, ok=ok, error=error))
+        with self._send_lock:
+            if self._sock is None:
+                return False
+            try:
+                self._sock.sendall(line)
+                return True
+            except OSError:
+                return False
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._send_lock:
+            sock = self._sock
+            if sock is not None:
+                try:  # wakes a reader blocked in poll() on another thread
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def subscribe(models: str | Iterable[str], *, socket_path: str | Path | None = None,
+              providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
+              node: str | None = None, **options: Any) -> Subscription:
+    """Follow ``models``: ``for event in subscribe(["yolov8n"]): ...`` (see docs/protocol.md)."""
+    return Subscription(models, socket_path=socket_path, providers=providers, prefer=prefer,
+                        node=node, **options)
+
+
+class AsyncSubscription:
+    """The asyncio twin of ``Subscription``: ``async for event in sub``; ``await sub.ack(...)``."""
+
+    def __init__(self, models: str | Iterable[str], *, socket_path: str | Path | None = None,
+                 providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
+                 node: str | None = None, reconnect: bool = True,
+                 backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0) -> None:
+        self.models = _as_models(models)
+        self.socket_path = str(socket_path or default_socket_path())
+        self.reconnect = reconnect
+        self.connects = 0
+        self._request = encode(subscribe_request(self.models, providers=providers,
+                                                 prefer=prefer, node=node))
+        self._filter = _EventFilter()
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._closed = False
+
+    @property
+    def hello(self) -> dict[str, Any] | None:
+        return self._filter.hello
+
+    def __aiter__(self) -> "AsyncSubscription":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def __aenter__(self) -> "AsyncSubscription":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def next_event(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The next state event; None on timeout or once closed."""
+        try:
+            return await asyncio.wait_for(self._next_event(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _next_event(self) -> dict[str, Any] | None:
+        while not self._closed:
+            if self._reader is None:
+                if not await self._connect():
+                    return None
+                continue
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+                    OSError):
+                await self._disconnected()
+                continue
+            event = self._filter(line)
+            if event is not None:
+                return event
+        return None
+
+    async def _connect(self) -> bool:
+        while not self._closed:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    self.socket_path, limit=CLIENT_MAX_LINE_BYTES)
+                self._writer.write(self._request)
+                await asyncio.wait_for(self._writer.drain(), SEND_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError) as e:
+                await self._disconnected()
+                if not self.reconnect and self.connects == 0:
+                    raise DaemonUnavailableError(
+                        f"cannot connect to {self.socket_path}: {e}",
+                        hint="is mecha10-modeld running? set MODELD_SOCKET") from e
+                if not self.reconnect:
+                    return False
+                await asyncio.sleep(self._backoff.next_delay_s())
+                continue
+            self._backoff.reset()
+            self.connects += 1
+            return True
+        return False
+
+    async def _disconnected(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+        if not self.reconnect and self.connects:
+            self._closed = True
+
+    async def ack(self, model: str, generation: int, ok: bool = True,
+                  error: str | None = None) -> bool:
+        if self._writer is None:
+            return False
+        try:
+            self._writer.write(encode(ack_request(model, generation, ok=ok, error=error)))
+            await asyncio.wait_for(self._writer.drain(), SEND_TIMEOUT_S)
+            return True
+        except (OSError, asyncio.TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._disconnected()
+
+
+def async_subscribe(models: str | Iterable[str], **options: Any) -> AsyncSubscription:
+    """``async for event in async_subscribe(["yolov8n"]): ...``; same options as ``subscribe``."""
+    return AsyncSubscription(models, **options)
+
+
+def request(message: dict[str, Any], *, socket_path: str | Path | None = None,
+            timeout_s: float = 5.0) -> dict[str, Any]:
+    """Send one request (``{"op": "status"}``, ``{"op": "ping"}``) and return the daemon's answer."""
+    path = str(socket_path or default_socket_path())
+    deadline = time.monotonic() + timeout_s
+    splitter = LineSplitter(CLIENT_MAX_LINE_BYTES)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.sendall(encode(message))
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                for line in splitter.feed(data):
+                    answer = decode(line)
+                    if answer.get("event") != "hello":
+                        return answer
+    except OSError as e:
+        raise DaemonUnavailableError(f"no answer from {path}: {e.strerror or e}",
+                                     hint="is mecha10-modeld running? set MODELD_SOCKET") from e
+    raise DaemonUnavailableError(f"no answer from {path} within {timeout_s} s",
+                                 hint="is mecha10-modeld running? set MODELD_SOCKET")
+
+
+def status(*, socket_path: str | Path | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
+    return request({"op": "status"}, socket_path=socket_path, timeout_s=timeout_s)
+
+
+def ping(*, socket_path: str | Path | None = None, timeout_s: float = 5.0) -> bool:
+    return request({"op": "ping"}, socket_path=socket_path,
+                   timeout_s=timeout_s).get("event") == "pong"
+
+
+# --- hot swap ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a ``HotSession`` is running now."""
+
+    model: str
+    variant: str
+    path: str
+    sha256: str
+    generation: int
+    provider: str
+
+
+class HotSession:
+    """An onnxruntime session that follows the daemon: new variants load off the inference path.
+
+    ``HotSession(models="yolov8n")`` subscribes itself; ``HotSession(subscription, "yolov8n")``
+    follows a subscription of yours (it then iterates it: give it one of its own). On a variant
+    event a background thread reads the file, checks its sha256 against the event, builds the new
+    session from exactly those bytes and swaps one reference under a lock; a run in flight keeps
+    the reference it took, so it finishes on the old session. A file that fails is nacked and the
+    old session kept. ``unavailable``/``removed`` keep the current session running.
+    """
+
+    def __init__(self, subscription: Subscription | None = None, model: str | None = None, *,
+                 models: str | Sequence[str] | None = None,
+                 socket_path: str | Path | None = None,
+                 providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
+                 node: str | None = None, session_options: Any = None,
+                 on_swap: Callable[[Loaded], None] | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        if subscription is None:
+            if models is None:
+                raise ValueError("HotSession needs a subscription or models=")
+            subscription = Subscription(models, socket_path=socket_path, providers=providers,
+                                        prefer=prefer, node=node)
+            self._owns_subscription = True
+        else:
+            self._owns_subscription = False
+        if model is None:
+            if len(subscription.models) != 1:
+                raise ValueError("HotSession follows one model: name it with model=")
+            model = subscription.models[0]
+        self.model = model
+        self.subscription = subscription
+        self.last_event: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self.swaps = 0
+        self._session_options = session_options
+        self._on_swap = on_swap
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._session: Any = None
+        self._current: Loaded | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name=f"modeld-hot-{model}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def current(self) -> Loaded | None:
+        return self._current
+
+    @property
+    def session(self) -> Any:
+        """The current ``onnxruntime.InferenceSession`` (for inputs/outputs metadata)."""
+        with self._lock:
+            return self._session
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until a first variant is loaded."""
+        return self._ready.wait(timeout_s)
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+            run_options: Any = None) -> list[Any]:
+        """``InferenceSession.run`` on the current session."""
+        with self._lock:
+            session = self._session
+        if session is None:
+            raise ModelNotReadyError(f"no variant of {self.model} is loaded yet",
+                                     entry=self.model, hint="wait_ready() first")
+        # The local reference keeps the old session alive until this run returns, even if a
+        # swap happens meanwhile: no run is cut short, none fails because of a swap.
+        return session.run(output_names, input_feed, run_options)
+
+    def close(self) -> None:
+        if self._owns_subscription:
+            self.subscription.close()
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "HotSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _follow(self) -> None:
+        for event in self.subscription:
+            if event.get("model") != self.model:
+                continue
+            self.last_event = event
+            if event["event"] == "variant":
+                self._switch_to(event)
+            if self._on_event is not None:
+                self._on_event(event)
+
+    def _switch_to(self, event: dict[str, Any]) -> None:
+        generation = event["generation"]
+        current = self._current
+        if current is not None and current.sha256 == event["sha256"]:
+            # Same file (a reconnect, or the daemon restarted): nothing to load.
+            with self._lock:
+                self._current = Loaded(self.model, event["variant"], event["path"],
+                                       event["sha256"], generation, event["provider"])
+            self.subscription.ack(self.model, generation, ok=True)
+            return
+        try:
+            session = self._build(event)
+        except Exception as e:  # any load failure is the node's verdict on this file: nack it
+            self.last_error = str(e)
+            log.warning("modeld: %s %s not loaded (%s); keeping %s", self.model,
+                        event.get("variant"), e, current.variant if current else "nothing")
+            self.subscription.ack(self.model, generation, ok=False, error=str(e))
+            return
+        loaded = Loaded(self.model, event["variant"], event["path"], event["sha256"], generation,
+                        event["provider"])
+        with self._lock:
+            self._session, self._current = session, loaded
+        self.swaps += 1
+        self._ready.set()
+        self.subscription.ack(self.model, generation, ok=True)
+        if self._on_swap is not None:
+            self._on_swap(loaded)
+
+    def _build(self, event: dict[str, Any]) -> Any:
+        data = Path(event["path"]).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != event["sha256"]:
+            raise IntegrityError(f"sha256 of {event['path']} is {digest[:12]}..., the daemon "
+                                 f"announced {str(event['sha256'])[:12]}...", entry=self.model,
+                                 hint="the file changed after it was proven")
+        import onnxruntime  # only the hot-swap helper needs it
+
+        try:  # from the bytes just checked: the file may be replaced between hash and load
+            return onnxruntime.InferenceSession(data, sess_options=self._session_options,
+                                                providers=[event["provider"]])
+        except Exception as e:
+            raise ModeldError(f"onnxruntime cannot load {event['variant']}: {e}",
+                              entry=self.model) from e

@@ -1,0 +1,229 @@
+"""The socket protocol between the daemon and inference nodes, version 1 (see docs/protocol.md).
+
+Newline-delimited JSON objects over a Unix stream socket. Shared by ``server`` (daemon side) and
+``client`` (what nodes import), so it depends on the standard library (and ``modeld.errors``) only.
+Requests are parsed into small frozen dataclasses; events are built by the ``*_event`` functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import ModeldError
+
+PROTOCOL_VERSION = 1
+DAEMON_NAME = "mecha10-modeld"
+#: where nodes look for the daemon unless MODELD_SOCKET says otherwise
+DEFAULT_SOCKET_PATH = "/run/mecha10-modeld/modeld.sock"
+SOCKET_ENV = "MODELD_SOCKET"
+MAX_LINE_BYTES = 65536
+
+CPU_PROVIDER = "CPUExecutionProvider"
+PREFERENCES = ("fastest", "int8", "fp16", "fp32")
+DEFAULT_PREFER = "fastest"
+
+#: events a subscription delivers to its reader; the others answer a request or report an error
+STATE_EVENTS = frozenset({"variant", "unavailable", "removed"})
+
+# Bounds on what one request may carry, so a client cannot make the daemon hold much for it.
+MAX_MODELS_PER_SUBSCRIBE = 256
+MAX_NAME_CHARS = 256
+MAX_PROVIDERS = 16
+MAX_ERROR_CHARS = 2000
+
+
+class ProtocolError(ModeldError, ValueError):
+    """A line that is not a valid protocol message; the text is sent back in an ``error`` event."""
+
+
+def default_socket_path() -> str:
+    """The socket nodes connect to: ``$MODELD_SOCKET`` or the packaged default."""
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
+
+
+# --- framing ---------------------------------------------------------------------------------
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One message as one UTF-8 line. Values JSON cannot hold (a Path, a tuple) become text/lists."""
+    return (json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
+            + "\n").encode("utf-8")
+
+
+def decode(line: bytes | str) -> dict[str, Any]:
+    """One line -> a JSON object; anything else raises ``ProtocolError`` (never another error)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"line is not UTF-8 (byte {e.start})") from e
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"line is not JSON: {str(e)[:120]}") from e
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class LineSplitter:
+    """Splits a byte stream into lines; used by the blocking client (asyncio has its own)."""
+
+    __slots__ = ("_buffer", "max_line_bytes")
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES * 16) -> None:
+        self._buffer = bytearray()
+        self.max_line_bytes = max_line_bytes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        lines = []
+        while (end := self._buffer.find(b"\n")) >= 0:
+            lines.append(bytes(self._buffer[:end]))
+            del self._buffer[:end + 1]
+        if len(self._buffer) > self.max_line_bytes:
+            raise ProtocolError(f"line longer than {self.max_line_bytes} bytes")
+        return lines
+
+    def clear(self) -> None:
+        self._buffer.clear()
+
+
+# --- requests (client -> daemon) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Subscribe:
+    models: tuple[str, ...]
+    providers: tuple[str, ...] = (CPU_PROVIDER,)
+    prefer: str = DEFAULT_PREFER
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class Ack:
+    model: str
+    generation: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Status:
+    pass
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+Request = Subscribe | Ack | Status | Ping
+
+
+def parse_request(obj: Mapping[str, Any]) -> Request:
+    """Validate one decoded request; ``ProtocolError`` says what is wrong in one line."""
+    op = obj.get("op")
+    if op == "subscribe":
+        return _parse_subscribe(obj)
+    if op == "ack":
+        return _parse_ack(obj)
+    if op == "status":
+        return Status()
+    if op == "ping":
+        return Ping()
+    if op is None:
+        raise ProtocolError('missing "op" (one of subscribe, ack, status, ping)')
+    raise ProtocolError(f'unknown op {str(op)[:40]!r} (one of subscribe, ack, status, ping)')
+
+
+def _parse_subscribe(obj: Mapping[str, Any]) -> Subscribe:
+    models = obj.get("models")
+    if isinstance(models, str):
+        models = [models]
+    models = _names(models, "models", MAX_MODELS_PER_SUBSCRIBE)
+    if not models:
+        raise ProtocolError('subscribe: "models" must name at least one model')
+    providers = obj.get("providers", [CPU_PROVIDER])
+    if isinstance(providers, str):
+        providers = [providers]
+    providers = _names(providers, "providers", MAX_PROVIDERS) or (CPU_PROVIDER,)
+    prefer = obj.get("prefer", DEFAULT_PREFER)
+    if prefer not in PREFERENCES:
+        raise ProtocolError(f'subscribe: "prefer" must be one of {", ".join(PREFERENCES)}, '
+                            f'got {str(prefer)[:40]!r}')
+    node = obj.get("node") or ""
+    if not isinstance(node, str) or len(node) > MAX_NAME_CHARS:
+        raise ProtocolError(f'subscribe: "node" must be a string of at most {MAX_NAME_CHARS} chars')
+    return Subscribe(models=models, providers=providers, prefer=prefer, node=node)
+
+
+def _parse_ack(obj: Mapping[str, Any]) -> Ack:
+    model = obj.get("model")
+    if not isinstance(model, str) or not model or len(model) > MAX_NAME_CHARS:
+        raise ProtocolError('ack: "model" must be a model name')
+    generation = obj.get("generation")
+    if isinstance(generation, bool) or not isinstance(generation, int):
+        raise ProtocolError('ack: "generation" must be the integer of the event being acked')
+    ok = obj.get("ok", True)
+    if not isinstance(ok, bool):
+        raise ProtocolError('ack: "ok" must be true or false')
+    error = obj.get("error") or ""
+    if not isinstance(error, str):
+        error = json.dumps(error, default=str)
+    return Ack(model=model, generation=generation, ok=ok, error=error[:MAX_ERROR_CHARS])
+
+
+def _names(value: Any, field: str, limit: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ProtocolError(f'"{field}" must be a list of non-empty strings')
+    if len(value) > limit or any(len(v) > MAX_NAME_CHARS for v in value):
+        raise ProtocolError(f'"{field}": at most {limit} names of at most {MAX_NAME_CHARS} chars')
+    return tuple(dict.fromkeys(value))  # de-duplicated, order kept
+
+
+def subscribe_request(models: Iterable[str], *, providers: Iterable[str] = (CPU_PROVIDER,),
+                      prefer: str = DEFAULT_PREFER, node: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "subscribe", "models": list(models),
+                           "providers": list(providers), "prefer": prefer}
+    if node:
+        msg["node"] = node
+    return msg
+
+
+def ack_request(model: str, generation: int, *, ok: bool = True,
+                error: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "ack", "model": model, "generation": generation, "ok": ok}
+    if not ok:
+        msg["error"] = (error or "rejected by the node")[:MAX_ERROR_CHARS]
+    return msg
+
+
+# --- events (daemon -> client) ---------------------------------------------------------------
+
+def hello_event(version: str, **extra: Any) -> dict[str, Any]:
+    return {"event": "hello", "protocol": PROTOCOL_VERSION, "daemon": DAEMON_NAME,
+            "version": version, **extra}
+
+
+def variant_event(*, model: str, variant: str, path: str, sha256: str, generation: int,
+                  provider: str, reason: str) -> dict[str, Any]:
+    return {"event": "variant", "model": model, "variant": variant, "path": path,
+            "sha256": sha256, "generation": generation, "provider": provider, "reason": reason}
+
+
+def unavailable_event(*, model: str, reason: str, generation: int) -> dict[str, Any]:
+    return {"event": "unavailable", "model": model, "reason": reason, "generation": generation}
+
+
+def removed_event(*, model: str) -> dict[str, Any]:
+    return {"event": "removed", "model": model}
+
+
+def error_event(error: str, **extra: Any) -> dict[str, Any]:
+    return {"event": "error", "error": error, **extra}
+
+
+def pong_event() -> dict[str, Any]:
+    return {"event": "pong"}

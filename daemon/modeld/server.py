@@ -1,0 +1,570 @@
+"""The asyncio Unix-socket server: nodes subscribe to models and are told which file to load.
+
+The runner creates one ``Server``, calls ``start()`` (binding the socket, or adopting one from
+systemd) and ``publish(views)`` whenever the model views change; the server computes each node's
+choice (``serving.choose``), fans out only the changes and records nacks as rejections. It knows
+nothing of reconciling: the runner hands it views and callbacks. Protocol: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import errno
+import grp
+import itertools
+import os
+import socket
+import stat
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import structlog
+
+from . import __version__
+from .atomic import TEMP_PREFIX
+from .errors import PermanentError
+from .protocol import (Ack, Ping, ProtocolError, Status, Subscribe, decode, encode,
+                       error_event, hello_event, parse_request, pong_event, removed_event,
+                       unavailable_event, variant_event, PROTOCOL_VERSION, DAEMON_NAME)
+from .serving import Choice, ModelView, Unavailable, choose
+
+log = structlog.get_logger(__name__)
+
+#: the longest path a sockaddr_un holds (108 bytes with the terminating NUL)
+MAX_SOCKET_PATH_BYTES = 107
+#: consecutive bad lines after which a connection is closed as abusive
+MAX_CONSECUTIVE_ERRORS = 16
+#: generations of sent choices remembered per model and client, so a late ack still resolves
+ACK_HISTORY = 8
+NOT_IN_CATALOG = "not in the catalog"
+NOT_LOADED_YET = "daemon starting: catalog not loaded yet"
+
+
+class SocketPathError(PermanentError):
+    """The socket path cannot be used (too long, not a socket, not ours to replace)."""
+
+
+class SocketInUseError(SocketPathError):
+    """Another process is listening on the socket path (a second daemon?)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A node nacked this file on this provider: no node on that provider is offered it again."""
+
+    model: str
+    variant: str
+    sha256: str
+    provider: str
+    node: str
+    error: str
+    generation: int
+    at_unix_s: float
+
+
+class Server:
+    def __init__(self, *, socket_path: Path, socket_mode: int = 0o660,
+                 socket_group: str | None = None, max_clients: int = 1024,
+                 max_line_bytes: int = 65536, queue_limit: int = 256,
+                 on_rejection: Callable[..., None] | None = None,
+                 status_extra: Callable[[], dict] | None = None,
+                 write_timeout_s: float = 10.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.max_clients = max_clients
+        self.max_line_bytes = max_line_bytes
+        self.queue_limit = queue_limit
+        self.write_timeout_s = write_timeout_s
+        self._on_rejection = on_rejection
+        self._status_extra = status_extra
+        self._views: dict[str, ModelView] = {}
+        self._published = False
+        self._generations: dict[str, int] = {}
+        # Seeded from the wall clock so generations keep increasing across daemon restarts.
+        self._last_generation = _now_ms()
+        self._rejected: dict[tuple[str, str], Rejection] = {}
+        self._rejected_keys: frozenset[tuple[str, str]] = frozenset()
+        self._clients: set[_Client] = set()
+        self._ids = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._bound_inode: int | None = None  # set when we bound (and so must unlink) the socket
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (adopted from systemd: left as it is) or bind ``socket_path``."""
+        if sock is None:
+            sock, self._bound_inode = _bind_socket(self.socket_path, self.socket_mode,
+                                                   self.socket_group, self._backlog)
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=self.max_line_bytes, backlog=self._backlog)
+        log.info("socket_listening", path=str(self.socket_path),
+                 adopted=self._bound_inode is None, max_clients=self.max_clients)
+
+    @property
+    def _backlog(self) -> int:
+        return max(128, min(self.max_clients, 4096))
+
+    async def close(self) -> None:
+        """Stop accepting, close every client, unlink the socket file if we bound it."""
+        if self._server is not None:
+            self._server.close()
+        clients = list(self._clients)
+        for client in clients:
+            client.abort()
+        tasks = [c.task for c in clients if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._bound_inode is not None:
+            _unlink_if_ours(self.socket_path, self._bound_inode)
+            self._bound_inode = None
+        self._server = None
+        log.info("socket_closed", path=str(self.socket_path))
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(1 for c in self._clients if c.subscriptions)
+
+    # --- views -------------------------------------------------------------------------------
+
+    def publish(self, views: Mapping[str, ModelView]) -> None:
+        """Take the full set of current views; tell each subscriber whose choice changed."""
+        old, new = self._views, dict(views)
+        self._views = new
+        first = not self._published
+        self._published = True
+        touched = {name for name, view in new.items() if old.get(name) != view}
+        for name in touched:
+            self._bump(name)
+        gone = set(old) - set(new)
+        for name in gone:
+            self._generations.pop(name, None)
+        if first:
+            touched |= {m for c in self._clients for m in c.subscriptions}
+        for client in list(self._clients):
+            for model in client.subscriptions:
+                if model in touched or model in gone:
+                    self._refresh(client, model)
+
+    def _bump(self, model: str) -> int:
+        self._last_generation = max(self._last_generation + 1, _now_ms())
+        self._generations[model] = self._last_generation
+        return self._last_generation
+
+    def _refresh(self, client: "_Client", model: str, *, force: bool = False) -> None:
+        """Compute ``client``'s state for ``model``; send it if it differs from what it has."""
+        event, key, choice = self._state_for(client, model)
+        if not force and client.sent_keys.get(model) == key:
+            return
+        client.sent_keys[model] = key
+        client.sent_events[model] = event
+        if choice is not None:
+            history = client.history.setdefault(model, collections.OrderedDict())
+            history[event["generation"]] = choice
+            while len(history) > ACK_HISTORY:
+                history.popitem(last=False)
+        client.send(event)
+
+    def _state_for(self, client: "_Client", model: str
+                   ) -> tuple[dict[str, Any], tuple, Choice | None]:
+        view = self._views.get(model)
+        if view is None:
+            # "removed" takes back a model the node had; a name never seen is "unavailable".
+            if client.sent_keys.get(model, ("",))[0] in ("variant", "unavailable"):
+                return removed_event(model=model), ("removed",), None
+            reason = NOT_IN_CATALOG if self._published else NOT_LOADED_YET
+            return (unavailable_event(model=model, reason=reason, generation=0),
+                    ("unknown", reason), None)
+        providers, prefer = client.subscriptions[model]
+        result = choose(view, providers, prefer, self._rejected_keys)
+        generation = self._generations[model]
+        if isinstance(result, Unavailable):
+            return (unavailable_event(model=model, reason=result.reason, generation=generation),
+                    ("unavailable", result.reason), None)
+        event = variant_event(model=model, variant=result.variant, path=result.path,
+                              sha256=result.sha256, generation=generation,
+                              provider=result.provider, reason=result.reason)
+        return event, ("variant", result.sha256, result.provider, result.path), result
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def _handle_line(self, client: "_Client", line: bytes) -> None:
+        if not line.strip():
+            return  # a bare newline (someone typing into socat) is not an error
+        try:
+            request = parse_request(decode(line))
+        except ProtocolError as e:
+            client.consecutive_errors += 1
+            log.info("bad_request", client=client.id, node=client.node, error=str(e))
+            client.send(error_event(str(e)))
+            return
+        client.consecutive_errors = 0
+        if isinstance(request, Subscribe):
+            self._subscribe(client, request)
+        elif isinstance(request, Ack):
+            self._ack(client, request)
+        elif isinstance(request, Status):
+            client.send(self.status())
+        elif isinstance(request, Ping):
+            client.send(pong_event())
+
+    def _subscribe(self, client: "_Client", request: Subscribe) -> None:
+        client.node = request.node or client.node
+        log.info("subscribed", client=client.id, node=client.node, models=list(request.models),
+                 providers=list(request.providers), prefer=request.prefer)
+        for model in request.models:
+            client.subscriptions[model] = (request.providers, request.prefer)
+            self._refresh(client, model, force=True)
+
+    def _ack(self, client: "_Client", ack: Ack) -> None:
+        choice = client.history.get(ack.model, {}).get(ack.generation)
+        if choice is None:
+            client.send(error_event(f"ack: no variant of {ack.model!r} was sent to this "
+                                    f"connection with generation {ack.generation}",
+                                    model=ack.model, generation=ack.generation))
+            return
+        if ack.ok:
+            client.acked[ack.model] = (ack.generation, choice)
+            log.info("variant_loaded", client=client.id, node=client.node, model=ack.model,
+                     variant=choice.variant, provider=choice.provider, generation=ack.generation)
+            return
+        self._reject(client, ack, choice)
+
+    def _reject(self, client: "_Client", ack: Ack, choice: Choice) -> None:
+        key = (choice.sha256, choice.provider)
+        if key not in self._rejected:
+            rejection = Rejection(model=ack.model, variant=choice.variant, sha256=choice.sha256,
+                                  provider=choice.provider, node=client.node,
+                                  error=ack.error or "rejected by the node",
+                                  generation=ack.generation, at_unix_s=time.time())
+            self._rejected[key] = rejection
+            self._rejected_keys = frozenset(self._rejected)
+            log.warning("variant_rejected", client=client.id, node=client.node, model=ack.model,
+                        variant=choice.variant, sha256=choice.sha256, provider=choice.provider,
+                        error=rejection.error)
+            if self._on_rejection is not None:
+                try:
+                    self._on_rejection(model=ack.model, variant=choice.variant,
+                                       sha256=choice.sha256, provider=choice.provider,
+                                       node=client.node, error=rejection.error)
+                except Exception as e:  # a faulty callback must not break the socket server
+                    log.error("on_rejection_failed", error=repr(e))
+            if ack.model in self._views:
+                self._bump(ack.model)
+        # Every node on that provider that holds the file is moved to the next proven one.
+        for other in list(self._clients):
+            if ack.model in other.subscriptions:
+                self._refresh(other, ack.model)
+
+    # --- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``status`` event: every model, its variants and proofs, subscribers, rejections."""
+        by_model: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        subscribers = []
+        for client in sorted(self._clients, key=lambda c: c.id):
+            if not client.subscriptions:
+                continue
+            models = {}
+            for model in client.subscriptions:
+                sent = client.sent_events.get(model, {})
+                acked = client.acked.get(model)
+                entry = {"event": sent.get("event"), "variant": sent.get("variant"),
+                         "provider": sent.get("provider"), "generation": sent.get("generation"),
+                         "acked_generation": acked[0] if acked else None}
+                models[model] = entry
+                by_model[model].append({"client": client.id, "node": client.node,
+                                        "pid": client.pid, **entry})
+            subscribers.append({"client": client.id, "node": client.node, "pid": client.pid,
+                                "uid": client.uid, "gid": client.gid, "models": models})
+        models_out = {}
+        for name, view in sorted(self._views.items()):
+            models_out[name] = {
+                "state": view.state, "reason": view.reason,
+                "generation": self._generations.get(name), "detail": dict(view.detail),
+                "variants": [{"variant": v.variant, "path": v.path, "sha256": v.sha256,
+                              "size": v.size, "proof": v.proof.to_dict() if v.proof else None,
+                              "rejected_on": sorted(p for (s, p) in self._rejected
+                                                    if s == v.sha256)}
+                             for v in view.variants],
+                "subscribers": by_model.get(name, [])}
+        core = {"event": "status", "protocol": PROTOCOL_VERSION, "daemon": DAEMON_NAME,
+                "version": __version__, "clients": len(self._clients),
+                "models": models_out, "subscribers": subscribers,
+                "rejected": [dataclasses.asdict(r) for r in self._rejected.values()]}
+        extra: dict[str, Any] = {}
+        if self._status_extra is not None:
+            try:
+                extra = dict(self._status_extra())
+            except Exception as e:  # status must answer even if the runner's part fails
+                log.error("status_extra_failed", error=repr(e))
+                extra = {"status_extra_error": repr(e)}
+        return {**extra, **core}
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pid, uid, gid = _peer_credentials(writer.get_extra_info("socket"))
+        if len(self._clients) >= self.max_clients:
+            log.warning("client_refused", pid=pid, uid=uid, clients=len(self._clients),
+                        max_clients=self.max_clients)
+            await _refuse(writer, f"too many clients ({self.max_clients}); try again later")
+            return
+        client = _Client(next(self._ids), writer, pid, uid, gid, self.queue_limit,
+                         self.write_timeout_s)
+        client.task = asyncio.current_task()
+        self._clients.add(client)
+        log.info("client_connected", client=client.id, pid=pid, uid=uid, gid=gid)
+        client.send(hello_event(__version__, max_line_bytes=self.max_line_bytes,
+                                pid=os.getpid()))
+        writer_task = asyncio.create_task(client.write_loop())
+        closing_error = None
+        try:
+            while closing_error is None:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    break  # EOF; a partial last line without its newline is dropped
+                except asyncio.LimitOverrunError:
+                    closing_error = f"line longer than {self.max_line_bytes} bytes; closing"
+                    break
+                except (ConnectionError, OSError):
+                    break
+                self._handle_line(client, line)
+                if client.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+                    closing_error = f"{client.consecutive_errors} bad lines in a row; closing"
+            if closing_error is not None:
+                log.warning("client_abusive", client=client.id, pid=pid, error=closing_error)
+                client.send(error_event(closing_error))
+                await client.flush(timeout_s=min(self.write_timeout_s, 2.0))
+        finally:
+            self._clients.discard(client)
+            client.abort()
+            writer_task.cancel()
+            await asyncio.gather(writer_task, return_exceptions=True)
+            log.info("client_disconnected", client=client.id, node=client.node, pid=pid)
+
+
+class _Client:
+    """One connection: its subscriptions, what it was last sent, and a bounded outgoing queue."""
+
+    def __init__(self, client_id: int, writer: asyncio.StreamWriter, pid: int | None,
+                 uid: int | None, gid: int | None, queue_limit: int,
+                 write_timeout_s: float) -> None:
+        self.id = client_id
+        self.writer = writer
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.node = ""
+        self.task: asyncio.Task | None = None
+        self.subscriptions: dict[str, tuple[tuple[str, ...], str]] = {}
+        self.sent_keys: dict[str, tuple] = {}
+        self.sent_events: dict[str, dict[str, Any]] = {}
+        self.history: dict[str, collections.OrderedDict[int, Choice]] = {}
+        self.acked: dict[str, tuple[int, Choice]] = {}
+        self.consecutive_errors = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue_limit = queue_limit
+        self._write_timeout_s = write_timeout_s
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Set when the queue was collapsed to a snapshot; cleared when a write drains. Falling
+        # behind again before any drain means the client does not read at all: disconnect it.
+        self._collapsed = False
+        self._closed = False
+
+    def send(self, event: Mapping[str, Any]) -> None:
+        """Queue one event without ever blocking the caller (fan-out must not stall)."""
+        if self._closed:
+            return
+        if len(self._queue) >= self._queue_limit:
+            if self._collapsed:
+                log.warning("client_too_slow", client=self.id, node=self.node, pid=self.pid,
+                            queued=len(self._queue))
+                self.abort()
+                return
+            self._collapsed = True
+            self._queue.clear()
+            # The snapshot holds every current state; a state event is already part of it.
+            self._queue.extend(encode(e) for e in self.sent_events.values())
+            log.info("client_queue_collapsed", client=self.id, node=self.node,
+                     snapshot=len(self._queue))
+            if event.get("event") in ("variant", "unavailable", "removed"):
+                self._kick()
+                return
+        self._queue.append(encode(event))
+        self._kick()
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def write_loop(self) -> None:
+        try:
+            while not self._closed:
+                if not self._queue:
+                    self._idle.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                chunk = []
+                while self._queue and len(chunk) < 64:
+                    chunk.append(self._queue.popleft())
+                self.writer.write(b"".join(chunk))
+                await asyncio.wait_for(self.writer.drain(), self._write_timeout_s)
+                self._collapsed = False
+        except asyncio.TimeoutError:
+            log.warning("client_write_timeout", client=self.id, node=self.node, pid=self.pid,
+                        timeout_s=self._write_timeout_s)
+            self.abort()
+        except (ConnectionError, OSError):
+            self.abort()
+        finally:
+            self._idle.set()
+
+    async def flush(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.clear()
+        self._wakeup.set()
+        if self.writer.transport is not None:
+            self.writer.transport.abort()
+
+
+async def _refuse(writer: asyncio.StreamWriter, message: str) -> None:
+    try:
+        writer.write(encode(error_event(message)))
+        await asyncio.wait_for(writer.drain(), 1.0)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+def _peer_credentials(sock: Any) -> tuple[int | None, int | None, int | None]:
+    """(pid, uid, gid) of the connecting process (SO_PEERCRED), or Nones where unsupported."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)
+    except (OSError, AttributeError):
+        return None, None, None
+
+
+def _bind_socket(path: Path, mode: int, group: str | None, backlog: int
+                 ) -> tuple[socket.socket, int]:
+    """Bind a listening socket at ``path`` with ``mode``/``group`` set before anyone can see it.
+
+    Bound under a temp name, chmod/chown-ed, then hard-linked to the final name: ``link`` fails
+    if a socket appeared there meanwhile, so a live daemon's socket is never replaced.
+    """
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH_BYTES:
+        raise SocketPathError(f"socket path is longer than {MAX_SOCKET_PATH_BYTES} bytes: {path}",
+                              hint="choose a shorter --socket path")
+    gid = _group_id(group)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SocketPathError(f"cannot create the socket folder {path.parent}: {e.strerror}",
+                              hint="create it or choose another --socket path") from e
+    _remove_stale(path)
+    temp = path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temp))
+        os.chmod(temp, mode)
+        if gid is not None:
+            os.chown(temp, -1, gid)
+        sock.listen(backlog)
+        try:
+            os.link(temp, path)
+        except FileExistsError as e:
+            raise SocketInUseError(f"{path} appeared while binding: another daemon is starting",
+                                   hint="stop it first, or choose another --socket") from e
+        inode = os.lstat(path).st_ino
+    except OSError as e:
+        sock.close()
+        raise SocketPathError(f"cannot bind {path}: {e.strerror or e}",
+                              hint="check the folder's permissions") from e
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        _unlink_quietly(temp)
+    sock.setblocking(False)
+    return sock, inode
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a socket file left by a crash; refuse to touch a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket",
+                              hint="remove it or choose another --socket path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        _unlink_quietly(path)
+        log.info("stale_socket_removed", path=str(path))
+        return
+    except FileNotFoundError:
+        return
+    except socket.timeout:
+        pass  # a full backlog: somebody is listening
+    except OSError as e:
+        raise SocketPathError(f"cannot probe the existing socket {path}: {e.strerror}",
+                              hint="remove it or choose another --socket path") from e
+    finally:
+        probe.close()
+    raise SocketInUseError(f"another process is listening on {path}",
+                           hint="stop the other daemon first, or choose another --socket path")
+
+
+def _group_id(group: str | None) -> int | None:
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError as e:
+        raise SocketPathError(f"socket group {group!r} does not exist",
+                              hint="create the group or change socket_group") from e
+
+
+def _unlink_if_ours(path: Path, inode: int) -> None:
+    try:
+        if os.lstat(path).st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("socket_unlink_failed", path=str(path), error=e.strerror,
+                    errno=errno.errorcode.get(e.errno or 0))
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
