@@ -124,6 +124,11 @@ class HubAuthError(HubError, PermanentError):
     """401/403: the repo is private or gated; set HF_TOKEN."""
 
 
+class HubOfflineError(HubError, PermanentError):
+    """Offline (HF_HUB_OFFLINE) and the wanted file is not already here: nothing to retry until
+    the daemon may reach the Hub again."""
+
+
 class IntegrityError(TemporaryError):
     """A file's content does not match its expected digest or size."""
 
