@@ -1,0 +1,94 @@
+"""Shared fixtures: a catalog writer, a loopback hub with a demo repo, and a CLI runner.
+
+Everything is real: the hub is ``modeld.testing.hub.LocalHub`` on 127.0.0.1, downloads go through
+huggingface_hub, models are built with onnx.helper (``modeld.testing.onnx_models``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from modeld.testing.hub import LocalHub
+from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
+
+LABELS = b"person\nbicycle\ncar\ndog\n"
+
+
+@dataclass
+class Workspace:
+    """A catalog file, a models folder and a hub, as a robot would have them."""
+
+    root: Path
+    hub: LocalHub
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "model_catalog.toml"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"HF_ENDPOINT": self.hub.endpoint, "MODELD_CATALOG": str(self.catalog),
+                    "MODELD_MODELS": str(self.models), "HF_HUB_DISABLE_TELEMETRY": "1",
+                    "MODELD_SOCKET": str(self.root / "modeld.sock")})
+        env.pop("HF_TOKEN", None)
+        env.update(extra)
+        return env
+
+    def write_catalog(self, text: str) -> None:
+        self.catalog.write_text(text)
+
+    def cli(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+        """Run ``mecha10-modeld ARGS`` as a real process."""
+        return subprocess.run([sys.executable, "-m", "modeld.cli", *args], env=self.env(**env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict:
+        result = self.cli("status", "--json")
+        assert result.returncode in (0, 1), result.stderr
+        return json.loads(result.stdout)
+
+    def manifest(self, name: str) -> dict:
+        return json.loads((self.models / name / "manifest.json").read_text())
+
+
+def entry_toml(name: str, *, repo: str = "acme/detector", filename: str = "det/model.onnx",
+               labels: str | None = "det/labels.txt", revision: str | None = None,
+               quantize: str | None = None, extra: str = "") -> str:
+    lines = ["[[models]]", f'name = "{name}"', 'task = "object-detection"', f'repo = "{repo}"',
+             f'filename = "{filename}"', 'preprocessing_preset = "yolo"', "input_size = 32"]
+    if labels:
+        lines.append(f'labels = "{labels}"')
+    if revision:
+        lines.append(f'revision = "{revision}"')
+    if extra:
+        lines.append(extra)
+    if quantize:
+        lines += ["", "[models.quantize]", "enabled = true", f'method = "{quantize}"']
+    return "\n".join(lines) + "\n\n"
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A hub serving ``acme/detector`` (tiny CNN + labels) and ``acme/mlp`` (MatMul model)."""
+    hub = LocalHub(tmp_path / "hub").start()
+    hub.store.create_repo("acme/detector")
+    hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
+    hub.store.create_repo("acme/mlp")
+    hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
+    ws = Workspace(root=tmp_path / "robot", hub=hub)
+    ws.root.mkdir()
+    try:
+        yield ws
+    finally:
+        hub.stop()
