@@ -1,0 +1,703 @@
+"""A small Hugging Face Hub server on 127.0.0.1 for tests, the demo and the benchmarks.
+
+``HubStore`` keeps repos as immutable commits in a folder; ``LocalHub`` serves them with the
+``/resolve`` endpoints huggingface_hub's ``hf_hub_download`` uses, and injects faults on request
+(``hub.faults.add("cut", "*model.onnx", times=2)``) so retry paths are tested for real.
+Run it standalone with ``python -m modeld.testing.hub --root DIR --port N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Iterator, Mapping
+from urllib.parse import unquote, urlsplit
+
+CHUNK_BYTES = 64 * 1024
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+#: fault kinds ``FaultPlan.add`` accepts; the last three only apply to a GET's body (or a HEAD's
+#: announced size for ``wrong_size``)
+FAULT_KINDS = ("status_500", "status_503", "not_found", "reset", "stall", "cut", "wrong_size",
+               "corrupt")
+_BODY_FAULTS = ("cut", "corrupt")
+
+
+class HubStoreError(ValueError):
+    """Bad use of the store in a test (unknown repo, unsafe name)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Storage: root/<owner>/<name>/{repo.json, refs.json, commits/<sha>.json, objects/<sha256>}
+
+
+@dataclass(frozen=True)
+class RepoAccess:
+    """Who may read a repo: ``private`` needs one of ``tokens``; ``gated`` answers 403 to others."""
+
+    private: bool = False
+    gated: bool = False
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One file of a commit, as the server needs it."""
+
+    path: str
+    sha256: str
+    size: int
+    blob: Path
+
+
+class HubStore:
+    """Hub repos in a folder: commits are immutable snapshots; branches and tags point to commits.
+
+    ``commit(repo_id, {"model.onnx": data})`` keeps every file of the parent commit it does not
+    name (``None`` deletes one); contents are stored once, by sha256.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    # ---- writing (tests and the demo) ----
+
+    def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False,
+                    tokens: tuple[str, ...] | list[str] = ()) -> None:
+        """Create ``repo_id`` (or change its access). Idempotent."""
+        folder = self._repo_dir(repo_id)
+        (folder / "commits").mkdir(parents=True, exist_ok=True)
+        (folder / "objects").mkdir(exist_ok=True)
+        _write_json(folder / "repo.json", {"private": private, "gated": gated,
+                                           "tokens": list(tokens)})
+        if not (folder / "refs.json").exists():
+            _write_json(folder / "refs.json", {"branches": {}, "tags": {}})
+
+    def commit(self, repo_id: str, files: Mapping[str, bytes | os.PathLike[str] | None], *,
+               branch: str = "main", message: str = "") -> str:
+        """Record a new commit on ``branch`` (created if missing) and return its 40-hex sha.
+
+        Values are the bytes of a file, a path to copy it from (streamed, for big files), or
+        ``None`` to delete the file in this commit.
+        """
+        folder = self._repo_dir(repo_id)
+        if not (folder / "repo.json").exists():
+            self.create_repo(repo_id)
+        with self._lock:
+            refs = self._refs(folder)
+            parent = refs["branches"].get(branch)
+            tree = dict(self._commit_doc(folder, parent)["files"]) if parent else {}
+            for path, content in files.items():
+                _check_repo_path(path)
+                if content is None:
+                    tree.pop(path, None)
+                else:
+                    tree[path] = self._store_object(folder, content)
+            doc = {"parent": parent, "branch": branch, "message": message,
+                   "time_ns": time.time_ns(), "nonce": uuid.uuid4().hex, "files": tree}
+            sha = hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+            _write_json(folder / "commits" / f"{sha}.json", doc)
+            refs["branches"][branch] = sha
+            _write_json(folder / "refs.json", refs)
+        return sha
+
+    def tag(self, repo_id: str, name: str, commit: str) -> None:
+        """Point tag ``name`` at ``commit`` (moving it if it exists)."""
+        self._set_ref(repo_id, "tags", name, commit)
+
+    def set_branch(self, repo_id: str, name: str, commit: str) -> None:
+        """Point branch ``name`` (e.g. ``refs/pr/1``) at ``commit``, e.g. to roll it back."""
+        self._set_ref(repo_id, "branches", name, commit)
+
+    # ---- reading (the server) ----
+
+    def access(self, repo_id: str) -> RepoAccess | None:
+        """The repo's access rules, or None when it does not exist."""
+        try:
+            doc = json.loads((self._repo_dir(repo_id) / "repo.json").read_text())
+        except (FileNotFoundError, HubStoreError):
+            return None
+        return RepoAccess(private=doc["private"], gated=doc["gated"], tokens=tuple(doc["tokens"]))
+
+    def resolve(self, repo_id: str, revision: str) -> str | None:
+        """Branch, tag or full commit sha -> commit sha; None if unknown."""
+        folder = self._repo_dir(repo_id)
+        refs = self._refs(folder)
+        if revision in refs["branches"]:
+            return refs["branches"][revision]
+        if revision in refs["tags"]:
+            return refs["tags"][revision]
+        if _COMMIT_RE.match(revision) and (folder / "commits" / f"{revision}.json").exists():
+            return revision
+        return None
+
+    def files(self, repo_id: str, commit: str) -> dict[str, str]:
+        """path -> sha256 of every file in ``commit``."""
+        return dict(self._commit_doc(self._repo_dir(repo_id), commit)["files"])
+
+    def blob(self, repo_id: str, commit: str, path: str) -> BlobInfo | None:
+        sha256 = self.files(repo_id, commit).get(path)
+        if sha256 is None:
+            return None
+        blob = self._repo_dir(repo_id) / "objects" / sha256
+        return BlobInfo(path=path, sha256=sha256, size=blob.stat().st_size, blob=blob)
+
+    # ---- internals ----
+
+    def _repo_dir(self, repo_id: str) -> Path:
+        parts = repo_id.split("/")
+        if len(parts) not in (1, 2) or not all(_NAME_RE.match(p) and ".." not in p for p in parts):
+            raise HubStoreError(f"not a valid repo id: {repo_id!r}")
+        return self.root.joinpath(*parts)
+
+    @staticmethod
+    def _refs(folder: Path) -> dict:
+        try:
+            return json.loads((folder / "refs.json").read_text())
+        except FileNotFoundError:
+            return {"branches": {}, "tags": {}}
+
+    @staticmethod
+    def _commit_doc(folder: Path, commit: str) -> dict:
+        try:
+            return json.loads((folder / "commits" / f"{commit}.json").read_text())
+        except FileNotFoundError:
+            raise HubStoreError(f"unknown commit {commit} in {folder.name}") from None
+
+    def _set_ref(self, repo_id: str, kind: str, name: str, commit: str) -> None:
+        folder = self._repo_dir(repo_id)
+        with self._lock:
+            self._commit_doc(folder, commit)  # must exist
+            refs = self._refs(folder)
+            refs[kind][name] = commit
+            _write_json(folder / "refs.json", refs)
+
+    @staticmethod
+    def _store_object(folder: Path, content: bytes | os.PathLike[str]) -> str:
+        objects = folder / "objects"
+        temp = objects / f".incoming-{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        with open(temp, "wb") as out:
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                digest.update(content)
+                out.write(content)
+            else:
+                with open(content, "rb") as src:
+                    while chunk := src.read(1024 * 1024):
+                        digest.update(chunk)
+                        out.write(chunk)
+        sha256 = digest.hexdigest()
+        os.replace(temp, objects / sha256)
+        return sha256
+
+
+def _check_repo_path(path: str) -> None:
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in path.split("/")):
+        raise HubStoreError(f"not a valid path inside a repo: {path!r}")
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    os.replace(temp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Faults and the request log
+
+
+@dataclass
+class Fault:
+    """One planned fault; ``remaining`` counts the requests it will still affect."""
+
+    kind: str
+    path_glob: str = "*"
+    remaining: int = 1
+    method: str | None = None         # "HEAD", "GET" or None for both
+    seconds: float = 5.0              # stall: how long
+    at_byte: int | None = None        # cut/stall/corrupt: absolute offset in the file
+    extra_bytes: int = 1024           # wrong_size: how much more is announced than sent
+
+    def applies_to(self, method: str, path: str) -> bool:
+        if self.remaining <= 0 or (self.method and self.method != method):
+            return False
+        if method != "GET" and (self.kind in _BODY_FAULTS
+                                or (self.kind == "stall" and self.at_byte is not None)):
+            return False
+        return fnmatch.fnmatchcase(path, self.path_glob)
+
+
+class FaultPlan:
+    """Faults to inject, consumed in the order they were added (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, path_glob: str = "*", times: int = 1, *, method: str | None = None,
+            seconds: float = 5.0, at_byte: int | None = None, extra_bytes: int = 1024) -> Fault:
+        """Affect the next ``times`` requests whose decoded URL path matches ``path_glob``.
+
+        ``stall`` waits ``seconds`` before the headers, or after ``at_byte`` bytes of the body;
+        ``cut`` closes the connection after ``at_byte`` (default: half the file) with the full
+        Content-Length announced; ``wrong_size`` announces ``extra_bytes`` more than it sends
+        (HEAD: announces that size); ``corrupt`` flips one byte (the body no longer matches
+        the ETag); ``reset`` closes the connection at once with a TCP RST.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+        fault = Fault(kind, path_glob, times, method.upper() if method else None, seconds,
+                      at_byte, extra_bytes)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def take(self, method: str, path: str) -> Fault | None:
+        """The first pending fault for this request (consumed by one), or None."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.applies_to(method, path):
+                    fault.remaining -= 1
+                    return fault
+        return None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def pending(self) -> list[Fault]:
+        with self._lock:
+            return [f for f in self._faults if f.remaining > 0]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the hub saw it; ``status`` 0 means the connection was reset unanswered."""
+
+    method: str
+    path: str                  # decoded URL path, e.g. /owner/name/resolve/main/model.onnx
+    status: int
+    range: str | None = None   # the Range header as sent
+    fault: str | None = None   # the fault kind injected, if any
+    time_s: float = field(default_factory=time.monotonic)
+
+
+class RequestLog:
+    """Every request the hub answered (or refused), in order (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._records: list[RequestRecord] = []
+        self._lock = threading.Lock()
+
+    def append(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def records(self, method: str | None = None, path_glob: str = "*") -> list[RequestRecord]:
+        with self._lock:
+            return [r for r in self._records
+                    if (method is None or r.method == method)
+                    and fnmatch.fnmatchcase(r.path, path_glob)]
+
+    def count(self, method: str | None = None, path_glob: str = "*") -> int:
+        return len(self.records(method, path_glob))
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP server
+
+
+class _Resolved:
+    __slots__ = ("commit", "info")
+
+    def __init__(self, commit: str, info: BlobInfo) -> None:
+        self.commit = commit
+        self.info = info
+
+
+class _HubHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True       # a stalled handler must never hold up shutdown
+    allow_reuse_address = True
+
+    def __init__(self, address, hub: "LocalHub") -> None:
+        self.hub = hub
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(address, _HubHandler)
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, as the real Hub; huggingface_hub pools connections
+    server: _HubHTTPServer
+    timeout = 60                    # idle keep-alive connections end on their own
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        pass  # the request log is the record; stderr noise helps nobody
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    # ---- request handling ----
+
+    def _handle(self, method: str) -> None:
+        hub = self.server.hub
+        path = unquote(urlsplit(self.path).path)
+        range_header = self.headers.get("Range")
+        fault = hub.faults.take(method, path)
+
+        def record(status: int) -> None:
+            hub.log.append(RequestRecord(method, path, status, range_header,
+                                         fault.kind if fault else None))
+
+        try:
+            if fault and fault.kind == "reset":
+                record(0)
+                self._reset()
+                return
+            if fault and fault.kind == "stall" and fault.at_byte is None:
+                if hub.stopping.wait(fault.seconds):
+                    self.close_connection = True
+                    return
+            if fault and fault.kind in ("status_500", "status_503"):
+                status = 500 if fault.kind == "status_500" else 503
+                record(status)
+                self._send_error(method, status, None, "injected fault")
+                return
+            if fault and fault.kind == "not_found":
+                record(404)
+                self._send_error(method, 404, "EntryNotFound", "injected fault")
+                return
+            resolved = self._resolve(method, path, record)
+            if resolved is not None:
+                self._send_file(method, resolved, range_header, fault, record)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+
+    def _resolve(self, method: str, path: str, record) -> _Resolved | None:
+        """Map /{repo}/resolve/{revision}/{file} to a blob, answering errors as the Hub does."""
+        store = self.server.hub.store
+        raw_parts = urlsplit(self.path).path.split("/")[1:]
+        try:
+            at = raw_parts.index("resolve")
+        except ValueError:
+            at = -1
+        if at not in (1, 2) or len(raw_parts) < at + 3:
+            record(404)
+            self._send_error(method, 404, None, "not a /resolve url")
+            return None
+        repo_id = "/".join(unquote(p) for p in raw_parts[:at])
+        # the revision is one URL segment: "refs%2Fpr%2F1" decodes to "refs/pr/1"
+        revision = unquote(raw_parts[at + 1])
+        filename = unquote("/".join(raw_parts[at + 2:]))
+        access = store.access(repo_id)
+        if access is None:
+            record(404)
+            self._send_error(method, 404, "RepoNotFound", f"Repository {repo_id} not found")
+            return None
+        denied = self._check_access(access)
+        if denied:
+            status, code, message = denied
+            record(status)
+            self._send_error(method, status, code, message)
+            return None
+        commit = store.resolve(repo_id, revision)
+        if commit is None:
+            record(404)
+            self._send_error(method, 404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return None
+        info = store.blob(repo_id, commit, filename)
+        if info is None:
+            record(404)
+            self._send_error(method, 404, "EntryNotFound", f"{filename} does not exist",
+                             commit=commit)
+            return None
+        return _Resolved(commit, info)
+
+    def _check_access(self, access: RepoAccess) -> tuple[int, str | None, str] | None:
+        if not (access.private or access.gated):
+            return None
+        auth = self.headers.get("Authorization", "")
+        token = auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else None
+        if token is not None and token in access.tokens:
+            return None
+        if access.gated and token is not None:
+            return 403, "GatedRepo", "Access to this gated repo is restricted"
+        if token is not None:
+            return 401, None, "Invalid credentials in Authorization header"
+        return 401, "RepoNotFound", "Invalid username or password."
+
+    def _send_error(self, method: str, status: int, code: str | None, message: str, *,
+                    commit: str | None = None) -> None:
+        body = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message)
+        if commit:
+            self.send_header("X-Repo-Commit", commit)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(body)
+
+    def _send_file(self, method: str, resolved: _Resolved, range_header: str | None,
+                   fault: Fault | None, record) -> None:
+        info = resolved.info
+        size = info.size
+        span = _parse_range(range_header, size) if range_header else (0, size - 1)
+        if span is None:
+            record(416)
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start, end = span
+        length = end - start + 1
+        announced = length
+        announced_size = size
+        if fault and fault.kind == "wrong_size":
+            announced += fault.extra_bytes
+            announced_size += fault.extra_bytes if method == "HEAD" else 0
+        status = 206 if range_header else 200
+        record(status)
+        self.send_response(status)
+        self.send_header("X-Repo-Commit", resolved.commit)
+        self.send_header("ETag", f'"{info.sha256}"')
+        self.send_header("X-Linked-Etag", f'"{info.sha256}"')
+        self.send_header("X-Linked-Size", str(announced_size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(announced))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if method == "HEAD":
+            return
+        with open(info.blob, "rb") as f:
+            f.seek(start)
+            self._stream(f, start, end + 1, fault, size)
+        if fault and fault.kind == "wrong_size":
+            self._close_now()  # the client waits for bytes that never come: end it
+
+    def _stream(self, f: IO[bytes], start: int, stop: int, fault: Fault | None,
+                size: int) -> None:
+        """Send bytes [start, stop) of the file, applying a body fault on the way."""
+        hub = self.server.hub
+        kind = fault.kind if fault else None
+        mark = None
+        if kind in ("cut", "stall", "corrupt"):
+            mark = fault.at_byte if fault.at_byte is not None else size // 2
+        # a resumed request that starts past the mark is cut (or stalled) before its first byte,
+        # so "cut on every request" really makes no progress
+        pause_at = max(mark, start) if kind in ("cut", "stall") and mark < stop else None
+        position = start
+        while position < stop:
+            if position == pause_at:
+                self.wfile.flush()
+                if kind == "cut" or hub.stopping.wait(fault.seconds):
+                    self._close_now()
+                    return
+                pause_at = None
+                continue
+            limit = pause_at if pause_at is not None else stop
+            chunk = f.read(min(CHUNK_BYTES, limit - position))
+            if not chunk:
+                break  # cannot happen with immutable objects, but never loop forever
+            if kind == "corrupt" and position <= mark < position + len(chunk):
+                buf = bytearray(chunk)
+                buf[mark - position] ^= 0xFF
+                chunk = bytes(buf)
+            self.wfile.write(chunk)
+            position += len(chunk)
+        self.wfile.flush()
+
+    def _close_now(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _reset(self) -> None:
+        """Close with SO_LINGER 0: the peer sees a TCP RST, not an orderly end."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+            self.connection.close()
+        except OSError:
+            pass
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range -> inclusive (start, end); None when unsatisfiable."""
+    match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not match or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.groups()
+    if not first:  # suffix: the last N bytes
+        n = int(last)
+        return (max(size - n, 0), size - 1) if n > 0 and size > 0 else None
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    return (start, end) if start < size and start <= end else None
+
+
+class LocalHub:
+    """The hub server: ``with LocalHub(root) as hub: hf_hub_download(..., endpoint=hub.endpoint)``.
+
+    ``hub.store`` publishes repos, ``hub.faults`` plans faults, ``hub.log`` records requests.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.store = HubStore(root)
+        self.faults = FaultPlan()
+        self.log = RequestLog()
+        self.stopping = threading.Event()
+        self._address = (host, port)
+        self._httpd: _HubHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("hub is not running")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            raise RuntimeError("hub is not running")
+        return self._httpd.server_address[1]
+
+    def start(self) -> "LocalHub":
+        self.stopping.clear()
+        self._httpd = _HubHTTPServer(self._address, self)
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"local-hub:{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop promptly: end stalls, close every open connection, release the port."""
+        if self._httpd is None:
+            return
+        self.stopping.set()
+        self._httpd.shutdown()
+        with self._httpd.connections_lock:
+            open_connections = list(self._httpd.connections)
+        for conn in open_connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._httpd.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+        self._httpd = None
+        self._thread = None
+
+    def __enter__(self) -> "LocalHub":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Standalone: python -m modeld.testing.hub --root DIR --port N
+
+
+def import_folder(store: HubStore, folder: Path) -> list[str]:
+    """Commit every ``<owner>/<name>/`` folder of plain files under ``folder`` on ``main``.
+
+    Lets the demo serve a folder laid out like the Hub without writing Python. Returns repo ids.
+    """
+    repos = []
+    for owner in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for repo in sorted(p for p in owner.iterdir() if p.is_dir()):
+            files = {f.relative_to(repo).as_posix(): f for f in sorted(repo.rglob("*"))
+                     if f.is_file() and not f.name.startswith(".")}
+            if files:
+                repo_id = f"{owner.name}/{repo.name}"
+                store.commit(repo_id, files, message=f"import {repo}")
+                repos.append(repo_id)
+    return repos
+
+
+def iter_repo_ids(root: Path) -> Iterator[str]:
+    """Repo ids present in a store folder (for the standalone banner)."""
+    for marker in sorted(root.glob("**/repo.json")):
+        yield marker.parent.relative_to(root).as_posix()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modeld.testing.hub",
+                                     description="Serve a HubStore folder as a loopback Hub.")
+    parser.add_argument("--root", required=True, type=Path, help="the store folder")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--import-dir", type=Path, default=None,
+                        help="commit <owner>/<name>/ folders of plain files from here first")
+    args = parser.parse_args(argv)
+    hub = LocalHub(args.root, host=args.host, port=args.port)
+    if args.import_dir:
+        import_folder(hub.store, args.import_dir)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with hub:
+        # the first line is machine-read by the demo and benchmarks (they may pass --port 0)
+        print(f"HF_ENDPOINT={hub.endpoint}", flush=True)
+        for repo_id in iter_repo_ids(args.root):
+            print(f"repo {repo_id}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
