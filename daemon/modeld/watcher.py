@@ -1,0 +1,204 @@
+"""File events -> debounced wake-ups of the reconciler: the catalog file and everything in models/.
+
+The runner starts a ``Watcher`` and hops each ``wake(reason)`` onto its event loop. A wake-up is
+only a hint (level-triggered: the reconciler re-reads everything), so the filters here only save
+work: the daemon's own temp files, its lock file and its manifest writes never wake it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import structlog
+from watchdog import events as ev
+from watchdog.observers import Observer
+
+from .atomic import is_temp_name
+from .errors import CatalogError, StoreError
+from .manifest import MANIFEST_NAME
+from .settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_LOCK_NAME = Settings().lock_path.name
+
+#: the events that can change what the reconciler sees. Not opened/closed-without-write (the
+#: daemon's own reads would wake it in a loop) and not DirModifiedEvent (watchdog derives it from
+#: every child event, including the ones filtered out); DirAttribEvent catches chmod of a folder.
+_EVENT_TYPES = [ev.FileCreatedEvent, ev.DirCreatedEvent, ev.FileModifiedEvent, ev.FileClosedEvent,
+                ev.FileDeletedEvent, ev.DirDeletedEvent, ev.FileMovedEvent, ev.DirMovedEvent,
+                ev.FileAttribEvent, ev.DirAttribEvent]
+_CATALOG_EVENT_TYPES = [ev.FileCreatedEvent, ev.FileModifiedEvent, ev.FileClosedEvent,
+                        ev.FileDeletedEvent, ev.FileMovedEvent, ev.FileAttribEvent]
+
+
+@dataclass(frozen=True)
+class WakeReason:
+    """Why the reconciler is woken: a hint, never the whole truth."""
+
+    catalog_changed: bool = False
+    models: frozenset[str] = frozenset()    # model folder names touched under models/
+
+    def __or__(self, other: "WakeReason") -> "WakeReason":
+        return WakeReason(self.catalog_changed or other.catalog_changed, self.models | other.models)
+
+    def __bool__(self) -> bool:
+        return self.catalog_changed or bool(self.models)
+
+
+class Debouncer:
+    """Two knobs: quiet step and maximum hold (watchfiles' step/debounce): fire after `step_ms`
+    without new events, but never later than `max_ms` after the first event of a burst.
+
+    A pure state machine on a caller-supplied clock: ``debouncer(reason, now_s)`` adds an event,
+    ``due_at()`` says when to fire, ``take(now_s)`` returns the merged reason once due.
+    """
+
+    __slots__ = ("step_s", "max_s", "_pending", "_first_s", "_last_s")
+
+    def __init__(self, step_ms: int = 50, max_ms: int = 500) -> None:
+        if step_ms < 0 or max_ms < step_ms:
+            raise ValueError(f"need 0 <= step_ms <= max_ms, got step_ms={step_ms} max_ms={max_ms}")
+        self.step_s = step_ms / 1000
+        self.max_s = max_ms / 1000
+        self._pending = WakeReason()
+        self._first_s = 0.0
+        self._last_s = 0.0
+
+    def __call__(self, reason: WakeReason, now_s: float) -> None:
+        if not self._pending:
+            self._first_s = now_s
+        self._pending |= reason
+        self._last_s = now_s
+
+    def due_at(self) -> float | None:
+        """Clock time at which the pending burst fires; None when nothing is pending."""
+        if not self._pending:
+            return None
+        return min(self._last_s + self.step_s, self._first_s + self.max_s)
+
+    def take(self, now_s: float) -> WakeReason | None:
+        """The merged reason if it is due at ``now_s`` (and reset), else None."""
+        due = self.due_at()
+        if due is None or now_s < due:
+            return None
+        reason, self._pending = self._pending, WakeReason()
+        return reason
+
+
+class _EventSorter(ev.FileSystemEventHandler):
+    """Runs on watchdog's thread: turns one event into a WakeReason (or nothing) and queues it."""
+
+    def __init__(self, *, catalog_path: Path, models_dir: Path,
+                 queue: Callable[[WakeReason], None]) -> None:
+        self._catalog_dir = str(catalog_path.parent)
+        self._catalog_name = catalog_path.name
+        self._models_dir = str(models_dir)
+        self._queue = queue
+
+    def on_any_event(self, event: ev.FileSystemEvent) -> None:
+        paths = [os.fsdecode(event.src_path)]
+        if event.event_type == ev.EVENT_TYPE_MOVED:
+            paths.append(os.fsdecode(event.dest_path))
+        reason = WakeReason()
+        for path in paths:
+            reason |= self.classify(path, event)
+        if reason:
+            self._queue(reason)
+
+    def classify(self, path: str, event: ev.FileSystemEvent) -> WakeReason:
+        if not path:
+            return WakeReason()
+        folder, name = os.path.split(path)
+        if folder == self._catalog_dir and name == self._catalog_name:
+            return WakeReason(catalog_changed=True)
+        relative = os.path.relpath(path, self._models_dir)
+        if relative == "." or relative.startswith(".." + os.sep) or relative == "..":
+            return WakeReason()
+        parts = relative.split(os.sep)
+        if any(is_temp_name(part) for part in parts):
+            return WakeReason()
+        if parts == [_LOCK_NAME]:
+            return WakeReason()
+        if parts[-1] == MANIFEST_NAME and event.event_type != ev.EVENT_TYPE_DELETED:
+            return WakeReason()   # the daemon's own manifest writes (a deleted one is damage)
+        return WakeReason(models=frozenset({parts[0]}))
+
+
+class Watcher:
+    """Watches the catalog's folder and ``models/`` (recursively); calls ``wake`` from its own
+    thread with a debounced, merged ``WakeReason``."""
+
+    def __init__(self, *, catalog_path: Path, models_dir: Path, wake: Callable[[WakeReason], None],
+                 step_ms: int = 50, max_ms: int = 500) -> None:
+        self.catalog_path = Path(catalog_path).absolute()
+        self.models_dir = Path(models_dir).absolute()
+        self._wake = wake
+        self._debouncer = Debouncer(step_ms, max_ms)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._observer: Observer | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.catalog_path.parent.is_dir():
+            raise CatalogError("the catalog's folder does not exist", path=str(self.catalog_path),
+                               hint="create it or pass --catalog with an existing folder")
+        if not self.models_dir.is_dir():
+            raise StoreError(f"models directory {self.models_dir} does not exist",
+                             hint="create it or pass --models")
+        sorter = _EventSorter(catalog_path=self.catalog_path, models_dir=self.models_dir,
+                              queue=self._queue)
+        observer = Observer()
+        # the folder, not the file: editors replace the file (rename, sed -i), which a watch on
+        # the file's inode would miss
+        observer.schedule(sorter, str(self.catalog_path.parent), recursive=False,
+                          event_filter=_CATALOG_EVENT_TYPES)
+        observer.schedule(sorter, str(self.models_dir), recursive=True, event_filter=_EVENT_TYPES)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        self._stopping = False
+        self._pump = threading.Thread(target=self._run_pump, name="modeld-watcher", daemon=True)
+        self._pump.start()
+        log.info("watching", catalog=str(self.catalog_path), models=str(self.models_dir))
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+            self._pump = None
+
+    def _queue(self, reason: WakeReason) -> None:
+        with self._cond:
+            self._debouncer(reason, time.monotonic())
+            self._cond.notify_all()
+
+    def _run_pump(self) -> None:
+        while True:
+            with self._cond:
+                reason = None
+                while not self._stopping:
+                    due = self._debouncer.due_at()
+                    now = time.monotonic()
+                    if due is not None and now >= due:
+                        reason = self._debouncer.take(now)
+                        break
+                    self._cond.wait(None if due is None else due - now)
+                if self._stopping:
+                    return
+            try:
+                self._wake(reason)
+            except Exception as e:  # noqa: BLE001 - a failing callback must not stop the watching
+                log.error("wake_failed", error=str(e), error_type=type(e).__name__)
