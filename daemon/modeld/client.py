@@ -94,11 +94,8 @@ def _as_models(models: str | Iterable[str]) -> tuple[str, ...]:
     return (models,) if isinstance(models, str) else tuple(models)
 
 
-class Subscription:
-    """A blocking iterator of state events for ``models``; reconnects and re-subscribes.
-
-    Iterate it from one thread; ``ack`` and ``close`` may be called from any thread.
-    """
+class _SubscriptionBase:
+    """What both subscription kinds hold: the request they (re-)send and how they back off."""
 
     def __init__(self, models: str | Iterable[str], *, socket_path: str | Path | None = None,
                  providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
@@ -113,11 +110,6 @@ class Subscription:
                                                  prefer=prefer, node=node))
         self._filter = _EventFilter()
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
-        self._splitter = LineSplitter(CLIENT_MAX_LINE_BYTES)
-        self._sock: socket.socket | None = None
-        self._send_lock = threading.Lock()
-        self._closed = threading.Event()
 
     @property
     def hello(self) -> dict[str, Any] | None:
@@ -126,6 +118,21 @@ class Subscription:
     @property
     def last_error(self) -> dict[str, Any] | None:
         return self._filter.last_error
+
+
+class Subscription(_SubscriptionBase):
+    """A blocking iterator of state events for ``models``; reconnects and re-subscribes.
+
+    Iterate it from one thread; ``ack`` and ``close`` may be called from any thread.
+    """
+
+    def __init__(self, models: str | Iterable[str], **options: Any) -> None:
+        super().__init__(models, **options)
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._splitter = LineSplitter(CLIENT_MAX_LINE_BYTES)
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._closed = threading.Event()
 
     def __iter__(self) -> "Subscription":
         return self
@@ -262,28 +269,14 @@ def subscribe(models: str | Iterable[str], *, socket_path: str | Path | None = N
                         node=node, **options)
 
 
-class AsyncSubscription:
+class AsyncSubscription(_SubscriptionBase):
     """The asyncio twin of ``Subscription``: ``async for event in sub``; ``await sub.ack(...)``."""
 
-    def __init__(self, models: str | Iterable[str], *, socket_path: str | Path | None = None,
-                 providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
-                 node: str | None = None, reconnect: bool = True,
-                 backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0) -> None:
-        self.models = _as_models(models)
-        self.socket_path = str(socket_path or default_socket_path())
-        self.reconnect = reconnect
-        self.connects = 0
-        self._request = encode(subscribe_request(self.models, providers=providers,
-                                                 prefer=prefer, node=node))
-        self._filter = _EventFilter()
-        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+    def __init__(self, models: str | Iterable[str], **options: Any) -> None:
+        super().__init__(models, **options)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._closed = False
-
-    @property
-    def hello(self) -> dict[str, Any] | None:
-        return self._filter.hello
 
     def __aiter__(self) -> "AsyncSubscription":
         return self

@@ -118,10 +118,11 @@ class Server:
         clients = list(self._clients)
         for client in clients:
             client.abort()
+        # Aborted transports end each handler (EOF); cancelling them instead makes asyncio's
+        # stream callback log the CancelledError as an error (Python 3.11).
         tasks = [c.task for c in clients if c.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         if self._bound_inode is not None:
             _unlink_if_ours(self.socket_path, self._bound_inode)
             self._bound_inode = None

@@ -114,7 +114,10 @@ class LineClient:
         deadline = time.monotonic() + timeout_s
         while b"\n" not in self._buffer:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            data = self.sock.recv(1 << 16)
+            try:
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""  # the daemon hung up while we still had unread lines in flight
             if not data:
                 return None
             self._buffer += data
