@@ -22,6 +22,8 @@ from .errors import (DiskFullError, ModeldError, PermanentError, TemporaryError,
                      WorkerCrashedError, WorkerTimeoutError)
 
 _CTX = mp.get_context("spawn")
+#: results of classes defined here come back as dicts of their fields (their modules are heavy)
+WORKER_PACKAGE = "modeld.workers."
 
 ProgressFn = Callable[[float | None, str], None]
 
@@ -81,7 +83,7 @@ def _child_main(conn, spec: JobSpec, request: Any) -> None:
         if spec.request_type:
             request = _resolve(spec.request_type)(**request)
         result = _resolve(spec.target)(request, Progress(conn))
-        if spec.request_type and dataclasses.is_dataclass(result):
+        if dataclasses.is_dataclass(result) and type(result).__module__.startswith(WORKER_PACKAGE):
             result = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
         conn.send(("ok", result))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent as a typed error
