@@ -256,7 +256,8 @@ class FaultPlan:
             seconds: float = 5.0, at_byte: int | None = None, extra_bytes: int = 1024) -> Fault:
         """Affect the next ``times`` requests whose decoded URL path matches ``path_glob``.
 
-        ``stall`` waits ``seconds`` before the headers, or after ``at_byte`` bytes of the body;
+        ``stall`` hangs ``seconds`` before the headers (then closes unanswered), or after
+        ``at_byte`` bytes of the body (then goes on);
         ``cut`` closes the connection after ``at_byte`` (default: half the file) with the full
         Content-Length announced; ``wrong_size`` announces ``extra_bytes`` more than it sends
         (HEAD: announces that size); ``corrupt`` flips one byte (the body no longer matches
@@ -394,9 +395,11 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self._reset()
                 return
             if fault and fault.kind == "stall" and fault.at_byte is None:
-                if hub.stopping.wait(fault.seconds):
-                    self.close_connection = True
-                    return
+                # a hung server: logged on arrival (status 0: never answered), then dropped
+                record(0)
+                hub.stopping.wait(fault.seconds)
+                self._close_now()
+                return
             if fault and fault.kind in ("status_500", "status_503"):
                 status = 500 if fault.kind == "status_500" else 503
                 record(status)

@@ -333,8 +333,8 @@ def _retrying(request: FetchRequest, what: str, call: Callable[[], T]) -> T:
             if attempt >= attempts:
                 raise
             delay_s = random.uniform(0, min(BACKOFF_CAP_S, request.backoff_base_s * 2 ** (attempt - 1)))
-            log.warning("fetch_retry", file=what, attempt=attempt, attempts=attempts,
-                        delay_s=round(delay_s, 3), **e.fields())
+            log.warning("fetch_retry", **{**e.fields(), "file": what, "attempt": attempt,
+                                          "attempts": attempts, "delay_s": round(delay_s, 3)})
             time.sleep(delay_s)
     raise AssertionError("unreachable")
 
