@@ -150,7 +150,7 @@ def test_symbolic_size_model_takes_input_size_or_the_image_size(tmp_path):
     write_pnm(folder / "a.ppm", np.full((100, 70, 3), 9, np.uint8))
     (feed,), _ = sample_inputs(path, calibration=str(folder), preset="none", input_size=64, count=1)
     assert feed["x"].shape == (1, 3, 64, 64)
-    np.testing.assert_allclose(feed["x"], 9.0)  # "none": pixel values as they are
+    np.testing.assert_allclose(feed["x"], 9 / 255, rtol=1e-6)  # "none": only scaled to [0, 1]
     (feed,), _ = sample_inputs(path, calibration=str(folder), preset="none", input_size=None, count=1)
     assert feed["x"].shape == (1, 3, 96, 96)  # the image's longer side, down to a stride of 32
 
@@ -167,7 +167,8 @@ def test_nhwc_uint8_and_grey_inputs(tmp_path):
     grey = _model(tmp_path, [("g", TensorProto.FLOAT, [1, 1, 8, 8])], name="grey.onnx")
     (feed,), _ = sample_inputs(grey, calibration=str(folder), preset="none", input_size=None, count=1)
     assert feed["g"].shape == (1, 1, 8, 8)
-    np.testing.assert_allclose(feed["g"], round(0.299 * 10 + 0.587 * 20 + 0.114 * 30), atol=1)
+    np.testing.assert_allclose(feed["g"] * 255, round(0.299 * 10 + 0.587 * 20 + 0.114 * 30),
+                               atol=1)
 
 
 def test_npy_and_npz_files(tmp_path, mlp):

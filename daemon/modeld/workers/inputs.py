@@ -59,8 +59,8 @@ PRESETS: dict[str, Preset] = {
                        (0.229, 0.224, 0.225)),
     # PP-OCR detector (RapidOCR's det config): BGR, (x/255 - 0.5) / 0.5
     "ocr": Preset("ocr", 640, False, True, 1 / 255, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    # resize only: float32 pixel values 0..255, RGB
-    "none": Preset("none", 224, False, False, 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    # resize only: RGB scaled to [0, 1], no mean/std (also the rule when no preset is named)
+    "none": Preset("none", 224, False, False, 1 / 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
 

@@ -60,6 +60,15 @@ class QuantizeRequest:
     gates: Gates
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # built in the worker from the daemon's dict of fields (JobSpec.request_type): accept
+        # the JSON-ish forms of the nested values too
+        if isinstance(self.gates, Mapping):
+            object.__setattr__(self, "gates", Gates.from_dict(self.gates))
+        object.__setattr__(self, "providers", tuple(self.providers))
+        object.__setattr__(self, "simulated",
+                           {k: tuple(v) for k, v in dict(self.simulated or {}).items()})
+
 
 @dataclass(frozen=True)
 class QuantizeResult:

@@ -206,19 +206,24 @@ def _without_duplicates(recipes: list[Recipe]) -> list[Recipe]:
 def derivation_for(request: Any, params: Mapping[str, Any] | None = None) -> Derivation:
     """What a quantized file is derived from: source digest, method, canonical options, the
     calibration inputs, the library versions, and for ``auto`` what its choice depends on (the
-    providers and gates). Light: versions come from package metadata, nothing heavy is imported,
-    so the planner may call it to tell whether a variant is stale."""
+    providers and gates). ``request`` is a ``QuantizeRequest`` or the dict of its fields that the
+    daemon hands to ``JobRunner``. Light: versions come from package metadata and nothing heavy
+    is imported, so the planner may call it to tell whether a variant is stale."""
+    field_of = request.get if isinstance(request, Mapping) else lambda k: getattr(request, k)
+    method = field_of("method")
     canonical = dict(params if params is not None
-                     else canonical_params(request.method, request.params, entry=request.name))
-    if request.method in ("static_int8", "auto"):
-        canonical |= {"calibration": request.calibration,
-                      "preprocessing_preset": request.preprocessing_preset,
-                      "input_size": request.input_size}
-    if request.method == "auto":
-        canonical |= {"providers": list(request.providers), "gates": request.gates.to_dict(),
-                      "simulated": {k: sorted(v) for k, v in dict(request.simulated).items()}}
-    return Derivation(source_sha256=request.source_sha256, method=request.method,
-                      params=canonical, onnx=_version("onnx"), onnxruntime=_version("onnxruntime"))
+                     else canonical_params(method, field_of("params"), entry=field_of("name")))
+    if method in ("static_int8", "auto"):
+        canonical |= {"calibration": field_of("calibration"),
+                      "preprocessing_preset": field_of("preprocessing_preset"),
+                      "input_size": field_of("input_size")}
+    if method == "auto":
+        gates = field_of("gates")
+        canonical |= {"providers": list(field_of("providers")),
+                      "gates": gates.to_dict() if hasattr(gates, "to_dict") else dict(gates),
+                      "simulated": {k: sorted(v) for k, v in dict(field_of("simulated") or {}).items()}}
+    return Derivation(source_sha256=field_of("source_sha256"), method=method, params=canonical,
+                      onnx=_version("onnx"), onnxruntime=_version("onnxruntime"))
 
 
 def _version(package: str) -> str:
