@@ -346,3 +346,26 @@ def test_feature_maps_are_not_treated_as_detections():
     square = [np.ones((1, 32, 32), np.float32)]
     assert verify.detection_match(square, square, None) is None
     assert verify.detector_layout((1, 6, 20), "detection") == "CN"
+
+
+# ---- agreement arithmetic (pure numpy) ----------------------------------------------------------
+
+def test_outputs_that_are_both_zero_agree_with_a_warning():
+    ref = [[np.full((1, 1, 8, 8), 1e-7, np.float32)]]
+    var = [[np.full((1, 1, 8, 8), -3e-7, np.float32)]]
+    agreement = verify.compare_outputs(ref, var, names=["maps"])
+    assert agreement.cosine == 1.0 and agreement.max_abs_error == pytest.approx(4e-7)
+    assert agreement.notes and "'maps' is ~0" in agreement.notes[0]
+    fires = [[np.where(np.arange(64).reshape(1, 1, 8, 8) % 7 == 0, 1.0, 0.0)]]
+    disagreement = verify.compare_outputs(ref, fires)   # the variant sees what FP32 does not
+    assert disagreement.cosine < 0.5 and disagreement.max_abs_error == pytest.approx(1.0)
+
+
+def test_shape_and_nan_mismatches_fail_outright():
+    ref = [[np.ones((2, 3), np.float32)]]
+    shape = verify.compare_outputs(ref, [[np.ones((3, 2), np.float32)]], names=["logits"])
+    assert "'logits' shape (3, 2) differs from FP32 (2, 3)" in shape.problem
+    nan = verify.compare_outputs(ref, [[np.array([[1, np.nan, 1], [1, 1, 1]], np.float32)]])
+    assert "NaN/Inf" in nan.problem
+    failures = verify.gate_failures(Gates(), nan, speedup=2.0)
+    assert failures == [nan.problem]
