@@ -312,8 +312,8 @@ def _git_blob_sha1(path: Path) -> str:
 
 
 def _head(request: FetchRequest, local_name: str, repo_path: str, revision: str | None) -> _Remote:
-    url = hf_hub_url(request.repo, repo_path, revision=revision, endpoint=request.endpoint)
     with _hub_errors(request, repo_path, revision):
+        url = hf_hub_url(request.repo, repo_path, revision=revision, endpoint=request.endpoint)
         meta = get_hf_file_metadata(url, token=request.token, timeout=request.timeout_s,
                                     endpoint=request.endpoint)
     if not meta.commit_hash or not meta.etag:
