@@ -8,6 +8,7 @@ benchmarks/bench_fanout.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -18,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from modeld.serving import ModelView, VariantView
 from modeld.server import Server
+from modeld.testing.onnx_models import tiny_cnn
 from modeld.variants import Proof, ProviderProof
 
 CPU = "CPUExecutionProvider"
@@ -51,6 +53,25 @@ def view(name: str, *variants: VariantView, state: str = "ready", reason: str = 
          detail: Mapping[str, Any] | None = None) -> ModelView:
     return ModelView(name=name, state=state, variants=tuple(variants), reason=reason,
                      detail=dict(detail or {}))
+
+
+def yolo_files(models_dir: Path, *, int8_speedup: float = 1.5) -> dict[str, VariantView]:
+    """Two real tiny CNN files as one model: fp32 and an "int8" (another seed) faster on CPU."""
+    folder = models_dir / "yolo"
+    return {"fp32": write_variant(folder, "fp32", tiny_cnn(seed=0)),
+            "int8": write_variant(folder, "int8", tiny_cnn(seed=1),
+                                  providers={CPU: {"speedup": int8_speedup}})}
+
+
+@contextlib.contextmanager
+def serving(socket_path: Path, views: list[ModelView], **server_options: Any):
+    """A started ``ServerThread`` that has published ``views``; shut down on exit."""
+    st = ServerThread(socket_path, **server_options).start()
+    try:
+        st.publish(views)
+        yield st
+    finally:
+        st.shutdown()
 
 
 class ServerThread:

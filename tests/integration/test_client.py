@@ -11,8 +11,7 @@ import pytest
 from modeld import client as modeld_client
 from modeld.client import (AsyncSubscription, Backoff, DaemonUnavailableError, async_subscribe,
                            ping, status, subscribe)
-from modeld.testing.onnx_models import tiny_cnn
-from servefixtures import CPU, ServerThread, view, write_variant
+from servefixtures import ServerThread, serving, view, yolo_files
 
 
 @pytest.fixture
@@ -22,18 +21,13 @@ def sock_path(tmp_path):
 
 @pytest.fixture
 def files(tmp_path):
-    folder = tmp_path / "models" / "yolo"
-    return {"fp32": write_variant(folder, "fp32", tiny_cnn(seed=0)),
-            "int8": write_variant(folder, "int8", tiny_cnn(seed=1),
-                                  providers={CPU: {"speedup": 1.3}})}
+    return yolo_files(tmp_path / "models", int8_speedup=1.3)
 
 
 @pytest.fixture
 def server(sock_path, files):
-    st = ServerThread(sock_path).start()
-    st.publish([view("yolo", files["fp32"], files["int8"])])
-    yield st
-    st.shutdown()
+    with serving(sock_path, [view("yolo", files["fp32"], files["int8"])]) as st:
+        yield st
 
 
 def test_subscribe_yields_variant_and_acks(server, sock_path, files):

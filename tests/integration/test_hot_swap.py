@@ -14,7 +14,7 @@ import pytest
 from modeld.client import HotSession, ModelNotReadyError, status, subscribe
 from modeld.serving import VariantView
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn, with_unknown_operator
-from servefixtures import CPU, ServerThread, proof, view, write_variant
+from servefixtures import CPU, ServerThread, serving, yolo_files, proof, view, write_variant
 
 IMAGES = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
 
@@ -26,18 +26,13 @@ def sock_path(tmp_path):
 
 @pytest.fixture
 def files(tmp_path):
-    folder = tmp_path / "models" / "yolo"
-    return {"fp32": write_variant(folder, "fp32", tiny_cnn(seed=0)),
-            "int8": write_variant(folder, "int8", tiny_cnn(seed=1),
-                                  providers={CPU: {"speedup": 1.5}})}
+    return yolo_files(tmp_path / "models", int8_speedup=1.5)
 
 
 @pytest.fixture
 def server(sock_path, files):
-    st = ServerThread(sock_path).start()
-    st.publish([view("yolo", files["fp32"])])
-    yield st
-    st.shutdown()
+    with serving(sock_path, [view("yolo", files["fp32"])]) as st:
+        yield st
 
 
 def wait_for(predicate, timeout_s=10.0):
