@@ -310,6 +310,23 @@ def test_prove_runs_in_a_spawn_worker_and_the_proof_pickles(model_dir, int8_file
     assert updates and updates[-1][0] == 1.0
 
 
+def _fp32_request(folder: Path, file_name: str) -> ProveRequest:
+    return ProveRequest(model_dir=str(folder), file_name=file_name, variant="fp32",
+                        reference_file=None, providers=(CPU,), gates=LENIENT, calibration=None,
+                        preprocessing_preset=None, input_size=None, samples=2)
+
+
+def test_prove_of_an_unreadable_fp32_file_is_a_refusal_not_an_exception(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"<html>rate limited</html>")
+    proof = verify.prove(_fp32_request(tmp_path, "model.onnx"), lambda f, d: None)
+    assert not proof.checker_ok and "not ONNX at all" in proof.checker_error
+
+
+def test_prove_of_a_missing_file_raises_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="model.onnx: file is missing"):
+        verify.prove(_fp32_request(tmp_path, "model.onnx"), lambda f, d: None)
+
+
 # ---- detection agreement (pure numpy) ---------------------------------------------------------
 
 def _yolo_head(boxes: np.ndarray, classes: np.ndarray, n_classes: int = 3, n: int = 200):

@@ -23,7 +23,7 @@ import structlog
 from ..errors import StoreError
 from ..store import sha256_file
 from ..variants import Gates, Proof, ProviderProof, proof_key
-from .inputs import sample_inputs
+from .inputs import CalibrationError, sample_inputs
 
 log = structlog.get_logger(__name__)
 
@@ -72,10 +72,15 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
     path = model_dir / request.file_name
     reference = model_dir / request.reference_file if request.reference_file else None
     progress(0.0, f"proving {request.file_name}")
-    feeds, synthetic = sample_inputs(reference or path, calibration=request.calibration,
-                                     preset=request.preprocessing_preset,
-                                     input_size=request.input_size, count=request.samples,
-                                     seed=request.seed)
+    try:
+        feeds, synthetic = sample_inputs(reference or path, calibration=request.calibration,
+                                         preset=request.preprocessing_preset,
+                                         input_size=request.input_size, count=request.samples,
+                                         seed=request.seed)
+    except CalibrationError:
+        raise  # the entry's calibration settings are wrong: the user must fix them
+    except Exception:  # noqa: BLE001 - an unreadable model: prove_file says why, or raises
+        feeds, synthetic = None, False
     proof = prove_file(path, variant=request.variant, reference=reference,
                        providers=request.providers, gates=request.gates, feeds=feeds,
                        simulated=request.simulated, model_dir=model_dir, seed=request.seed,
@@ -118,8 +123,13 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                               reason=f"FP32 reference refused by onnx checker: {ref_error}")
                 for p in providers))
     if feeds is None:
-        feeds, _ = sample_inputs(reference or path, calibration=None, preset=None,
-                                 input_size=None, count=4, seed=seed)
+        try:
+            feeds, _ = sample_inputs(reference or path, calibration=None, preset=None,
+                                     input_size=None, count=4, seed=seed)
+        except Exception as e:  # noqa: BLE001 - e.g. a model without inputs
+            reason = f"cannot build sample inputs: {_first_line(e)}"
+            return Proof(checker_ok=True, **base, providers=tuple(
+                ProviderProof(p, usable=False, passed=False, reason=reason) for p in providers))
     results, warnings = [], []
     for i, provider in enumerate(providers):
         if progress:
@@ -276,7 +286,7 @@ def open_session(path: Path, model: onnx.ModelProto | None, provider: str,
     options = ort.SessionOptions()
     options.intra_op_num_threads = cores_available()
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the proof as reasons; no stderr noise
     # two sessions alternate in the speed rounds: threads left spinning by one would steal the
     # cores from the other (measured: FP32 read 3x slower interleaved than alone)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
