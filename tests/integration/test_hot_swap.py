@@ -150,3 +150,30 @@ def test_follows_one_model_of_a_shared_subscription(server, sock_path, files, tm
     finally:
         sub.close()
         hot.close()
+
+
+def test_example_node_prints_one_line_per_swap(server, sock_path, files):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[2] / "examples" / "node.py"
+    node = subprocess.Popen([sys.executable, str(example), "yolo", "--socket", str(sock_path),
+                             "--seconds", "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+
+        def read_until_swaps(count):
+            while sum(" swap " in line for line in lines) < count:
+                lines.append(node.stdout.readline())
+                assert lines[-1], f"the node exited early: {lines}"
+
+        read_until_swaps(1)
+        server.publish([view("yolo", files["fp32"], files["int8"])])
+        read_until_swaps(2)
+    finally:
+        node.terminate()
+        rest, _ = node.communicate(timeout=10)
+    swaps = [line for line in lines if " swap " in line]
+    assert "variant=fp32" in swaps[0] and "variant=int8" in swaps[1]
+    assert "failures=0" in rest.splitlines()[-1]
