@@ -357,12 +357,42 @@ def test_detection_match_counts_fp32_detections_the_variant_keeps():
                                   None) == pytest.approx(2 / 4)
 
 
+def _yolo_like_model(seed: int) -> bytes:
+    """images [1,3,16,16] -> Conv 1x1 -> Sigmoid -> boxes scaled to pixels -> [1, 4+3, 256]."""
+    rng = np.random.default_rng(seed)
+    h = onnx.helper
+    inits = [numpy_helper.from_array(rng.normal(0, 1.5, (7, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([16, 16, 8, 8, 1, 1, 1], np.float32)
+                                     .reshape(1, 7, 1, 1), "scale"),
+             numpy_helper.from_array(np.array([1, 7, 256], np.int64), "shape")]
+    graph = h.make_graph(
+        [h.make_node("Conv", ["images", "w"], ["c"]), h.make_node("Sigmoid", ["c"], ["s"]),
+         h.make_node("Mul", ["s", "scale"], ["m"]),
+         h.make_node("Reshape", ["m", "shape"], ["output0"])], "yolo_like",
+        [h.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 16, 16])],
+        [h.make_tensor_value_info("output0", onnx.TensorProto.FLOAT, [1, 7, 256])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def test_detection_match_is_reported_for_a_yolo_style_output(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(_yolo_like_model(seed=0))
+    (tmp_path / "model-int8.onnx").write_bytes(_yolo_like_model(seed=0))
+    same = _prove(tmp_path / "model-int8.onnx", reference=tmp_path / "model.onnx").on(CPU)
+    assert same.detection_match == 1.0 and same.cosine == pytest.approx(1.0)
+    _with_perturbed_weights(tmp_path / "model.onnx", tmp_path / "model-int8.onnx", scale=1.0)
+    moved = _prove(tmp_path / "model-int8.onnx", reference=tmp_path / "model.onnx").on(CPU)
+    assert moved.detection_match is not None and moved.detection_match < 0.9
+
+
 def test_feature_maps_are_not_treated_as_detections():
     fmap = [np.ones((1, 4, 16, 16), np.float32)]
     assert verify.detection_match(fmap, fmap, None) is None
     square = [np.ones((1, 32, 32), np.float32)]
     assert verify.detection_match(square, square, None) is None
-    assert verify.detector_layout((1, 6, 20), "detection") == "CN"
+    assert verify.detector_layout((1, 6, 20), None) is None
+    assert verify.detector_layout((1, 6, 20), "object-detection") == "CN"
 
 
 # ---- agreement arithmetic (pure numpy) ----------------------------------------------------------

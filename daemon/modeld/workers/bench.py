@@ -35,7 +35,7 @@ class BenchRequest:
 
     model_dir: str                       # models/<name>/ holding model.onnx
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    gates: Gates = field(default_factory=Gates)
+    gates: Gates | None = None           # None: the default gates
     calibration: str | None = None
     preprocessing_preset: str | None = None
     input_size: int | None = None
@@ -65,7 +65,8 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
         progress(i / (len(files) + request.candidates), f"measuring {path.name}")
         reference = None if path == fp32 else fp32
         proof = prove_file(path, variant=FILE_VARIANTS[path.name], reference=reference,
-                           providers=request.providers, gates=request.gates, feeds=feeds,
+                           providers=request.providers, gates=request.gates or Gates(),
+                           feeds=feeds,
                            simulated=request.simulated, model_dir=model_dir, seed=request.seed)
         rows.extend(rows_from_proof(proof, recipe=path.name, file=path.name,
                                     size_bytes=path.stat().st_size))
@@ -111,7 +112,8 @@ def _candidate_rows(request: BenchRequest, fp32: Path) -> list[dict[str, Any]]:
             source_sha256=sha256_file(fp32), method="auto",
             params={"samples": request.samples}, calibration=request.calibration,
             preprocessing_preset=request.preprocessing_preset, input_size=request.input_size,
-            providers=request.providers, gates=request.gates, simulated=request.simulated),
+            providers=request.providers, gates=request.gates or Gates(),
+            simulated=request.simulated),
             lambda fraction, detail: None)
         provider = request.providers[0] if request.providers else ""
         return [_candidate_row(c, provider) for c in result.candidates]

@@ -63,7 +63,7 @@ class ProveRequest:
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     samples: int = 8
     seed: int = 0
-    task: str | None = None         # "detection" forces the detection-match check
+    task: str | None = None         # the catalog's task; "...detection" loosens the detector test
 
 
 def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
@@ -97,6 +97,7 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                task: str | None = None, progress: ProgressFn | None = None) -> Proof:
     """Prove ``path`` on each provider (against ``reference``, the FP32 file, when derived)."""
     path, model_dir = Path(path), Path(model_dir)
+    gates = gates or Gates()
     reference = Path(reference) if reference is not None else None
     providers = tuple(providers)
     simulated = {k: tuple(v) for k, v in (simulated or {}).items()}
@@ -432,7 +433,7 @@ def detector_layout(shape: tuple[int, ...], task: str | None) -> str | None:
     if len(shape) != 3 or shape[0] != 1:
         return None
     a, b = shape[1], shape[2]
-    forced = task == "detection"
+    forced = bool(task) and "detect" in task.lower()   # "object-detection", "detection", ...
     if a >= 5 and (b >= 8 * a or (forced and b > a)):
         return "CN"
     if b >= 5 and (a >= 8 * b or (forced and a > b)):
