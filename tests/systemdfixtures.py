@@ -14,6 +14,8 @@ import re
 import shlex
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -29,6 +31,9 @@ SHIPPED_SOCKET = REPO_ROOT / "systemd" / "mecha10-modeld.socket"
 SYSTEMD_BINARY = Path("/usr/lib/systemd/systemd")
 #: systemd --user refuses to start without it (it takes it as "booted with systemd")
 BOOTED_MARKER = Path("/run/systemd/system")
+#: PID 1 creates these nodes; a root user manager bind-mounts them over what ProtectHome=,
+#: ProtectKernelTunables= ... hide, and fails with 226/NAMESPACE where they are missing
+INACCESSIBLE = Path("/run/systemd/inaccessible")
 MANAGER_START_TIMEOUT_S = 20.0
 
 #: options only the system manager can honour (a user manager cannot switch users or use the
@@ -151,6 +156,8 @@ def user_manager() -> Iterator[UserManager]:
     if not BOOTED_MARKER.exists():
         BOOTED_MARKER.mkdir(parents=True)
         created_marker = True
+    run_systemd_before = set(os.listdir(BOOTED_MARKER.parent))
+    created_inaccessible = _make_inaccessible_nodes()
     root = Path(tempfile.mkdtemp(prefix="modeld-systemd-"))
     env = _manager_env(root)
     log_file = open(root / "manager.log", "wb")
@@ -169,7 +176,46 @@ def user_manager() -> Iterator[UserManager]:
         if created_marker:
             # other tools take this folder as a sign that systemd is PID 1
             shutil.rmtree(BOOTED_MARKER, ignore_errors=True)
+        if created_inaccessible:
+            shutil.rmtree(INACCESSIBLE, ignore_errors=True)
+        remove_run_systemd_leftovers(run_systemd_before)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _make_inaccessible_nodes() -> bool:
+    """Create /run/systemd/inaccessible/{reg,dir,fifo,sock,chr,blk} (mode 0000) as PID 1 would;
+    False if it already exists (then it is not ours to remove)."""
+    if INACCESSIBLE.exists():
+        return False
+    INACCESSIBLE.mkdir(mode=0o755)
+    (INACCESSIBLE / "reg").touch()
+    (INACCESSIBLE / "dir").mkdir()
+    os.mkfifo(INACCESSIBLE / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(INACCESSIBLE / "sock"))
+    for name, kind in (("chr", stat.S_IFCHR), ("blk", stat.S_IFBLK)):
+        try:
+            os.mknod(INACCESSIBLE / name, kind, os.makedev(0, 0))
+        except OSError:
+            pass   # systemd falls back to other nodes where device nodes are not allowed
+    for child in INACCESSIBLE.iterdir():
+        os.chmod(child, 0)
+    return True
+
+
+def remove_run_systemd_leftovers(before: set[str]) -> None:
+    """A root user manager (sandboxed services) and ``systemd-analyze`` leave an empty
+    ``unit-root`` folder and ``systemd-units-load`` file in /run/systemd; remove them if they are
+    new since ``before`` (a listing of /run/systemd) and empty."""
+    for name in {"unit-root", "systemd-units-load"} - before:
+        path = BOOTED_MARKER.parent / name
+        try:
+            if path.is_dir():
+                path.rmdir()
+            elif path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            pass   # not empty, or already gone: leave it
 
 
 def _wait_running(manager: UserManager, process: subprocess.Popen) -> str:
