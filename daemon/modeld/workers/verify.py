@@ -42,6 +42,7 @@ MAX_DETECTIONS = 300
 REASON_CHARS = 300
 #: outputs whose FP32 and variant values all stay within this are "both zero" (cosine undefined)
 NEGLIGIBLE_ABS = 1e-5
+SYNTHETIC_WARNING = "agreement measured on synthetic inputs (no calibration data)"
 
 Feed = dict[str, np.ndarray]
 ProgressFn = Callable[[float | None, str], None]
@@ -85,8 +86,8 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
                        providers=request.providers, gates=request.gates, feeds=feeds,
                        simulated=request.simulated, model_dir=model_dir, seed=request.seed,
                        task=request.task, progress=progress)
-    if synthetic and reference is not None:
-        proof = _with_warning(proof, "agreement measured on synthetic inputs (no calibration data)")
+    if synthetic and reference is not None and SYNTHETIC_WARNING not in proof.warnings:
+        proof = replace(proof, warnings=proof.warnings + (SYNTHETIC_WARNING,))
     progress(1.0, f"proved {request.file_name}")
     return proof
 
@@ -123,6 +124,7 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                 ProviderProof(p, usable=False, passed=False,
                               reason=f"FP32 reference refused by onnx checker: {ref_error}")
                 for p in providers))
+    results, warnings = [], []
     if feeds is None:
         try:
             feeds, _ = sample_inputs(reference or path, calibration=None, preset=None,
@@ -131,7 +133,8 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
             reason = f"cannot build sample inputs: {_first_line(e)}"
             return Proof(checker_ok=True, **base, providers=tuple(
                 ProviderProof(p, usable=False, passed=False, reason=reason) for p in providers))
-    results, warnings = [], []
+        if reference is not None:
+            warnings.append(SYNTHETIC_WARNING)
     for i, provider in enumerate(providers):
         if progress:
             progress(i / max(len(providers), 1), f"proving {path.name} on {provider}")
@@ -319,6 +322,10 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 
 def run_session(session, feed: Feed) -> list[np.ndarray]:
     """Run one feed, cast to the session's input types (an FP16 variant may take float16)."""
+    return session.run(None, adapt_feed(session, feed))
+
+
+def adapt_feed(session, feed: Feed) -> Feed:
     adapted = {}
     for meta in session.get_inputs():
         if meta.name not in feed:
@@ -326,29 +333,33 @@ def run_session(session, feed: Feed) -> list[np.ndarray]:
         dtype = _ORT_DTYPES.get(meta.type)
         value = feed[meta.name]
         adapted[meta.name] = value.astype(dtype) if dtype and value.dtype != dtype else value
-    return session.run(None, adapted)
+    return adapted
 
 
 def interleaved_latency_ms(session, ref_session, feeds: list[Feed]) -> tuple[float, float | None]:
     """Median latency (ms) of ``session`` and of ``ref_session``, timed in alternate rounds.
 
     Timing noise between separate passes reached 30% on this kind of host; alternating the two
-    files round by round lets both see the same conditions.
+    files round by round lets both see the same conditions, and swapping which runs first each
+    round (A B B A ...) cancels what running second costs or gains (warm caches, clocks).
     """
     sessions = [session] if ref_session is None else [ref_session, session]
-    for s in sessions:
+    # inputs cast once per session: a dtype conversion is not the model's latency
+    adapted = [[adapt_feed(s, feed) for feed in feeds] for s in sessions]
+    for s, s_feeds in zip(sessions, adapted):
         for i in range(WARMUP_RUNS):
-            run_session(s, feeds[i % len(feeds)])
+            s.run(None, s_feeds[i % len(s_feeds)])
     times: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
     rounds = 0
     while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS
                                    or time.perf_counter() - start < SPEED_BUDGET_S):
-        feed = feeds[rounds % len(feeds)]
-        for s, bucket in zip(sessions, times):
+        order = range(len(sessions)) if rounds % 2 == 0 else reversed(range(len(sessions)))
+        for k in order:
+            feed = adapted[k][rounds % len(feeds)]
             t0 = time.perf_counter()
-            run_session(s, feed)
-            bucket.append((time.perf_counter() - t0) * 1000.0)
+            sessions[k].run(None, feed)
+            times[k].append((time.perf_counter() - t0) * 1000.0)
         rounds += 1
     medians = [float(np.median(t)) for t in times]
     return (medians[0], None) if ref_session is None else (medians[1], medians[0])
@@ -509,7 +520,3 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     line = text.splitlines()[0].strip() if text else type(error).__name__
     return line[:REASON_CHARS]
-
-
-def _with_warning(proof: Proof, warning: str) -> Proof:
-    return replace(proof, warnings=proof.warnings + (warning,))
