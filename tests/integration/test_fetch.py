@@ -332,6 +332,16 @@ def test_temporary_faults_are_retried_with_a_bounded_request_count(
     assert leftovers(model_dir) == []
 
 
+def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):  # noqa: F811
+    commit = publish(hub)
+    # the HEAD inside hf_hub_download is the only one asking for the model at the commit
+    hub.faults.add("status_503", f"*/resolve/{commit}/{MODEL_PATH}", method="HEAD")
+    pull(fetch_request(hub.endpoint, model_dir))
+    assert (model_dir / "model.onnx").read_bytes() == MODEL
+    assert hub.log.count("HEAD", f"*/resolve/{commit}/{MODEL_PATH}") == 2
+    assert hub.log.count("GET") == 2
+
+
 def test_persistent_5xx_gives_up_after_the_attempts(hub, model_dir):  # noqa: F811
     publish(hub)
     hub.faults.add("status_503", times=1000)

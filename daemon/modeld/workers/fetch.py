@@ -5,6 +5,14 @@ reconciler builds the ``FetchRequest`` and records the returned ``FileRecord``s 
 A revision is resolved to a commit first (one HEAD); a file already here at that commit and ETag
 is neither downloaded nor hashed. Downloads land in a private scratch folder inside the model
 folder, are checked against the ETag's sha256 and the ONNX checker, then renamed into place.
+
+Retries, measured with huggingface_hub 2.4 against ``modeld.testing.hub``: our HEAD does not
+retry by itself, so a hub that is down costs ``attempts`` quick failures plus the backoff. Inside
+one download attempt the client re-GETs a body that fails without progress up to 5 times, 1 s
+apart (resuming with Range past each 10 MiB chunk), and retries its own HEAD (the one after ours)
+up to 5 times over 23 s. Per file: at most ``attempts`` HEADs of ours, then ``attempts``
+downloads of at most 6 HEADs and 6 GETs each (a body that keeps progressing past 10 MiB chunks
+may resume more often). A 5xx on a GET, a reset and a digest mismatch end a download at once.
 """
 
 from __future__ import annotations
