@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .variants import FP16, FP32, INT8, Proof, ProviderProof
+from .variants import FP16, FP32, INT8, METHODS, Proof, ProviderProof
 
 #: a tie in speed goes to the smaller risk of a wrong answer
 _RISK = {FP32: 0, FP16: 1, INT8: 2}
@@ -117,9 +117,28 @@ def _candidate(vv: VariantView, provider: str,
 
 
 def _not_offered(view: ModelView, variant: str) -> str:
-    why = (view.detail or {}).get(WHY_NOT_KEY, {})
-    why = why.get(variant) if isinstance(why, Mapping) else None
+    why = _why_not_offered(view, variant)
     return f"{variant} not built: {why}" if why else f"{variant} not built"
+
+
+def _why_not_offered(view: ModelView, variant: str) -> str:
+    """Why ``variant`` is not among the offered ones, from what the view's detail tells."""
+    detail = view.detail or {}
+    given = detail.get(WHY_NOT_KEY)
+    if isinstance(given, Mapping) and given.get(variant):
+        return str(given[variant])
+    if variant == FP32:
+        return view.reason or "no proven fp32 file"
+    quantize = detail.get("quantize")  # views.py: {"enabled": bool, "method": str}
+    if isinstance(quantize, Mapping):
+        if quantize.get("enabled") is False:
+            return "quantization disabled"
+        makes = METHODS.get(quantize.get("method"))
+        if makes not in (None, variant):
+            return f"quantize method {quantize['method']} makes {makes}"
+    if detail.get("quantize_error"):
+        return f"quantize failed: {detail['quantize_error']}"
+    return view.reason
 
 
 def _summary(view: ModelView, refusals: Mapping[str, str]) -> str:
