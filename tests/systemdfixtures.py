@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -316,3 +317,27 @@ def user_unit_from(shipped_text: str, *, exec_options: Mapping[str, str] | None 
     if replace:
         raise ValueError(f"the shipped unit has no {sorted(replace)} to replace")
     return render_unit([*out, *add])
+
+
+def interpreter_under_home() -> bool:
+    return os.path.realpath(sys.executable).startswith(("/root/", "/home/"))
+
+
+def sandboxed_user_unit(exec_start: str, read_write: Path, log: Path, *,
+                        replace: Mapping[str, str] | None = None,
+                        add: Sequence[tuple[str, str, str]] = ()) -> str:
+    """The shipped service, sandbox and all, running ``exec_start`` under the user manager.
+
+    Output goes to ``log`` (no journald here). ProtectHome=yes would hide an interpreter
+    installed under a home folder (pyenv): it becomes read-only then, which still keeps the
+    service from writing to any home. Test folders live under /tmp, so PrivateTmp= (dropped) is
+    stood in for by TMPDIR=``read_write``. ``Restart=`` stays as shipped unless replaced.
+    """
+    replace = {"ExecStart": exec_start, "ReadWritePaths": str(read_write), **(replace or {})}
+    if interpreter_under_home():
+        replace.setdefault("ProtectHome", "read-only")
+    return user_unit_from(SHIPPED_SERVICE.read_text(), replace=replace, add=[
+        ("Service", "StandardOutput", f"append:{log}"),
+        ("Service", "StandardError", f"append:{log}"),
+        ("Service", "Environment", f"TMPDIR={read_write}"),
+        *add])

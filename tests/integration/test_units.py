@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from systemdfixtures import (SHIPPED_SERVICE, SHIPPED_SOCKET, parse_unit,
-                             remove_run_systemd_leftovers, rewrite_command, user_manager,  # noqa: F401
-                             user_unit_from)
+                             remove_run_systemd_leftovers, rewrite_command, sandboxed_user_unit,
+                             user_manager, user_unit_from)  # noqa: F401 - fixture
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")
@@ -143,29 +143,6 @@ def test_user_unit_is_derived_not_copied():
         user_unit_from(SHIPPED_SERVICE.read_text(), replace={"Missing": "x"})
 
 
-def interpreter_under_home() -> bool:
-    real = os.path.realpath(sys.executable)
-    return real.startswith(("/root/", "/home/"))
-
-
-def hardened_user_unit(exec_start: str, read_write: Path, log: Path, **replace: str) -> str:
-    """The shipped service's sandbox for a test command under the user manager.
-
-    ProtectHome=yes would hide an interpreter installed under a home folder (pyenv in CI): it
-    becomes read-only there, which still keeps the service from writing to any home. The test's
-    folders live under /tmp, so PrivateTmp= (dropped) is stood in for by TMPDIR in ``read_write``.
-    """
-    if interpreter_under_home():
-        replace.setdefault("ProtectHome", "read-only")
-    return user_unit_from(
-        SHIPPED_SERVICE.read_text(),
-        replace={"ExecStart": exec_start, "ReadWritePaths": str(read_write), "Restart": "no",
-                 **replace},
-        add=[("Service", "StandardOutput", f"append:{log}"),
-             ("Service", "StandardError", f"append:{log}"),
-             ("Service", "Environment", f"TMPDIR={read_write}")])
-
-
 PROBE = textwrap.dedent('''
     """Runs what the daemon runs, under the shipped unit's sandbox; READY=1 only if all works."""
     import mmap, sys, traceback
@@ -220,8 +197,9 @@ def test_hardened_unit_still_runs_onnxruntime_and_workers(user_manager, tmp_path
     (tmp_path / "hardening_probe.py").write_text(PROBE)
     unit = "modeld-hardening-probe.service"
     log = user_manager.log_path(unit)
-    user_manager.install(unit, hardened_user_unit(
-        f"{sys.executable} {tmp_path / 'hardening_probe.py'} {work}", work, log))
+    user_manager.install(unit, sandboxed_user_unit(
+        f"{sys.executable} {tmp_path / 'hardening_probe.py'} {work}", work, log,
+        replace={"Restart": "no"}))
     try:
         done = user_manager.systemctl("start", unit, check=False, timeout_s=180)
         state = user_manager.show(unit, "ActiveState", "StatusText", "MemoryDenyWriteExecute")
