@@ -15,7 +15,9 @@ WHY_CHARS = 120
 
 
 def format_table(rows: Iterable[Row]) -> str:
-    """An aligned text table: ``| variant | size | latency | vs FP32 | agreement | served | why |``."""
+    """An aligned text table: ``| variant | size | latency | vs FP32 | agreement | served | why |``,
+    then one ``note:`` line per distinct warning of the proofs (synthetic inputs, ~0 outputs)."""
+    rows = list(rows)
     headers, body = table_cells(rows)
     widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
 
@@ -23,18 +25,20 @@ def format_table(rows: Iterable[Row]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
     rule = "|-" + "-|-".join("-" * w for w in widths) + "-|"
-    return "\n".join([line(headers), rule, *(line(r) for r in body)])
+    return "\n".join([line(headers), rule, *(line(r) for r in body), *_notes(rows)])
 
 
 def format_markdown(rows: Iterable[Row]) -> str:
-    """The same table as GitHub-flavoured Markdown (``|`` in cells escaped)."""
+    """The same table as GitHub-flavoured Markdown (``|`` in cells escaped), notes below it."""
+    rows = list(rows)
     headers, body = table_cells(rows)
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+    notes = _notes(rows)
     return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|",
-                      *(line(r) for r in body)])
+                      *(line(r) for r in body), *([""] + notes if notes else [])])
 
 
 def table_cells(rows: Iterable[Row]) -> tuple[tuple[str, ...], list[list[str]]]:
@@ -51,6 +55,14 @@ def table_cells(rows: Iterable[Row]) -> tuple[tuple[str, ...], list[list[str]]]:
         body.append(cells if with_provider else cells[:1] + cells[2:])
     headers = HEADERS if with_provider else HEADERS[:1] + HEADERS[2:]
     return headers, body
+
+
+def _notes(rows: Sequence[Row]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for warning in row.get("warnings") or ():
+            seen.setdefault(warning)
+    return [f"note: {w}" for w in seen]
 
 
 def _variant(row: Row) -> str:

@@ -53,6 +53,15 @@ def test_bench_measures_fp32_and_each_existing_variant(model_dir: Path) -> None:
     assert int8["cosine"] > 0.99 and int8["max_abs_error"] > 0
     assert int8["speedup"] > 0 and int8["passed"] and int8["why"] == ""
     assert all(r["synthetic_inputs"] for r in rows)
+    assert any("synthetic inputs" in w for w in int8["warnings"])
+    notes = [line for line in format_table(rows).splitlines() if line.startswith("note: ")]
+    assert notes == ["note: agreement measured on synthetic inputs (no calibration data)"]
+
+
+def test_bench_of_an_unreadable_fp32_file_reports_the_checker(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"\x00" * 100)
+    rows = bench_model(BenchRequest(str(tmp_path)), _no_progress)
+    assert len(rows) == 1 and not rows[0]["passed"] and rows[0]["why"].startswith("onnx checker")
 
 
 def test_bench_reports_a_broken_variant_with_its_reason(model_dir: Path) -> None:

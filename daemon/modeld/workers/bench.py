@@ -21,8 +21,8 @@ from ..atomic import WORK_PREFIX
 from ..errors import StoreError
 from ..store import sha256_file
 from ..variants import DEFAULT_PROVIDERS, FILE_VARIANTS, FP32, VARIANT_FILES, Gates, Proof
-from .inputs import sample_inputs
-from .verify import prove_file
+from .inputs import CalibrationError, sample_inputs
+from .verify import SYNTHETIC_WARNING, prove_file
 
 log = structlog.get_logger(__name__)
 
@@ -54,10 +54,15 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
     if not fp32.is_file():
         raise StoreError(f"no {fp32.name} in {model_dir}", entry=request.name or None,
                          hint="pull the model first (the daemon does it from the catalog)")
-    feeds, synthetic = sample_inputs(fp32, calibration=request.calibration,
-                                     preset=request.preprocessing_preset,
-                                     input_size=request.input_size, count=request.samples,
-                                     seed=request.seed)
+    try:
+        feeds, synthetic = sample_inputs(fp32, calibration=request.calibration,
+                                         preset=request.preprocessing_preset,
+                                         input_size=request.input_size, count=request.samples,
+                                         seed=request.seed)
+    except CalibrationError:
+        raise  # the entry's calibration settings are wrong: the user must fix them
+    except Exception:  # noqa: BLE001 - an unreadable FP32 file: its proof row says why
+        feeds, synthetic = None, True
     files = [fp32] + [model_dir / name for variant, name in VARIANT_FILES.items()
                       if variant != FP32 and (model_dir / name).is_file()]
     rows: list[dict[str, Any]] = []
@@ -73,9 +78,10 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
     if request.candidates:
         progress(len(files) / (len(files) + 1), "building auto candidates")
         rows.extend(_candidate_rows(request, fp32))
-    if synthetic:
-        for row in rows:
-            row["synthetic_inputs"] = True
+    for row in rows:
+        row["synthetic_inputs"] = synthetic
+        if synthetic and row["variant"] != FP32 and SYNTHETIC_WARNING not in row["warnings"]:
+            row["warnings"].append(SYNTHETIC_WARNING)
     progress(1.0, "bench done")
     log.info("bench_done", model=request.name or model_dir.name, rows=len(rows),
              synthetic_inputs=synthetic)
@@ -92,7 +98,8 @@ def rows_from_proof(proof: Proof, *, recipe: str, file: str | None,
                     "latency_ms": p.latency_ms, "fp32_latency_ms": p.fp32_latency_ms,
                     "speedup": p.speedup, "cosine": p.cosine, "max_abs_error": p.max_abs_error,
                     "detection_match": p.detection_match, "usable": p.usable,
-                    "passed": proof.checker_ok and p.passed, "why": p.reason})
+                    "passed": proof.checker_ok and p.passed, "why": p.reason,
+                    "warnings": list(proof.warnings)})
     return out
 
 
@@ -116,12 +123,13 @@ def _candidate_rows(request: BenchRequest, fp32: Path) -> list[dict[str, Any]]:
             simulated=request.simulated),
             lambda fraction, detail: None)
         provider = request.providers[0] if request.providers else ""
-        return [_candidate_row(c, provider) for c in result.candidates]
+        return [_candidate_row(c, provider, result.warnings) for c in result.candidates]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _candidate_row(candidate: Mapping[str, Any], provider: str) -> dict[str, Any]:
+def _candidate_row(candidate: Mapping[str, Any], provider: str,
+                   warnings: tuple[str, ...]) -> dict[str, Any]:
     """Normalise one of quantize's candidate rows (measured on the first provider) to a bench row."""
     return {"variant": "fp16" if candidate.get("kind") == "fp16" else "int8",
             "recipe": candidate.get("recipe", "?"), "file": None, "provider": provider,
@@ -131,7 +139,8 @@ def _candidate_row(candidate: Mapping[str, Any], provider: str) -> dict[str, Any
             "max_abs_error": candidate.get("max_abs_error"),
             "detection_match": candidate.get("detection_match"),
             "usable": candidate.get("size") is not None, "passed": bool(candidate.get("passed")),
-            "why": candidate.get("reason") or "", "chosen": bool(candidate.get("chosen"))}
+            "why": candidate.get("reason") or "", "chosen": bool(candidate.get("chosen")),
+            "warnings": list(warnings)}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
