@@ -166,6 +166,28 @@ def test_gated_repo_answers_403_gated_to_a_token_without_access(served):
     assert get_hf_file_metadata(url, endpoint=hub.endpoint, token="hf_granted").etag == SHA
 
 
+def test_cdn_redirect_carries_the_metadata_and_serves_without_auth(served):
+    hub, commit = served
+    hub.store.create_repo(REPO, private=True, tokens=["hf_good"])
+    hub.cdn_redirects = True
+    response, _, conn = request(hub, "HEAD", PATH, headers={"Authorization": "Bearer hf_good"})
+    conn.close()
+    assert response.status == 302
+    assert response.getheader("X-Repo-Commit") == commit
+    assert response.getheader("X-Linked-Etag") == f'"{SHA}"'
+    location = response.getheader("Location")
+    assert location.startswith(f"http://localhost:{hub.port}/_cdn/")
+    cdn_path = location.split(str(hub.port), 1)[1]
+    response, body, conn = request(hub, "GET", cdn_path, headers={"Range": "bytes=0-9"})
+    conn.close()
+    assert (response.status, body) == (206, BODY[:10])
+    assert response.getheader("X-Repo-Commit") is None
+    assert [(r.status, r.auth) for r in hub.log.records()] == [(302, True), (206, False)]
+    response, _, conn = request(hub, "GET", cdn_path.replace(SHA, "0" * 64))
+    conn.close()
+    assert response.status == 404
+
+
 # ---- faults ------------------------------------------------------------------------------------
 
 PATH = f"/{REPO}/resolve/main/dir/blob.bin"
@@ -344,13 +366,18 @@ def test_standalone_server_imports_a_folder_and_stops_on_sigterm(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "modeld.testing.hub", "--root",
                              str(tmp_path / "store"), "--port", "0", "--import-dir",
-                             str(tmp_path / "plain")], stdout=subprocess.PIPE, text=True, env=env)
+                             str(tmp_path / "plain"), "--fault", "status_503:*model.onnx:1"],
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         first = proc.stdout.readline().strip()
         assert first.startswith("HF_ENDPOINT=http://127.0.0.1:")
         assert proc.stdout.readline().strip() == "repo acme/demo"
         port = int(first.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/acme/demo/resolve/main/model.onnx")
+        first_response = conn.getresponse()
+        first_response.read()
+        assert first_response.status == 503               # the --fault flag
         conn.request("GET", "/acme/demo/resolve/main/model.onnx")
         assert conn.getresponse().read() == BODY
         conn.close()

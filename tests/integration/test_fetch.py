@@ -248,6 +248,19 @@ def test_private_repo_needs_a_token(hub, model_dir):  # noqa: F811
     assert (model_dir / "model.onnx").read_bytes() == MODEL and result.changed
 
 
+def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, model_dir):  # noqa: F811
+    publish(hub)
+    hub.store.create_repo(REPO, private=True, tokens=["hf_secret"])
+    hub.cdn_redirects = True
+    hub.faults.add("cut", "/_cdn/*model.onnx", method="GET")
+    result = pull(fetch_request(hub.endpoint, model_dir, token="hf_secret"))
+    assert (model_dir / "model.onnx").read_bytes() == MODEL and result.changed
+    cdn = hub.log.records(path_glob="/_cdn/*")
+    assert [r.method for r in cdn] == ["GET", "GET", "GET"]     # model (cut, resumed), labels
+    assert not any(r.auth for r in cdn)
+    assert all(r.auth and r.status == 302 for r in hub.log.records(path_glob="*/resolve/*"))
+
+
 def test_gated_repo_without_access_is_an_auth_error(hub, model_dir):  # noqa: F811
     publish(hub)
     hub.store.create_repo(REPO, gated=True, tokens=["hf_granted"])

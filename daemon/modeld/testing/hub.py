@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Iterator, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
-CHUNK_BYTES = 64 * 1024
+CHUNK_BYTES = 256 * 1024
+#: where ``cdn_redirects`` sends downloads: /_cdn/{repo id, %-encoded}/{sha256}/{path}
+CDN_PREFIX = "/_cdn/"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -155,10 +157,18 @@ class HubStore:
 
     def blob(self, repo_id: str, commit: str, path: str) -> BlobInfo | None:
         sha256 = self.files(repo_id, commit).get(path)
-        if sha256 is None:
+        return None if sha256 is None else self.object(repo_id, sha256, path)
+
+    def object(self, repo_id: str, sha256: str, path: str = "") -> BlobInfo | None:
+        """A stored content by its sha256 (what a CDN URL names), or None."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             return None
         blob = self._repo_dir(repo_id) / "objects" / sha256
-        return BlobInfo(path=path, sha256=sha256, size=blob.stat().st_size, blob=blob)
+        try:
+            size = blob.stat().st_size
+        except FileNotFoundError:
+            return None
+        return BlobInfo(path=path, sha256=sha256, size=size, blob=blob)
 
     # ---- internals ----
 
@@ -299,6 +309,7 @@ class RequestRecord:
     status: int
     range: str | None = None   # the Range header as sent
     fault: str | None = None   # the fault kind injected, if any
+    auth: bool = False         # an Authorization header was sent
     time_s: float = field(default_factory=time.monotonic)
 
 
@@ -332,10 +343,11 @@ class RequestLog:
 
 
 class _Resolved:
-    __slots__ = ("commit", "info")
+    __slots__ = ("repo_id", "commit", "info")
 
-    def __init__(self, commit: str, info: BlobInfo) -> None:
-        self.commit = commit
+    def __init__(self, repo_id: str, commit: str | None, info: BlobInfo) -> None:
+        self.repo_id = repo_id
+        self.commit = commit      # None on the CDN: a signed URL names content, not a commit
         self.info = info
 
 
@@ -387,7 +399,8 @@ class _HubHandler(BaseHTTPRequestHandler):
 
         def record(status: int) -> None:
             hub.log.append(RequestRecord(method, path, status, range_header,
-                                         fault.kind if fault else None))
+                                         fault.kind if fault else None,
+                                         auth="Authorization" in self.headers))
 
         try:
             if fault and fault.kind == "reset":
@@ -409,7 +422,13 @@ class _HubHandler(BaseHTTPRequestHandler):
                 record(404)
                 self._send_error(method, 404, "EntryNotFound", "injected fault")
                 return
-            resolved = self._resolve(method, path, record)
+            if path.startswith(CDN_PREFIX):
+                resolved = self._resolve_cdn(method, record)
+            else:
+                resolved = self._resolve(method, path, record)
+                if resolved is not None and hub.cdn_redirects:
+                    self._send_cdn_redirect(resolved, record)
+                    return
             if resolved is not None:
                 self._send_file(method, resolved, range_header, fault, record)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -453,7 +472,39 @@ class _HubHandler(BaseHTTPRequestHandler):
             self._send_error(method, 404, "EntryNotFound", f"{filename} does not exist",
                              commit=commit)
             return None
-        return _Resolved(commit, info)
+        return _Resolved(repo_id, commit, info)
+
+    def _resolve_cdn(self, method: str, record) -> _Resolved | None:
+        """/_cdn/{repo}/{sha256}/{path}: no auth, like the Hub's signed CDN URLs."""
+        parts = urlsplit(self.path).path[len(CDN_PREFIX):].split("/")
+        info = None
+        if len(parts) >= 3:
+            try:
+                info = self.server.hub.store.object(unquote(parts[0]), parts[1],
+                                                    unquote("/".join(parts[2:])))
+            except HubStoreError:
+                info = None
+        if info is None:
+            record(404)
+            self._send_error(method, 404, None, "no such object")
+            return None
+        return _Resolved(unquote(parts[0]), None, info)
+
+    def _send_cdn_redirect(self, resolved: _Resolved, record) -> None:
+        """302 to another origin (localhost vs 127.0.0.1), carrying the file's metadata as the
+        Hub does for LFS files: the client must read it from here and not send its token on."""
+        info = resolved.info
+        location = (f"http://localhost:{self.server.hub.port}{CDN_PREFIX}"
+                    f"{quote(resolved.repo_id, safe='')}/{info.sha256}/{quote(info.path)}")
+        record(302)
+        self.send_response(302)
+        self.send_header("X-Repo-Commit", resolved.commit or "")
+        self.send_header("ETag", f'"{info.sha256}"')
+        self.send_header("X-Linked-Etag", f'"{info.sha256}"')
+        self.send_header("X-Linked-Size", str(info.size))
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _check_access(self, access: RepoAccess) -> tuple[int, str | None, str] | None:
         if not (access.private or access.gated):
@@ -505,7 +556,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         status = 206 if range_header else 200
         record(status)
         self.send_response(status)
-        self.send_header("X-Repo-Commit", resolved.commit)
+        if resolved.commit:
+            self.send_header("X-Repo-Commit", resolved.commit)
         self.send_header("ETag", f'"{info.sha256}"')
         self.send_header("X-Linked-Etag", f'"{info.sha256}"')
         self.send_header("X-Linked-Size", str(announced_size))
@@ -591,14 +643,17 @@ class LocalHub:
     """The hub server: ``with LocalHub(root) as hub: hf_hub_download(..., endpoint=hub.endpoint)``.
 
     ``hub.store`` publishes repos, ``hub.faults`` plans faults, ``hub.log`` records requests.
+    With ``cdn_redirects`` (settable any time) ``/resolve`` answers 302 to a CDN stand-in on
+    ``localhost``, another origin, as the real Hub does for LFS files.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, cdn_redirects: bool = False) -> None:
         self.store = HubStore(root)
         self.faults = FaultPlan()
         self.log = RequestLog()
         self.stopping = threading.Event()
+        self.cdn_redirects = cdn_redirects
         self._address = (host, port)
         self._httpd: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -686,8 +741,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--import-dir", type=Path, default=None,
                         help="commit <owner>/<name>/ folders of plain files from here first")
+    parser.add_argument("--cdn-redirects", action="store_true",
+                        help="answer /resolve with 302 to a CDN stand-in, as the Hub does for LFS")
+    parser.add_argument("--fault", action="append", default=[], metavar="KIND[:GLOB[:TIMES]]",
+                        help=f"inject a fault (repeatable); kinds: {', '.join(FAULT_KINDS)}")
     args = parser.parse_args(argv)
-    hub = LocalHub(args.root, host=args.host, port=args.port)
+    hub = LocalHub(args.root, host=args.host, port=args.port, cdn_redirects=args.cdn_redirects)
+    for spec in args.fault:
+        kind, _, rest = spec.partition(":")
+        glob, _, times = rest.partition(":")
+        try:
+            hub.faults.add(kind, glob or "*", int(times or 1))
+        except ValueError as e:
+            parser.error(f"--fault {spec}: {e}")
     if args.import_dir:
         import_folder(hub.store, args.import_dir)
     stop = threading.Event()
