@@ -507,8 +507,7 @@ class HotSession:
             self.last_event = event
             if event["event"] == "variant":
                 self._switch_to(event)
-            if self._on_event is not None:
-                self._on_event(event)
+            _call_quietly(self._on_event, event)
 
     def _switch_to(self, event: dict[str, Any]) -> None:
         generation = event["generation"]
@@ -535,8 +534,7 @@ class HotSession:
         self.swaps += 1
         self._ready.set()
         self.subscription.ack(self.model, generation, ok=True)
-        if self._on_swap is not None:
-            self._on_swap(loaded)
+        _call_quietly(self._on_swap, loaded)
 
     def _build(self, event: dict[str, Any]) -> Any:
         data = Path(event["path"]).read_bytes()
@@ -553,3 +551,13 @@ class HotSession:
         except Exception as e:
             raise ModeldError(f"onnxruntime cannot load {event['variant']}: {e}",
                               entry=self.model) from e
+
+
+def _call_quietly(callback: Callable[[Any], None] | None, arg: Any) -> None:
+    """Run a node's callback; its failure is logged, never allowed to stop the follow thread."""
+    if callback is None:
+        return
+    try:
+        callback(arg)
+    except Exception:
+        log.exception("modeld: HotSession callback %r failed", callback)

@@ -14,7 +14,7 @@ import pytest
 from modeld.client import HotSession, ModelNotReadyError, status, subscribe
 from modeld.serving import VariantView
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn, with_unknown_operator
-from servefixtures import CPU, ServerThread, serving, yolo_files, proof, view, write_variant
+from servefixtures import CPU, ServerThread, proof, serving, view, write_variant, yolo_files
 
 IMAGES = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
 
@@ -177,3 +177,22 @@ def test_example_node_prints_one_line_per_swap(server, sock_path, files):
     swaps = [line for line in lines if " swap " in line]
     assert "variant=fp32" in swaps[0] and "variant=int8" in swaps[1]
     assert "failures=0" in rest.splitlines()[-1]
+
+
+def test_a_daemon_restart_with_the_same_file_reloads_nothing(sock_path, files):
+    def broken_callback(loaded):
+        raise RuntimeError("node bug in on_swap")
+
+    with serving(sock_path, [view("yolo", files["fp32"])]):
+        hot = HotSession(models="yolo", socket_path=sock_path, on_swap=broken_callback)
+        assert hot.wait_ready(10)
+        generation = hot.current.generation
+    try:
+        with serving(sock_path, [view("yolo", files["fp32"])]):
+            wait_for(lambda: hot.current.generation > generation)
+            assert hot.swaps == 1 and hot.current.sha256 == files["fp32"].sha256
+            assert hot.run(None, {"images": IMAGES})[0].shape == (1, 4, 16, 16)
+            wait_for(lambda: status(socket_path=sock_path)["subscribers"][0]["models"]["yolo"]
+                     ["acked_generation"] == hot.current.generation)
+    finally:
+        hot.close()
