@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import IntegrityError, ModeldError, TemporaryError
 from .protocol import (CPU_PROVIDER, DEFAULT_PREFER, PROTOCOL_VERSION, STATE_EVENTS,
                        LineSplitter, ProtocolError, ack_request, decode, default_socket_path,
-                       encode, subscribe_request)
+                       encode, parse_request, subscribe_request)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,10 @@ class _SubscriptionBase:
         self.providers = tuple(providers)
         self.reconnect = reconnect
         self.connects = 0
-        self._request = encode(subscribe_request(self.models, providers=self.providers,
-                                                 prefer=prefer, node=node))
+        request = subscribe_request(self.models, providers=self.providers, prefer=prefer,
+                                    node=node)
+        parse_request(request)  # a bad option is the caller's ProtocolError now, not a silent stall
+        self._request = encode(request)
         self._filter = _EventFilter()
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
 

@@ -68,6 +68,14 @@ class Rejection:
 
 
 class Server:
+    """Serves ``ModelView``s to subscribed nodes over a Unix socket (docs/protocol.md).
+
+    ``on_rejection`` is called with keywords ``model, variant, sha256, provider, node, error``
+    when a node nacks a file; ``status_extra()`` returns daemon-wide fields merged into every
+    ``status`` answer. Both run on the event loop and must not block; their failures are logged.
+    ``write_timeout_s`` bounds how long one client's write may wait before it is disconnected.
+    """
+
     def __init__(self, *, socket_path: Path, socket_mode: int = 0o660,
                  socket_group: str | None = None, max_clients: int = 1024,
                  max_line_bytes: int = 65536, queue_limit: int = 256,
@@ -102,8 +110,15 @@ class Server:
         if sock is None:
             sock, self._bound_inode = _bind_socket(self.socket_path, self.socket_mode,
                                                    self.socket_group, self._backlog)
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=self.max_line_bytes, backlog=self._backlog)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, sock=sock, limit=self.max_line_bytes, backlog=self._backlog)
+        except BaseException:
+            if self._bound_inode is not None:
+                sock.close()
+                _unlink_if_ours(self.socket_path, self._bound_inode)
+                self._bound_inode = None
+            raise
         log.info("socket_listening", path=str(self.socket_path),
                  adopted=self._bound_inode is None, max_clients=self.max_clients)
 

@@ -11,6 +11,7 @@ import pytest
 from modeld import client as modeld_client
 from modeld.client import (AsyncSubscription, Backoff, DaemonUnavailableError, async_subscribe,
                            ping, status, subscribe)
+from modeld.protocol import ProtocolError
 from servefixtures import ServerThread, serving, view, yolo_files
 
 
@@ -82,6 +83,13 @@ def test_without_reconnect_a_missing_daemon_is_an_error(sock_path):
         sub.next_event(timeout_s=1)
     with pytest.raises(DaemonUnavailableError, match="no answer"):
         status(socket_path=sock_path, timeout_s=1)
+
+
+def test_bad_options_fail_at_once():
+    with pytest.raises(ProtocolError, match="prefer"):
+        subscribe("yolo", prefer="int4")
+    with pytest.raises(ProtocolError, match="at least one model"):
+        async_subscribe([])
 
 
 def test_close_from_another_thread_ends_the_iteration(server, sock_path):
