@@ -183,7 +183,7 @@ def test_config_is_rewritten_only_when_its_content_changes(pulled):
 def test_labels_dropped_from_the_entry_are_removed(pulled):
     hub, model_dir, first = pulled
     result = pull(fetch_request(hub.endpoint, model_dir, labels=None, known=records_of(first)))
-    assert not (model_dir / "labels.txt").exists()
+    assert not (model_dir / "labels.txt").exists() and result.changed
     assert [r.name for r in result.files] == ["model.onnx", "config.json"]
     assert json.loads((model_dir / "config.json").read_text())["labels_count"] is None
 
@@ -294,6 +294,9 @@ def test_offline_serves_what_is_here_and_refuses_what_is_not(pulled, tmp_path):
     with pytest.raises(HubOfflineError, match="offline") as caught:
         pull(fetch_request(hub.endpoint, tmp_path / "models" / "other", offline=True))
     assert isinstance(caught.value, errors.PermanentError)
+    as_main = pull(fetch_request(hub.endpoint, model_dir, offline=True, revision="main",
+                                 known=records_of(first)))     # None and "main" are one branch
+    assert as_main.files[0].sha256 == first.files[0].sha256
     with pytest.raises(HubOfflineError):          # another revision is not here either
         pull(fetch_request(hub.endpoint, model_dir, offline=True, revision="v9",
                            known=records_of(first)))

@@ -158,10 +158,10 @@ def fetch_model(request: FetchRequest, progress: ProgressFn) -> FetchResult:
     remotes = _remotes_without_hub(request, targets, local)
     if remotes is None:
         if request.offline:
-            missing = ", ".join(sorted(targets))
             raise HubOfflineError(
-                f"offline and {missing} from {request.repo}@{request.revision or 'main'} "
-                f"is not here", entry=request.name, repo=request.repo,
+                f"offline, and {request.repo}@{request.revision or 'main'} "
+                f"({', '.join(targets.values())}) is not here", entry=request.name,
+                repo=request.repo,
                 hint="unset HF_HUB_OFFLINE or place the files with `mecha10-modeld pull` online")
         progress(0.0, f"resolving {request.repo}@{request.revision or 'main'}")
         remotes = _resolve_remotes(request, targets)
@@ -182,14 +182,14 @@ def fetch_model(request: FetchRequest, progress: ProgressFn) -> FetchResult:
         for remote in to_download:
             records[remote.local_name] = staged[remote.local_name]
             downloaded_bytes += staged[remote.local_name].size
-    if not request.labels:
-        _drop_stale_labels(request, model_dir)
+    dropped_labels = not request.labels and _drop_stale_labels(request, model_dir)
 
     commit = remotes[MODEL_FILE].commit
     progress(0.97, "writing config.json")
     records[CONFIG_FILE] = _write_config(request, model_dir, commit, records, description)
     ordered = tuple(records[n] for n in (MODEL_FILE, LABELS_FILE, CONFIG_FILE) if n in records)
-    changed = bool(downloaded_bytes) or any(request.known.get(r.name) != r for r in ordered)
+    changed = (bool(downloaded_bytes) or dropped_labels
+               or any(request.known.get(r.name) != r for r in ordered))
     log.info("fetched", entry=request.name, repo=request.repo, commit=commit, changed=changed,
              downloaded_bytes=downloaded_bytes)
     progress(1.0, "up to date" if not changed else f"published {request.repo}@{commit[:7]}")
@@ -252,7 +252,8 @@ def _remotes_without_hub(request: FetchRequest, targets: Mapping[str, str],
         prov = known.provenance if known else None
         if prov is None or (prov.repo, prov.filename) != (request.repo, repo_path):
             return None
-        same_revision = prov.commit == pinned if pinned else prov.revision == request.revision
+        same_revision = (prov.commit == pinned if pinned
+                         else (prov.revision or "main") == (request.revision or "main"))
         if not same_revision or not local[name].intact():
             return None
         remotes[name] = _Remote(name, repo_path, prov.commit, prov.etag, known.size)
@@ -531,11 +532,13 @@ def _publish(model_dir: Path, staged: Path, remote: _Remote, sha256: str,
                       provenance=remote.provenance(request))
 
 
-def _drop_stale_labels(request: FetchRequest, model_dir: Path) -> None:
+def _drop_stale_labels(request: FetchRequest, model_dir: Path) -> bool:
     """The entry no longer names labels: remove a labels.txt we published before."""
-    if LABELS_FILE in request.known:
-        (model_dir / LABELS_FILE).unlink(missing_ok=True)
-        log.info("labels_removed", entry=request.name)
+    if LABELS_FILE not in request.known:
+        return False
+    (model_dir / LABELS_FILE).unlink(missing_ok=True)
+    log.info("labels_removed", entry=request.name)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
