@@ -200,6 +200,12 @@ def test_error_names_entry_when_its_name_is_valid():
     assert err.fields()["entry"] == "yolov8n"
 
 
+def test_missing_field_says_what_to_write():
+    err = parse(entry(repo=MISSING)).errors[0]
+    assert str(err) == (f"{PATH}: models[0] (yolov8n).repo: missing required field "
+                        "(give the Hub repo id owner/name, e.g. 'deepghs/yolos')")
+
+
 def test_all_problems_of_an_entry_are_reported():
     catalog = parse(entry(repo="x", filename="/x", input_size=0))
     assert {e.field for e in catalog.errors} == {"repo", "filename", "input_size"}

@@ -48,7 +48,12 @@ QUANT_FORMATS = ("QDQ", "QOperator")
 TOP_LEVEL_KEYS = ("models",)
 ENTRY_KEYS = ("name", "description", "task", "repo", "filename", "revision", "labels",
               "preprocessing_preset", "input_size", "providers", "quantize")
-REQUIRED_ENTRY_KEYS = ("name", "repo", "filename")
+#: required entry field -> what to write there (the hint of a "missing" error)
+REQUIRED_ENTRY_KEYS: Mapping[str, str] = {
+    "name": "the model's folder name under models/, e.g. 'yolov8n'",
+    "repo": "the Hub repo id owner/name, e.g. 'deepghs/yolos'",
+    "filename": "the ONNX file's path inside the repo, e.g. 'yolov8n/model.onnx'",
+}
 GATE_KEYS = ("min_cosine", "min_speedup", "max_abs_error", "allow_slower")
 
 
@@ -404,9 +409,9 @@ def _parse_entry(raw: Mapping[str, Any], where: _Where, base_dir: str
     for key in raw:
         if key not in ENTRY_KEYS:
             errors.append(where.unknown_key(key, ENTRY_KEYS))
-    for key in REQUIRED_ENTRY_KEYS:
+    for key, what in REQUIRED_ENTRY_KEYS.items():
         if key not in raw:
-            errors.append(where.error(key, "missing required field"))
+            errors.append(where.error(key, "missing required field", hint=f"give {what}"))
     for key, check in _ENTRY_CHECKS.items():
         if key in raw:
             try:
