@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 MAX_SOCKET_PATH_BYTES = 107
 #: consecutive bad lines after which a connection is closed as abusive
 MAX_CONSECUTIVE_ERRORS = 16
+#: models one connection may follow (names are kept per connection, so this bounds its memory)
+MAX_SUBSCRIPTIONS_PER_CLIENT = 1024
 #: generations of sent choices remembered per model and client, so a late ack still resolves
 ACK_HISTORY = 8
 NOT_IN_CATALOG = "not in the catalog"
@@ -232,6 +234,12 @@ class Server:
             client.send(pong_event())
 
     def _subscribe(self, client: "_Client", request: Subscribe) -> None:
+        total = len(set(client.subscriptions) | set(request.models))
+        if total > MAX_SUBSCRIPTIONS_PER_CLIENT:
+            client.consecutive_errors += 1
+            client.send(error_event(f"subscribe: at most {MAX_SUBSCRIPTIONS_PER_CLIENT} models "
+                                    f"per connection"))
+            return
         client.node = request.node or client.node
         log.info("subscribed", client=client.id, node=client.node, models=list(request.models),
                  providers=list(request.providers), prefer=request.prefer)

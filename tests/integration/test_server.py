@@ -455,3 +455,79 @@ def _group_exists(name):
         return True
     except KeyError:
         return False
+
+
+def test_subscriptions_per_connection_are_bounded(server, sock_path):
+    client = LineClient(sock_path)
+    client.read()
+    for batch in range(4):
+        client.send(subscribe([f"m{batch}-{i}" for i in range(256)]))
+        for _ in range(256):
+            assert client.read()["reason"] == "not in the catalog"
+    client.send(subscribe(["one-too-many"]))
+    event = client.read()
+    assert event["event"] == "error" and "at most 1024 models" in event["error"]
+    client.send(subscribe(["m0-0"]))  # names it already follows are fine
+    assert client.read()["model"] == "m0-0"
+
+
+def test_a_late_nack_still_names_the_file_it_was_sent(server, sock_path, files):
+    client = connect(sock_path)
+    old = client.read()
+    assert old["variant"] == "int8"
+    server.publish([view("yolo", files["fp32"]), view("head", files["mlp"])])
+    assert client.read()["variant"] == "fp32"
+    server.publish([view("yolo", files["fp32"], files["int8"]), view("head", files["mlp"])])
+    assert client.read()["variant"] == "int8"
+    client.send({"op": "ack", "model": "yolo", "generation": old["generation"], "ok": False,
+                 "error": "late verdict on the first int8"})
+    moved = client.read()
+    assert moved["variant"] == "fp32"
+    [rejected] = client.request({"op": "status"}, "status")["rejected"]
+    assert rejected["sha256"] == files["int8"].sha256
+    assert rejected["generation"] == old["generation"]
+
+
+def test_every_client_ends_on_the_latest_choice_after_random_changes(server, sock_path, files,
+                                                                      tmp_path):
+    """Random publishes and nacks; whatever happened, each node's last event is what
+    ``choose`` says now for its providers and preference (read back from ``status``)."""
+    import random
+
+    from modeld.serving import choose
+
+    rng = random.Random(7)
+    fp16 = write_variant(tmp_path / "models" / "yolo", "fp16", tiny_cnn(seed=2),
+                         providers={CPU: {"speedup": 1.1}, COREML: {"speedup": 1.4}})
+    options = [dict(providers=[CPU], prefer="fastest"), dict(providers=[COREML, CPU], prefer="int8"),
+               dict(providers=[CUDA, COREML], prefer="fp16"), dict(providers=[CPU], prefer="fp32")]
+    clients = [(connect(sock_path, node=f"n{i}", **o), o) for i, o in enumerate(options * 2)]
+    last = {id(c): c.read() for c, _ in clients}
+    pool = [files["fp32"], files["int8"], fp16]
+    current = None
+    for step in range(60):
+        if step % 7 == 6:
+            c, _ = rng.choice(clients)
+            event = last[id(c)]
+            if event["event"] == "variant":
+                c.send({"op": "ack", "model": "yolo", "generation": event["generation"],
+                        "ok": False, "error": f"random nack {step}"})
+        else:
+            variants = [v for v in pool if rng.random() < 0.7]
+            current = view("yolo", *variants, reason=f"step {step}")
+            server.publish([current, view("head", files["mlp"])])
+        for c, _ in clients:  # drain what arrived, keeping the last state event
+            c.send({"op": "ping"})
+            while (event := c.read())["event"] != "pong":
+                if event["event"] in ("variant", "unavailable"):
+                    last[id(c)] = event
+    status = clients[0][0].request({"op": "status"}, "status")
+    rejected = frozenset((r["sha256"], r["provider"]) for r in status["rejected"])
+    for c, o in clients:
+        want = choose(current, o["providers"], o["prefer"], rejected)
+        got = last[id(c)]
+        if hasattr(want, "variant"):
+            assert (got["event"], got["sha256"], got["provider"]) == (
+                "variant", want.sha256, want.provider), (o, got, want)
+        else:
+            assert got["event"] == "unavailable" and got["reason"] == want.reason
