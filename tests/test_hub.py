@@ -186,6 +186,10 @@ def test_cdn_redirect_carries_the_metadata_and_serves_without_auth(served):
     response, _, conn = request(hub, "GET", cdn_path.replace(SHA, "0" * 64))
     conn.close()
     assert response.status == 404
+    hub.faults.add("wrong_size", method="HEAD", extra_bytes=5)
+    response, _, conn = request(hub, "HEAD", PATH, headers={"Authorization": "Bearer hf_good"})
+    conn.close()
+    assert response.getheader("X-Linked-Size") == str(len(BODY) + 5)
 
 
 # ---- faults ------------------------------------------------------------------------------------

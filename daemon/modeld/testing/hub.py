@@ -427,7 +427,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             else:
                 resolved = self._resolve(method, path, record)
                 if resolved is not None and hub.cdn_redirects:
-                    self._send_cdn_redirect(resolved, record)
+                    self._send_cdn_redirect(resolved, fault, record)
                     return
             if resolved is not None:
                 self._send_file(method, resolved, range_header, fault, record)
@@ -490,7 +490,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             return None
         return _Resolved(unquote(parts[0]), None, info)
 
-    def _send_cdn_redirect(self, resolved: _Resolved, record) -> None:
+    def _send_cdn_redirect(self, resolved: _Resolved, fault: Fault | None, record) -> None:
         """302 to another origin (localhost vs 127.0.0.1), carrying the file's metadata as the
         Hub does for LFS files: the client must read it from here and not send its token on."""
         info = resolved.info
@@ -501,7 +501,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.send_header("X-Repo-Commit", resolved.commit or "")
         self.send_header("ETag", f'"{info.sha256}"')
         self.send_header("X-Linked-Etag", f'"{info.sha256}"')
-        self.send_header("X-Linked-Size", str(info.size))
+        extra = fault.extra_bytes if fault and fault.kind == "wrong_size" else 0
+        self.send_header("X-Linked-Size", str(info.size + extra))
         self.send_header("Location", location)
         self.send_header("Content-Length", "0")
         self.end_headers()
