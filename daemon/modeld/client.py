@@ -112,6 +112,28 @@ class _SubscriptionBase:
         self._request = encode(request)
         self._filter = _EventFilter()
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        # A connection that delivered state makes the next attempt immediate; one that did not
+        # (refused, closed at once) backs off, so a crowd of nodes never spins on the daemon.
+        self._healthy = True
+        self._next_attempt_at = 0.0  # time.monotonic() of the next connection attempt
+
+    def _retry_later(self) -> None:
+        self._next_attempt_at = time.monotonic() + self._backoff.next_delay_s()
+
+    def _connected(self) -> None:
+        self._healthy = False
+        self.connects += 1
+
+    def _connection_lost(self) -> None:
+        if self._healthy:
+            self._next_attempt_at = 0.0
+        else:
+            self._retry_later()
+
+    def _state_received(self, event: dict[str, Any]) -> dict[str, Any]:
+        self._healthy = True
+        self._backoff.reset()
+        return event
 
     @property
     def hello(self) -> dict[str, Any] | None:
@@ -193,12 +215,18 @@ class Subscription(_SubscriptionBase):
         for line in lines:
             event = self._filter(line)
             if event is not None:
-                self._pending.append(event)
+                self._pending.append(self._state_received(event))
         return True
 
     def _connect(self, deadline: float | None) -> bool:
         """Connect and subscribe, waiting out failures with backoff; False on deadline/close."""
         while not self._closed.is_set():
+            wait_s = self._next_attempt_at - time.monotonic()
+            if deadline is not None and wait_s > deadline - time.monotonic():
+                self._closed.wait(max(0.0, deadline - time.monotonic()))
+                return False
+            if wait_s > 0 and self._closed.wait(wait_s):
+                return False
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(SEND_TIMEOUT_S)
             try:
@@ -213,17 +241,12 @@ class Subscription(_SubscriptionBase):
                 if not self.reconnect:
                     self._closed.set()
                     return False
-                delay = self._backoff.next_delay_s()
-                if deadline is not None:
-                    delay = min(delay, deadline - time.monotonic())
-                if delay <= 0 or self._closed.wait(delay):
-                    return False
+                self._retry_later()
                 continue
             with self._send_lock:
                 self._sock = sock
             self._splitter.clear()
-            self._backoff.reset()
-            self.connects += 1
+            self._connected()
             return True
         return False
 
@@ -232,6 +255,7 @@ class Subscription(_SubscriptionBase):
             sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+            self._connection_lost()
         if not self._closed.is_set():
             log.info("modeld: disconnected (%s)%s", why,
                      "; reconnecting" if self.reconnect else "")
@@ -316,37 +340,44 @@ class AsyncSubscription(_SubscriptionBase):
                 continue
             event = self._filter(line)
             if event is not None:
-                return event
+                return self._state_received(event)
         return None
 
     async def _connect(self) -> bool:
         while not self._closed:
+            wait_s = self._next_attempt_at - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
             try:
                 self._reader, self._writer = await asyncio.open_unix_connection(
                     self.socket_path, limit=CLIENT_MAX_LINE_BYTES)
                 self._writer.write(self._request)
                 await asyncio.wait_for(self._writer.drain(), SEND_TIMEOUT_S)
             except (OSError, asyncio.TimeoutError) as e:
-                await self._disconnected()
+                self._drop_streams()
                 if not self.reconnect and self.connects == 0:
                     raise DaemonUnavailableError(
                         f"cannot connect to {self.socket_path}: {e}",
                         hint="is mecha10-modeld running? set MODELD_SOCKET") from e
                 if not self.reconnect:
                     return False
-                await asyncio.sleep(self._backoff.next_delay_s())
+                self._retry_later()
                 continue
-            self._backoff.reset()
-            self.connects += 1
+            self._connected()
             return True
         return False
 
     async def _disconnected(self) -> None:
+        if self._drop_streams():
+            self._connection_lost()
+        if not self.reconnect and self.connects:
+            self._closed = True
+
+    def _drop_streams(self) -> bool:
         writer, self._reader, self._writer = self._writer, None, None
         if writer is not None:
             writer.close()
-        if not self.reconnect and self.connects:
-            self._closed = True
+        return writer is not None
 
     async def ack(self, model: str, generation: int, ok: bool = True,
                   error: str | None = None) -> bool:

@@ -159,3 +159,23 @@ def test_the_client_module_needs_no_onnxruntime():
                          check=True).stdout
     assert out.strip() == "[]"
     assert modeld_client.HotSession.__module__ == "modeld.client"
+
+
+def test_a_refusing_daemon_is_retried_with_backoff_not_in_a_loop(sock_path, files):
+    from servefixtures import LineClient
+
+    with serving(sock_path, [view("yolo", files["fp32"])], max_clients=1) as st:
+        holder = LineClient(sock_path)
+        holder.read()
+        sub = subscribe("yolo", socket_path=sock_path, backoff_initial_s=0.05,
+                        backoff_max_s=0.4)
+        try:
+            assert sub.next_event(timeout_s=1.5) is None
+            # Accepted then closed at once, each time: without backoff this would be hundreds.
+            assert 2 <= sub.connects <= 15
+            assert "too many clients" in sub.last_error["error"]
+            holder.close()
+            assert sub.next_event(timeout_s=5)["variant"] == "fp32"
+            assert st.call(lambda: st.server.subscriber_count) == 1
+        finally:
+            sub.close()
