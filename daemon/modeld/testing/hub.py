@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -314,10 +315,11 @@ class RequestRecord:
 
 
 class RequestLog:
-    """Every request the hub answered (or refused), in order (thread-safe)."""
+    """Every request the hub answered (or refused), in order (thread-safe); a standalone hub
+    keeps the last ``max_records``."""
 
-    def __init__(self) -> None:
-        self._records: list[RequestRecord] = []
+    def __init__(self, max_records: int = 100_000) -> None:
+        self._records: deque[RequestRecord] = deque(maxlen=max_records)
         self._lock = threading.Lock()
 
     def append(self, record: RequestRecord) -> None:

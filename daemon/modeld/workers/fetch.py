@@ -434,7 +434,7 @@ class _ByteProgress:
 
 
 def _download_all(request: FetchRequest, model_dir: Path, remotes: list[_Remote],
-                  progress: ProgressFn):
+                  progress: ProgressFn) -> tuple[dict[str, FileRecord], dict[str, Any] | None]:
     """Download every file into one scratch folder, check them all, then publish them all:
     a bad file stops the pull before anything under a final name changes."""
     scratch = model_dir / f"{WORK_PREFIX}{uuid.uuid4().hex[:12]}"
