@@ -83,8 +83,8 @@ def _view(state: ModelState, file_name: str, variant: str, models_root: str) -> 
 def _reason(entry: ModelEntry, state: ModelState | None, activity: Activity,
             offered: tuple[VariantView, ...]) -> str:
     if activity.action:
-        pct = f" {activity.progress:.0%}" if activity.progress is not None else ""
-        return f"{activity.action}{pct}" + (f": {activity.detail}" if activity.detail else "")
+        # Only the verb: progress lives in ``detail``, so nodes are not re-told on every tick.
+        return activity.action
     if activity.error:
         return activity.error
     if not offered:
