@@ -77,6 +77,7 @@ def daemon_unit(request, user_manager, workspace):
     the daemon binds the socket itself) or "quiet-watcher" (file events never wake the daemon in
     a test's time, so only SIGHUP can make it re-read the catalog)."""
     variant = getattr(request, "param", "activated")
+    user_manager.require_sandbox()
     with_socket_unit = variant != "self-bound"
     base = f"modeld-{uuid.uuid4().hex[:8]}"
     short = Path(tempfile.mkdtemp(prefix="md-"))       # AF_UNIX paths must stay under 108 bytes

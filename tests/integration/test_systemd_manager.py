@@ -69,6 +69,7 @@ NOTIFY_SERVICE = textwrap.dedent('''
 @pytest.fixture
 def service(user_manager, tmp_path):
     """A started notify service; yields (unit name, work folder)."""
+    user_manager.require_sandbox()
     work = tmp_path / "work"
     work.mkdir()
     (work / "catalog.txt").write_text("v1\n")

@@ -192,6 +192,7 @@ PROBE = textwrap.dedent('''
 def test_hardened_unit_still_runs_onnxruntime_and_workers(user_manager, tmp_path):
     """MemoryDenyWriteExecute, the syscall filter, ProtectSystem=strict ... with real onnxruntime
     (in-process and in a spawn worker with RLIMIT_AS): the probe only says READY if all ran."""
+    user_manager.require_sandbox()
     work = tmp_path / "work"
     work.mkdir()
     (tmp_path / "hardening_probe.py").write_text(PROBE)
