@@ -357,6 +357,14 @@ def test_detection_match_counts_fp32_detections_the_variant_keeps():
                                   None) == pytest.approx(2 / 4)
 
 
+def test_detection_head_is_found_among_several_outputs():
+    boxes = np.array([[50, 50, 20, 20], [100, 100, 30, 30]], np.float32)
+    head = _yolo_head(boxes, np.array([0, 1]))
+    proto = np.ones((1, 8, 4, 4), np.float32)        # e.g. segmentation prototypes first
+    agreement = verify.compare_outputs([[proto, head]], [[proto, head]])
+    assert agreement.detection_match == 1.0
+
+
 def _yolo_like_model(seed: int) -> bytes:
     """images [1,3,16,16] -> Conv 1x1 -> Sigmoid -> boxes scaled to pixels -> [1, 4+3, 256]."""
     rng = np.random.default_rng(seed)

@@ -416,8 +416,11 @@ def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
             continue
         worst_cos = min(worst_cos, cosine_similarity(ref, var))
     detection = None
-    if n_outputs:
-        detection = detection_match([r[0] for r in reference], [v[0] for v in variant], task)
+    for o in range(n_outputs):  # the first output shaped like a detection head, if any
+        if isinstance(reference[0][o], np.ndarray) and detector_layout(
+                tuple(reference[0][o].shape), task):
+            detection = detection_match([r[o] for r in reference], [v[o] for v in variant], task)
+            break
     return Agreement(worst_cos, max_abs, detection, notes=tuple(notes))
 
 
@@ -466,7 +469,7 @@ def detector_layout(shape: tuple[int, ...], task: str | None) -> str | None:
 def detection_match(reference: list[np.ndarray], variant: list[np.ndarray],
                     task: str | None) -> float | None:
     """Share of FP32 detections (score >= DETECTION_SCORE) that the variant also finds
-    (same class, IoU >= MATCH_IOU); None if the first output is not a detection head or FP32
+    (same class, IoU >= MATCH_IOU); None if the output is not a detection head or FP32
     detects nothing."""
     if not reference or not isinstance(reference[0], np.ndarray):
         return None
