@@ -243,7 +243,10 @@ def _prove_on(provider: str, path: Path, model: onnx.ModelProto, reference: Path
         return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
 
     if reference is None:  # FP32 itself: usable means passed
-        latency_ms, _ = interleaved_latency_ms(session, None, feeds)
+        try:
+            latency_ms, _ = interleaved_latency_ms(session, None, feeds)
+        except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
+            return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
         return ProviderProof(provider, usable=True, passed=True, latency_ms=latency_ms,
                              fp32_latency_ms=latency_ms, speedup=1.0)
 
@@ -262,12 +265,15 @@ def _prove_on(provider: str, path: Path, model: onnx.ModelProto, reference: Path
     agreement = compare_outputs(ref_outputs, outputs, task,
                                 [o.name for o in ref_session.get_outputs()])
     warnings.extend(n for n in agreement.notes if n not in warnings)
-    if baseline_on_provider:
-        latency_ms, fp32_ms = interleaved_latency_ms(session, ref_session, feeds)
-        speedup = fp32_ms / latency_ms if latency_ms > 0 else None
-    else:
-        latency_ms, _ = interleaved_latency_ms(session, None, feeds)
-        fp32_ms, speedup = None, None
+    try:
+        if baseline_on_provider:
+            latency_ms, fp32_ms = interleaved_latency_ms(session, ref_session, feeds)
+            speedup = fp32_ms / latency_ms if latency_ms > 0 else None
+        else:
+            latency_ms, _ = interleaved_latency_ms(session, None, feeds)
+            fp32_ms, speedup = None, None
+    except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
+        return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
     failures = gate_failures(gates, agreement, speedup)
     if not baseline_on_provider:
         warnings.append(f"FP32 does not run on {provider} ({ref_reason}): agreement measured "
