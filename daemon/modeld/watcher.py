@@ -7,6 +7,7 @@ work: the daemon's own temp files, its lock file and its manifest writes never w
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from .settings import Settings
 log = structlog.get_logger(__name__)
 
 _LOCK_NAME = Settings().lock_path.name
+_REARM_POLL_S = 0.2
 
 #: the events that can change what the reconciler sees. Not opened/closed-without-write (the
 #: daemon's own reads would wake it in a loop) and not DirModifiedEvent (watchdog derives it from
@@ -43,12 +45,15 @@ class WakeReason:
 
     catalog_changed: bool = False
     models: frozenset[str] = frozenset()    # model folder names touched under models/
+    #: models/ itself was deleted and is watched again: anything may have changed
+    rescan: bool = False
 
     def __or__(self, other: "WakeReason") -> "WakeReason":
-        return WakeReason(self.catalog_changed or other.catalog_changed, self.models | other.models)
+        return WakeReason(self.catalog_changed or other.catalog_changed,
+                          self.models | other.models, self.rescan or other.rescan)
 
     def __bool__(self) -> bool:
-        return self.catalog_changed or bool(self.models)
+        return self.catalog_changed or bool(self.models) or self.rescan
 
 
 class Debouncer:
@@ -95,13 +100,18 @@ class _EventSorter(ev.FileSystemEventHandler):
     """Runs on watchdog's thread: turns one event into a WakeReason (or nothing) and queues it."""
 
     def __init__(self, *, catalog_path: Path, models_dir: Path,
-                 queue: Callable[[WakeReason], None]) -> None:
+                 queue: Callable[[WakeReason], None], root_lost: Callable[[], None]) -> None:
         self._catalog_dir = str(catalog_path.parent)
         self._catalog_name = catalog_path.name
         self._models_dir = str(models_dir)
         self._queue = queue
+        self._root_lost = root_lost
 
     def on_any_event(self, event: ev.FileSystemEvent) -> None:
+        if event.event_type == ev.EVENT_TYPE_DELETED and event.is_directory \
+                and os.fsdecode(event.src_path) == self._models_dir:
+            self._root_lost()   # inotify drops a deleted folder's watch: it must be set again
+            return
         paths = [os.fsdecode(event.src_path)]
         if event.event_type == ev.EVENT_TYPE_MOVED:
             paths.append(os.fsdecode(event.dest_path))
@@ -142,7 +152,10 @@ class Watcher:
         self._debouncer = Debouncer(step_ms, max_ms)
         self._cond = threading.Condition()
         self._stopping = False
+        self._root_missing = False
         self._observer: Observer | None = None
+        self._models_watch = None
+        self._sorter: _EventSorter | None = None
         self._pump: threading.Thread | None = None
 
     def start(self) -> None:
@@ -152,18 +165,24 @@ class Watcher:
         if not self.models_dir.is_dir():
             raise StoreError(f"models directory {self.models_dir} does not exist",
                              hint="create it or pass --models")
-        sorter = _EventSorter(catalog_path=self.catalog_path, models_dir=self.models_dir,
-                              queue=self._queue)
+        self._sorter = _EventSorter(catalog_path=self.catalog_path, models_dir=self.models_dir,
+                                    queue=self._queue, root_lost=self._on_root_lost)
         observer = Observer()
-        # the folder, not the file: editors replace the file (rename, sed -i), which a watch on
-        # the file's inode would miss
-        observer.schedule(sorter, str(self.catalog_path.parent), recursive=False,
-                          event_filter=_CATALOG_EVENT_TYPES)
-        observer.schedule(sorter, str(self.models_dir), recursive=True, event_filter=_EVENT_TYPES)
         observer.daemon = True
-        observer.start()
+        try:
+            # the folder, not the file: editors replace the file (rename, sed -i), which a watch
+            # on the file's inode would miss
+            observer.schedule(self._sorter, str(self.catalog_path.parent), recursive=False,
+                              event_filter=_CATALOG_EVENT_TYPES)
+            self._models_watch = observer.schedule(self._sorter, str(self.models_dir),
+                                                   recursive=True, event_filter=_EVENT_TYPES)
+            observer.start()
+        except OSError as e:
+            observer.stop()
+            raise _watch_error(self.models_dir, e) from e
         self._observer = observer
         self._stopping = False
+        self._root_missing = False
         self._pump = threading.Thread(target=self._run_pump, name="modeld-watcher", daemon=True)
         self._pump.start()
         log.info("watching", catalog=str(self.catalog_path), models=str(self.models_dir))
@@ -185,20 +204,57 @@ class Watcher:
             self._debouncer(reason, time.monotonic())
             self._cond.notify_all()
 
+    def _on_root_lost(self) -> None:
+        log.warning("models_dir_deleted", models=str(self.models_dir))
+        with self._cond:
+            self._root_missing = True
+            self._cond.notify_all()
+
+    def _rearm(self) -> None:
+        """After models/ was deleted: watch it again once it exists again (pump thread)."""
+        if not self.models_dir.is_dir() or self._observer is None:
+            return
+        try:
+            if self._models_watch is not None:
+                self._observer.unschedule(self._models_watch)
+            self._models_watch = self._observer.schedule(
+                self._sorter, str(self.models_dir), recursive=True, event_filter=_EVENT_TYPES)
+        except (OSError, KeyError) as e:
+            log.error("rewatch_failed", models=str(self.models_dir), error=str(e))
+            return
+        self._root_missing = False
+        # whatever appeared before the new watch was set is reported now, as a hint
+        present = frozenset(n for n in os.listdir(self.models_dir)
+                            if not is_temp_name(n) and n != _LOCK_NAME)
+        log.info("models_dir_watched_again", models=str(self.models_dir), entries=len(present))
+        self._queue(WakeReason(models=present, rescan=True))
+
     def _run_pump(self) -> None:
         while True:
+            if self._root_missing:
+                # outside our lock: watchdog calls our handler while holding its own lock
+                self._rearm()
             with self._cond:
-                reason = None
-                while not self._stopping:
-                    due = self._debouncer.due_at()
-                    now = time.monotonic()
-                    if due is not None and now >= due:
-                        reason = self._debouncer.take(now)
-                        break
-                    self._cond.wait(None if due is None else due - now)
                 if self._stopping:
                     return
+                due = self._debouncer.due_at()
+                now = time.monotonic()
+                reason = self._debouncer.take(now) if due is not None and now >= due else None
+                if reason is None:
+                    wait_s = None if due is None else due - now
+                    if self._root_missing:   # poll for the folder's return
+                        wait_s = _REARM_POLL_S if wait_s is None else min(wait_s, _REARM_POLL_S)
+                    self._cond.wait(wait_s)
+                    continue
             try:
                 self._wake(reason)
             except Exception as e:  # noqa: BLE001 - a failing callback must not stop the watching
                 log.error("wake_failed", error=str(e), error_type=type(e).__name__)
+
+
+def _watch_error(path: Path, e: OSError) -> StoreError:
+    if e.errno in (errno.ENOSPC, errno.EMFILE):
+        # inotify's limits, not the disk: fs.inotify.max_user_watches / max_user_instances
+        return StoreError(f"cannot watch {path}: inotify limit reached ({e.strerror})",
+                          hint="raise fs.inotify.max_user_watches and max_user_instances (sysctl)")
+    return StoreError(f"cannot watch {path}: {e.strerror or e}", hint="check the folder's permissions")

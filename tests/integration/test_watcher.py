@@ -363,6 +363,19 @@ def test_a_failing_wake_callback_does_not_stop_the_watching(tree):
         watcher.stop()
 
 
+def test_models_folder_deleted_and_recreated_is_watched_again(watched):
+    """inotify drops the watch of a deleted folder; the watcher sets it again when it returns."""
+    catalog, models, wakes = watched
+    shutil.rmtree(models)
+    wakes.wait_for(lambda m: {"yolo", "sentinel"} <= m.models, "the deleted tree")
+    models.mkdir()
+    (models / "early").mkdir()          # may land before the new watch: reported by the rescan
+    wakes.wait_for(lambda m: m.rescan and "early" in m.models, "the rescan after re-watching")
+    wakes.clear()
+    (models / "sentinel").mkdir()
+    sentinel_model(models, wakes)        # events flow again from the new watch
+
+
 def test_missing_folders_are_reported_as_typed_errors(tmp_path):
     from modeld.errors import CatalogError, StoreError
     (tmp_path / "models").mkdir()
@@ -372,6 +385,14 @@ def test_missing_folders_are_reported_as_typed_errors(tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         Watcher(catalog_path=tmp_path / "c.toml", models_dir=tmp_path / "absent",
                 wake=print).start()
+
+
+def test_inotify_limits_become_a_store_error_with_a_hint():
+    import errno
+    from modeld.watcher import _watch_error
+    err = _watch_error(Path("/m"), OSError(errno.ENOSPC, "No space left on device"))
+    assert "inotify limit" in str(err) and "max_user_watches" in str(err)
+    assert "\n" not in str(err)
 
 
 # -- the debouncer itself, on a hand-driven clock (pure logic, no timing) ----------------------
@@ -416,5 +437,6 @@ def test_debouncer_rejects_knobs_that_make_no_sense():
 
 def test_wake_reason_merges():
     assert (A | B | CAT) == WakeReason(True, frozenset({"a", "b"}))
+    assert (A | WakeReason(rescan=True)) == WakeReason(False, frozenset({"a"}), True)
     assert not WakeReason()
-    assert CAT and A
+    assert CAT and A and WakeReason(rescan=True)
