@@ -1,0 +1,407 @@
+"""Benchmarks of the daemon as a robot meets it: a real ``mecha10-modeld run`` process with default
+settings, the loopback hub, real subscribers on the Unix socket, real files and inotify.
+
+1. notify: catalog save -> a subscribed node is told the other (already proven) variant;
+   ``quantize.enabled`` flipped on a model whose INT8 is proven (p50/p99; target p99 <= 100 ms).
+2. corrupt: INT8 file truncated -> its node told to load FP32 (p50/p99; target p99 <= 250 ms);
+   the daemon rebuilds and re-proves INT8 between rounds.
+3. noop: one reconcile pass of a 1,000-entry catalog with nothing to do, in-process, on a store
+   written directly to disk (p50/p99; target p99 <= 50 ms and no file hashed), with a profile.
+4. idle: RSS and context switches of the settled daemon with 3 models (targets <= 60 MB and no
+   periodic wake-ups).
+
+    .venv/bin/python benchmarks/bench_daemon.py [--quick] [--only notify,corrupt,noop,idle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import hashlib
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from common import Results, Row, latency_rows, ms, use_test_helpers
+
+use_test_helpers()
+from conftest import Workspace, entry_toml  # noqa: E402
+from daemonfixtures import DaemonProcess, variant_is, wait_event  # noqa: E402
+
+from modeld.catalog import CatalogKeeper  # noqa: E402
+from modeld.manifest import FileRecord, Manifest, Provenance  # noqa: E402
+from modeld.planning import (CONFIG_FILE, FP32_FILE, config_derivation,  # noqa: E402
+                             derived_proof_key, desired_derivation, providers_for)
+from modeld.reconciler import Reconciler  # noqa: E402
+from modeld.server import Server  # noqa: E402
+from modeld.settings import Settings  # noqa: E402
+from modeld.store import Store  # noqa: E402
+from modeld.testing.hub import LocalHub  # noqa: E402
+from modeld.testing.onnx_models import matmul_mlp, tiny_cnn  # noqa: E402
+from modeld.variants import (FP32, INT8, VARIANT_FILES, Gates, Proof,  # noqa: E402
+                             ProviderProof, proof_key)
+
+PARTS = ("notify", "corrupt", "noop", "idle")
+#: a model whose dynamic INT8 is slower than FP32 here: allow_slower lets it be served anyway
+MLP_INT8 = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
+                      quantize="dynamic_int8") + "allow_slower = true\n"
+MLP_FP32 = MLP_INT8.replace("enabled = true", "enabled = false")
+#: the third model of the idle daemon: the same detector under a second name
+DET2 = entry_toml("det2")
+SETTLE_TIMEOUT_S = 240
+
+
+@contextlib.contextmanager
+def hub_workspace(root: Path) -> Iterator[Workspace]:
+    """The integration tests' workspace: ``acme/detector`` (tiny CNN + labels), ``acme/mlp``."""
+    hub = LocalHub(root / "hub").start()
+    try:
+        hub.store.create_repo("acme/detector")
+        hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(),
+                                           "det/labels.txt": b"person\nbicycle\ncar\ndog\n"})
+        hub.store.create_repo("acme/mlp")
+        hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
+        ws = Workspace(root=root / "robot", hub=hub)
+        ws.root.mkdir()
+        yield ws
+    finally:
+        hub.stop()
+
+
+@contextlib.contextmanager
+def running_daemon(ws: Workspace) -> Iterator[DaemonProcess]:
+    """``mecha10-modeld run`` with the shipped defaults (the test fixture shortens the debounce
+    step; a benchmark measures what users get)."""
+    daemon = DaemonProcess(ws)
+    daemon.env.pop("MODELD_DEBOUNCE_STEP_MS", None)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# -- 1 and 2: what a node is told, and how fast -------------------------------------------------
+
+def measure_notify(ws: Workspace, daemon: DaemonProcess, flips: int) -> list[float]:
+    """Seconds from the start of a catalog save to the node's event, over ``flips`` saves."""
+    samples = []
+    with daemon.subscribe("mlp", prefer="int8", node="bench-notify") as sub:
+        wait_event(sub, variant_is("mlp", INT8), timeout_s=SETTLE_TIMEOUT_S, daemon=daemon)
+        for i in range(flips):
+            want, text = (FP32, MLP_FP32) if i % 2 == 0 else (INT8, MLP_INT8)
+            started = time.perf_counter()
+            ws.write_catalog(text)           # an in-place save, like most editors' default
+            wait_event(sub, variant_is("mlp", want), timeout_s=10, daemon=daemon)
+            samples.append(time.perf_counter() - started)
+            time.sleep(0.02)                 # let the node's ack land: one save per round
+    return samples
+
+
+def measure_corrupt(ws: Workspace, daemon: DaemonProcess, rounds: int) -> list[float]:
+    """Seconds from truncating the served INT8 file to the node being told FP32; the daemon
+    rebuilds and re-proves INT8 before the next round."""
+    samples = []
+    with daemon.subscribe("mlp", prefer="int8", node="bench-corrupt") as sub:
+        served = wait_event(sub, variant_is("mlp", INT8), timeout_s=SETTLE_TIMEOUT_S,
+                            daemon=daemon)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            os.truncate(served["path"], 100)
+            wait_event(sub, variant_is("mlp", FP32), timeout_s=10, daemon=daemon)
+            samples.append(time.perf_counter() - started)
+            served = wait_event(sub, variant_is("mlp", INT8), timeout_s=SETTLE_TIMEOUT_S,
+                                daemon=daemon)
+    return samples
+
+
+# -- 3: the no-op pass of a large catalog -------------------------------------------------------
+
+def large_catalog_text(count: int) -> str:
+    """``count`` entries; every second one with a dynamic INT8 variant enabled."""
+    parts = []
+    for i in range(count):
+        name = f"m{i:04d}"
+        if i % 2:
+            parts.append(entry_toml(name, repo="acme/mlp", filename="mlp.onnx", labels=None,
+                                    quantize="dynamic_int8") + "allow_slower = true\n")
+        else:
+            parts.append(entry_toml(name, labels=None))
+    return "".join(parts)
+
+
+def _write(path: Path, data: bytes) -> FileRecord:
+    path.write_bytes(data)
+    st = path.stat()
+    return FileRecord(path.name, hashlib.sha256(data).hexdigest(), st.st_size, st.st_mtime_ns,
+                      st.st_ino)
+
+
+def _passed(variant: str, sha256: str, key: str, providers: tuple[str, ...]) -> Proof:
+    return Proof(variant=variant, file_sha256=sha256, key=key, checker_ok=True,
+                 providers=tuple(ProviderProof(p, usable=True, passed=True, latency_ms=1.0,
+                                               fp32_latency_ms=1.0, speedup=1.0, cosine=1.0)
+                                 for p in providers))
+
+
+def populate_store(store: Store, reconciler: Reconciler) -> int:
+    """Write every catalog entry's files and a manifest that says they are pulled, derived and
+    proven for exactly this catalog and runtime, as the workers would have left them. Real
+    files and manifests on disk; no worker runs. Returns the number of files written."""
+    context = reconciler.context()
+    fp32_bytes = {"acme/detector": tiny_cnn(), "acme/mlp": matmul_mlp()}
+    int8_bytes = matmul_mlp(seed=1)     # stands in for the quantized file: only its digest matters
+    written = 0
+    for entry in reconciler.catalog.current.entries.values():
+        folder = store.model_dir(entry.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = fp32_bytes[entry.repo]
+        fp32 = _write(folder / FP32_FILE, data)
+        fp32 = replace(fp32, provenance=Provenance(entry.repo, entry.filename, entry.revision,
+                                                   "0" * 40, fp32.sha256))
+        config = _write(folder / CONFIG_FILE, json.dumps({"name": entry.name}).encode())
+        config = replace(config, derivation=config_derivation(entry, fp32, None))
+        providers = providers_for(entry, context)
+        fp32_key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=providers,
+                             gates=Gates(), onnxruntime=context.onnxruntime_version,
+                             simulated=context.simulated)
+        manifest = Manifest(name=entry.name).with_file(fp32).with_file(config)
+        manifest = manifest.with_proof(FP32_FILE, _passed(FP32, fp32.sha256, fp32_key, providers))
+        written += 2
+        if entry.quantize is not None and entry.quantize.enabled:
+            int8 = _write(folder / VARIANT_FILES[INT8], int8_bytes)
+            int8 = replace(int8, derivation=desired_derivation(entry, fp32, context))
+            key = derived_proof_key(entry, int8, fp32, context)
+            manifest = manifest.with_file(int8).with_proof(int8.name,
+                                                           _passed(INT8, int8.sha256, key, providers))
+            written += 1
+        store.write_manifest(manifest)
+    return written
+
+
+async def _timed_passes(reconciler: Reconciler, passes: int) -> list[float]:
+    samples = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        actions = await reconciler.reconcile()
+        samples.append(time.perf_counter() - started)
+        if actions:
+            raise AssertionError(f"a no-op pass planned {len(actions)} actions, e.g. {actions[0]}")
+    return samples
+
+
+def profile_summary(profile: cProfile.Profile, passes: int, top: int = 8) -> str:
+    """Where a pass spends its time: the functions with the most own time, per pass."""
+    stats = pstats.Stats(profile)
+    rows = []
+    for (filename, line, func), (_cc, calls, own_s, _cum_s, _callers) in stats.stats.items():
+        rows.append((own_s, calls, f"{Path(filename).name}:{line}({func})"))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows) or 1.0
+    return "; ".join(f"{where} {own_s / passes * 1e3:.1f} ms ({own_s / total:.0%}, "
+                     f"{calls // passes} calls)" for own_s, calls, where in rows[:top])
+
+
+def measure_noop(folder: Path, entries: int, passes: int) -> tuple[list[float], int, int, str]:
+    """(pass seconds, files written, files hashed, profile) for the no-op reconcile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    catalog = folder / "model_catalog.toml"
+    catalog.write_text(large_catalog_text(entries))
+    settings = Settings(catalog_path=catalog, models_dir=folder / "models",
+                        socket_path=folder / "noop.sock")
+    store = Store(settings.models_dir)
+    keeper = CatalogKeeper(catalog)
+    keeper.reload()
+    if keeper.error is not None or len(keeper.current.entries) != entries:
+        raise AssertionError(f"catalog of {entries} entries did not load: {keeper.error}")
+    # the daemon's real publish path (views compared, generations bumped), without subscribers
+    server = Server(socket_path=settings.socket_path)
+    reconciler = Reconciler(settings, store=store, catalog=keeper, publish=server.publish)
+    written = populate_store(store, reconciler)
+
+    async def run() -> tuple[list[float], str]:
+        await _timed_passes(reconciler, 2)      # warm: manifest caches, first publish
+        samples = await _timed_passes(reconciler, passes)
+        profile = cProfile.Profile()
+        profiled = max(3, passes // 3)
+        profile.enable()
+        await _timed_passes(reconciler, profiled)
+        profile.disable()
+        return samples, profile_summary(profile, profiled)
+
+    samples, profile = asyncio.run(run())
+    return samples, written, store.hash_count, profile
+
+
+# -- 4: the idle daemon -------------------------------------------------------------------------
+
+def wait_settled(daemon: DaemonProcess, models: set[str], timeout_s: float) -> None:
+    """Every model ready, INT8 of mlp proven, no worker running, no action pending."""
+    deadline = time.monotonic() + timeout_s
+    status: dict = {}
+    while time.monotonic() < deadline:
+        status = daemon.status()
+        views = status.get("models", {})
+        ready = all(views.get(m, {}).get("state") == "ready" for m in models)
+        int8 = any(v["variant"] == INT8 and v.get("proof")
+                   for v in views.get("mlp", {}).get("variants", []))
+        if ready and int8 and status.get("workers") == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"daemon did not settle in {timeout_s} s: {status.get('summary')}\n"
+                         f"{daemon.log()}")
+
+
+def proc_status(pid: int | str, task: str | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/task/{task}/status" if task else f"/proc/{pid}/status"
+    out = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def thread_switches(pid: int) -> dict[str, int]:
+    """Context switches per thread (``name/tid``): each one is a wake-up or a preemption."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            st = proc_status(pid, tid)
+        except FileNotFoundError:
+            continue     # a thread that ended between the listing and the read
+        out[f"{st['Name']}/{tid}"] = (int(st["voluntary_ctxt_switches"])
+                                      + int(st["nonvoluntary_ctxt_switches"]))
+    return out
+
+
+def children_of(pid: int) -> list[tuple[str, float]]:
+    """(command line, shortened; RSS in MiB) of each of ``pid``'s child processes."""
+    kids: list[tuple[str, float]] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                with contextlib.suppress(FileNotFoundError, KeyError):
+                    raw = Path(f"/proc/{child}/cmdline").read_bytes()
+                    command = raw.replace(b"\0", b" ").decode(errors="replace").strip()[:70]
+                    rss_kib = int(proc_status(child)["VmRSS"].split()[0])
+                    kids.append((command, rss_kib / 1024))
+    return kids
+
+
+def measure_idle(daemon: DaemonProcess, idle_s: float
+                 ) -> tuple[float, dict[str, int], list[tuple[str, float]]]:
+    """(RSS in MiB, switches per thread over ``idle_s``, child processes) of the settled daemon,
+    with one subscribed node connected and nobody asking anything."""
+    pid = daemon.proc.pid
+    with daemon.subscribe("det", "det2", "mlp", node="bench-idle") as sub:
+        sub.next_event(timeout_s=5)
+        time.sleep(1.0)                      # the subscribe's own replies are done
+        before = thread_switches(pid)
+        time.sleep(idle_s)
+        after = thread_switches(pid)
+        rss_kib = int(proc_status(pid)["VmRSS"].split()[0])
+        kids = children_of(pid)
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    return rss_kib / 1024, delta, kids
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def part(results: Results, name: str, only: set[str], fn: Callable[[], None]) -> None:
+    if name not in only:
+        return
+    started = time.monotonic()
+    print(f"{name} ...", flush=True)
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - a part that fails is a row; the other parts still run
+        results.failed(name, e)
+    print(f"{name}: {time.monotonic() - started:.1f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts of {', '.join(PARTS)}")
+    args = parser.parse_args(argv)
+    only = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = only - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    flips, rounds, passes, idle_s = (6, 2, 5, 3.0) if args.quick else (60, 20, 30, 10.0)
+    entries = 1000
+    results = Results()
+    step_ms = Settings().debounce_step_ms
+
+    with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
+        root = Path(tmp)
+        with hub_workspace(root) as ws:
+            ws.write_catalog(MLP_INT8)
+            if only & {"notify", "corrupt"}:
+                with running_daemon(ws) as daemon:
+                    def notify() -> None:
+                        samples = measure_notify(ws, daemon, flips)
+                        rows = latency_rows("edit -> notify", "catalog save -> node told",
+                                            samples, 0.100)
+                        rows[1] = replace(rows[1], note=(
+                            f"in-place save of model_catalog.toml flipping quantize.enabled; "
+                            f"default debounce step {step_ms} ms is the floor; best "
+                            f"{ms(min(samples))}. TF Serving polls every 1 s, Triton every 15 s"))
+                        results.add(*rows)
+
+                    def corrupt() -> None:
+                        samples = measure_corrupt(ws, daemon, rounds)
+                        results.add(*latency_rows("corrupt INT8 -> FP32",
+                                                  "truncate -> node told FP32", samples, 0.250))
+
+                    part(results, "notify", only, notify)
+                    part(results, "corrupt", only, corrupt)
+
+            def idle() -> None:
+                ws.write_catalog(entry_toml("det") + DET2 + MLP_INT8)
+                with running_daemon(ws) as daemon:
+                    wait_settled(daemon, {"det", "det2", "mlp"}, SETTLE_TIMEOUT_S)
+                    time.sleep(1.0)
+                    rss_mib, switches, kids = measure_idle(daemon, idle_s)
+                total = sum(switches.values())
+                busiest = ", ".join(f"{n}: {c}" for n, c in
+                                    sorted(switches.items(), key=lambda kv: -kv[1])[:4])
+                results.add(
+                    Row("idle daemon", "RSS after settling with 3 models", f"{rss_mib:.1f} MiB",
+                        "<= 60 MB", rss_mib <= 60 * 1e6 / 2**20,
+                        note="VmRSS of the daemon process alone; its child processes: " + (
+                            "; ".join(f"{c} ({r:.1f} MiB)" for c, r in kids) or "none")),
+                    Row("idle daemon", f"context switches in {idle_s:.0f} s idle (all threads)",
+                        f"{total} ({total / idle_s:.1f}/s)",
+                        "no periodic wake-ups (<= 1/s)", total / idle_s <= 1.0,
+                        note=f"not under systemd: no watchdog ping; resync every "
+                             f"{Settings().resync_interval_s:.0f} s; busiest threads: {busiest}"))
+
+            part(results, "idle", only, idle)
+
+        def noop() -> None:
+            samples, written, hashed, profile = measure_noop(root / "noop", entries, passes)
+            rows = latency_rows("no-op reconcile", f"pass over {entries} entries", samples, 0.050)
+            rows[1] = replace(rows[1], note=(
+                f"in-process Reconciler.reconcile() with the real Store ({written} files on disk), "
+                f"CatalogKeeper (file unchanged) and Server.publish (no subscribers); "
+                f"own time per pass: {profile}"))
+            results.add(*rows, Row("no-op reconcile", "files hashed during the passes",
+                                   str(hashed), "0", hashed == 0))
+
+        part(results, "noop", only, noop)
+    return results.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
