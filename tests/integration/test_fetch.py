@@ -159,6 +159,21 @@ def test_moved_branch_pulls_the_changed_file_only(pulled):
     assert leftovers(model_dir) == []
 
 
+@pytest.mark.parametrize("target", ["outside-dir", "loop"])
+def test_a_symlink_in_place_of_the_model_is_replaced_not_written_through(pulled, tmp_path, target):
+    hub, model_dir, first = pulled
+    path = model_dir / "model.onnx"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(b"untouched")
+    path.unlink()
+    path.symlink_to(outside if target == "outside-dir" else path)   # unreadable as a file
+    result = pull(fetch_request(hub.endpoint, model_dir, known=records_of(first)))
+    assert not path.is_symlink() and path.read_bytes() == MODEL
+    assert hub.log.count("GET", "*model.onnx") == 1 and result.changed
+    assert os.listdir(outside) == ["keep.txt"] and (outside / "keep.txt").read_bytes() == b"untouched"
+
+
 def test_crash_between_publish_and_manifest_adopts_the_file(pulled):
     hub, model_dir, first = pulled
     result = pull(fetch_request(hub.endpoint, model_dir, known={}))   # the manifest was lost

@@ -113,7 +113,7 @@ class _LocalFile:
         self.known = known
         try:
             self.stat: os.stat_result | None = os.stat(path)
-        except FileNotFoundError:
+        except OSError:   # missing, or a dangling/looping symlink: nothing usable is here
             self.stat = None
         self._sha256: str | None = None
 
@@ -122,22 +122,27 @@ class _LocalFile:
         return self.stat is not None
 
     @property
-    def sha256(self) -> str:
+    def sha256(self) -> str | None:
+        """None when the file cannot be read: it is then simply downloaded over."""
         if self._sha256 is None:
             if self.known is not None and self.known.stat_matches(self.stat):
                 self._sha256 = self.known.sha256   # the stat triple vouches for it: no read
             else:
-                self._sha256 = sha256_file(self.path)
-        return self._sha256
+                try:
+                    self._sha256 = sha256_file(self.path)
+                except OSError as e:
+                    log.warning("local_file_unreadable", file=str(self.path), error=str(e))
+                    self._sha256 = ""
+        return self._sha256 or None
 
     def intact(self) -> bool:
         """Present and still the content its known record describes."""
         return self.exists and self.known is not None and self.sha256 == self.known.sha256
 
     def record(self, provenance: Provenance | None) -> FileRecord:
-        st = self.stat
-        assert st is not None
-        return FileRecord(self.path.name, self.sha256, st.st_size, st.st_mtime_ns, st.st_ino,
+        st, sha256 = self.stat, self.sha256
+        assert st is not None and sha256 is not None
+        return FileRecord(self.path.name, sha256, st.st_size, st.st_mtime_ns, st.st_ino,
                           provenance=provenance)
 
 
@@ -299,8 +304,10 @@ def _reuse_or_adopt(request: FetchRequest, local: _LocalFile, remote: _Remote) -
     return None
 
 
-def _matches_etag(path: Path, sha256: str, etag: str) -> bool:
+def _matches_etag(path: Path, sha256: str | None, etag: str) -> bool:
     """LFS files carry their sha256 as ETag; plain git files carry the git blob sha1."""
+    if sha256 is None:
+        return False
     if _SHA256_RE.match(etag):
         return sha256 == etag
     if _COMMIT_RE.match(etag):
