@@ -373,6 +373,14 @@ def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):  #
     assert hub.log.count("GET") == 2
 
 
+def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):  # noqa: F811
+    publish(hub)
+    hub.faults.add("not_found", "*model.onnx", method="HEAD")
+    with pytest.raises(HubNotFoundError, match="not found"):
+        pull(fetch_request(hub.endpoint, model_dir, attempts=5))
+    assert hub.log.count() == 1
+
+
 def test_persistent_5xx_gives_up_after_the_attempts(hub, model_dir):  # noqa: F811
     publish(hub)
     hub.faults.add("status_503", times=1000)
