@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import statistics
 import sys
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="prove the INT8 variant this many times to show measurement spread")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-variants-"))
+    # other processes on the same cores move every number: say how busy the host was
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     try:
         det = ocr_detector()
         if det is None:
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
               repeat=args.repeat, workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return 0
 
 
