@@ -27,6 +27,7 @@ class Workspace:
 
     root: Path
     hub: LocalHub
+    endpoint: str = ""      # kept when the hub is stopped (an outage keeps the same address)
 
     @property
     def catalog(self) -> Path:
@@ -38,7 +39,7 @@ class Workspace:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"HF_ENDPOINT": self.hub.endpoint, "MODELD_CATALOG": str(self.catalog),
+        env.update({"HF_ENDPOINT": self.endpoint or self.hub.endpoint, "MODELD_CATALOG": str(self.catalog),
                     "MODELD_MODELS": str(self.models), "HF_HUB_DISABLE_TELEMETRY": "1",
                     "MODELD_SOCKET": str(self.root / "modeld.sock")})
         env.pop("HF_TOKEN", None)
@@ -86,7 +87,7 @@ def workspace(tmp_path):
     hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
     hub.store.create_repo("acme/mlp")
     hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
-    ws = Workspace(root=tmp_path / "robot", hub=hub)
+    ws = Workspace(root=tmp_path / "robot", hub=hub, endpoint=hub.endpoint)
     ws.root.mkdir()
     try:
         yield ws

@@ -101,7 +101,8 @@ def _numbers_from_env(env: dict[str, str]) -> dict[str, Any]:
     for name, kind in (("max_workers", int), ("debounce_step_ms", int), ("debounce_max_ms", int),
                        ("resync_interval_s", float), ("pull_timeout_s", float),
                        ("pull_attempts", int), ("quantize_timeout_s", float),
-                       ("verify_timeout_s", float), ("worker_memory_mb", int)):
+                       ("verify_timeout_s", float), ("worker_memory_mb", int),
+                       ("retry_backoff_base_s", float), ("retry_backoff_cap_s", float)):
         raw = env.get(f"MODELD_{name.upper()}")
         if raw:
             try:
@@ -124,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        logs.configure(log_level(args))
+        level = log_level(args)
+        logs.configure(level)
+        os.environ["MODELD_LOG_LEVEL"] = level   # worker processes log like the daemon
         settings = settings_from(args)
         return COMMANDS[args.command](settings, args)
     except CatalogError as e:
@@ -151,7 +154,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return run_daemon(settings)
 
 
-def cmd_sync(settings: Settings, args: argparse.Namespace, only: set[str] | None = None) -> int:
+def cmd_sync(settings: Settings, args: argparse.Namespace, only: set[str] | None = None,
+             *, refresh: bool = True) -> int:
     keeper = CatalogKeeper(settings.catalog_path)
     keeper.reload()
     if keeper.error is not None:
@@ -168,13 +172,14 @@ def cmd_sync(settings: Settings, args: argparse.Namespace, only: set[str] | None
         progress = _ProgressLine() if sys.stderr.isatty() else None
         reconciler = Reconciler(settings, store=store, catalog=keeper,
                                 on_change=(lambda: progress.update(reconciler)) if progress else None)
-        asyncio.run(reconciler.converge(only))
+        asyncio.run(reconciler.converge(only, refresh=refresh))
         if progress:
             progress.clear()
         failed = reconciler.failed_models()
     finally:
         store.unlock()
-    _print_views(reconciler.views, settings)
+    _print_views({n: v for n, v in reconciler.views.items() if only is None or n in only},
+                 settings)
     for error in keeper.current.errors:
         _say(str(error))
     for name, error in sorted(failed.items()):
@@ -261,7 +266,9 @@ def cmd_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
-    """Prove again now: forget the recorded proofs of this model, then converge."""
+    """Prove again now: forget the recorded proofs of this model, then converge (no hub)."""
+    if args.name not in load_catalog(settings.catalog_path).entries:
+        raise UsageError(f"{args.name} is not in {settings.catalog_path}")
     store = Store(settings.models_dir)
     store.lock()
     try:
@@ -269,7 +276,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
         store.write_manifest(replace(manifest, proofs={}))
     finally:
         store.unlock()
-    return cmd_sync(settings, args, only={args.name})
+    return cmd_sync(settings, args, only={args.name}, refresh=False)
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:

@@ -75,6 +75,11 @@ def _resolve(path: str):
 
 def _child_main(conn, spec: JobSpec, request: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    from . import logs
+    try:  # the same level and format as the daemon (the CLI exports its level)
+        logs.configure(os.environ.get("MODELD_LOG_LEVEL", "warning"))
+    except Exception:  # noqa: BLE001 - logging must never stop the job
+        pass
     if spec.memory_mb:
         import resource
         limit = spec.memory_mb * 1024 * 1024

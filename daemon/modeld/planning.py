@@ -108,9 +108,20 @@ def plan_model(entry: ModelEntry, state: ModelState | None, context: PlanContext
     if stale:
         return Pull(entry.name, entry, stale)
     fp32 = manifest.files[FP32_FILE]
+    return (local_work(entry, state, manifest, fp32, context)
+            or upstream_check(entry, fp32, context))
+
+
+def upstream_check(entry: ModelEntry, fp32: FileRecord, context: PlanContext) -> Pull | None:
+    """Last in line: an unreachable hub must never hold up proving or deriving local files."""
     if entry.name in context.refresh and not is_pinned(entry, fp32):
         return Pull(entry.name, entry, "check upstream for a new commit")
+    return None
 
+
+def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, fp32: FileRecord,
+               context: PlanContext) -> Action | None:
+    """Proofs and derived variants of the FP32 file that is on disk."""
     providers = providers_for(entry, context)
     fp32_key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=providers,
                          gates=Gates(), onnxruntime=context.onnxruntime_version,

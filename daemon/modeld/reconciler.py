@@ -172,10 +172,10 @@ class Reconciler:
         if only is not None:
             actions = [a for a in actions if a.name in only]
         self._cancel_obsolete(catalog, actions)
-        self.pending = frozenset(a.name for a in actions)
         if dispatch:
-            for action in actions:
-                self._dispatch(action)
+            self.pending = frozenset(a.name for a in actions if self._dispatch(action=a))
+        else:
+            self.pending = frozenset(a.name for a in actions)
         self.views = build_views(catalog, inventory, context, self._activity_now(),
                                  self.pending, str(self.store.root))
         self._publish(self.views)
@@ -213,22 +213,25 @@ class Reconciler:
                      why="removed from the catalog" if name not in catalog.entries
                      else "desired state changed")
 
-    def _dispatch(self, action: Action) -> None:
+    def _dispatch(self, action: Action) -> bool:
+        """Start ``action`` unless its model is busy or it failed and must wait.
+        True when it is running or about to run (the model is pending)."""
         name = action.name
         if name in self._running:
-            return
+            return True
         failure = self._failures.get(name)
         if failure is not None and failure.identity == action.identity:
             if failure.retry_at is None or self._oneshot:
-                return
+                return False
             delay = failure.retry_at - time.monotonic()
             if delay > 0:
                 self._schedule_wake(delay)
-                return
+                return False
         assert self._semaphore is not None
         task = asyncio.get_running_loop().create_task(self._execute(action),
                                                       name=f"job:{name}")
         self._running[name] = _Running(action, task)
+        return True
 
     def _schedule_wake(self, delay_s: float) -> None:
         loop = asyncio.get_running_loop()

@@ -158,3 +158,21 @@ def test_pull_list_remove(workspace):
     assert not (workspace.models / "mlp").exists()
     assert workspace.cli("remove", "mlp").returncode == 2
     assert workspace.cli("pull", "nope").returncode == 2
+
+
+def test_hub_outage_keeps_serving_and_verify_needs_no_hub(workspace):
+    workspace.write_catalog(entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
+                                       quantize="dynamic_int8") + "allow_slower = true\n")
+    assert workspace.cli("sync").returncode == 0
+    workspace.hub.stop()
+    down = workspace.cli("sync", MODELD_PULL_ATTEMPTS="1")
+    assert down.returncode == 1                      # the upstream check failed, and says so
+    assert "mlp" in down.stderr and "Traceback" not in down.stderr
+    served = workspace.status()["models"]["mlp"]
+    assert {v["variant"] for v in served["variants"]} == {"fp32", "int8"}
+    assert served["served"] is not None
+    verified = workspace.cli("verify", "mlp")        # proves again from local files only
+    assert verified.returncode == 0, verified.stderr
+    proofs = workspace.manifest("mlp")["proofs"]
+    assert set(proofs) == {"model.onnx", "model-int8.onnx"}
+    assert workspace.cli("verify", "nope").returncode == 2
