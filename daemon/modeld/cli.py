@@ -348,7 +348,7 @@ class _ProgressLine:
         self._last = ""
 
     def update(self, reconciler: Reconciler) -> None:
-        busy = [(n, a) for n, a in reconciler._activity.items() if a.action]
+        busy = [(n, a) for n, a in reconciler.activity().items() if a.action]
         if not busy:
             self.clear()
             return

@@ -433,9 +433,9 @@ class Reconciler:
                 out[name] = replace(out[name], retry_in_s=round(max(0.0, failure.retry_at - now), 1))
         return out
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._running)
+    def activity(self) -> dict[str, Activity]:
+        """What each model's job is doing now, or last failed doing."""
+        return dict(self._activity)
 
     def failed_models(self) -> dict[str, ModeldError]:
         return {n: f.error for n, f in self._failures.items()}

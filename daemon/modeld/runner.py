@@ -41,7 +41,9 @@ class Daemon:
                              socket_group=settings.socket_group, max_clients=settings.max_clients,
                              on_rejection=self._on_rejection, status_extra=self._status_extra)
         self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
-                                     publish=self.server.publish, on_change=self._on_change)
+                                     publish=self.server.publish, on_change=self._on_change,
+                                     backoff_base_s=settings.retry_backoff_base_s,
+                                     backoff_cap_s=settings.retry_backoff_cap_s)
         self.stopping = asyncio.Event()
         self._status_task: asyncio.Task | None = None
         self._last_status = ""
@@ -73,7 +75,7 @@ class Daemon:
                 systemd.ready(self.reconciler.summary())
                 log.info("ready", models=len(self.catalog.current.entries),
                          summary=self.reconciler.summary())
-                watchdog = loop.create_task(self._watchdog())
+                watchdog = loop.create_task(systemd.keep_watchdog_fed())
                 await self.reconciler.run(self.stopping)
                 watchdog.cancel()
             finally:
@@ -97,15 +99,6 @@ class Daemon:
         while self.reconciler.passes == passes and not self.stopping.is_set():
             await asyncio.sleep(0.01)
         systemd.ready(self.reconciler.summary())
-
-    async def _watchdog(self) -> None:
-        """WATCHDOG=1 from the event loop itself: a stuck loop stops pinging and gets restarted."""
-        interval_s = systemd.watchdog_interval_s()
-        if not interval_s:
-            return
-        while True:
-            systemd.watchdog_ping()
-            await asyncio.sleep(interval_s / 2)
 
     def _on_change(self) -> None:
         """Keep systemd's STATUS= line current, at most every STATUS_MIN_INTERVAL_S."""
