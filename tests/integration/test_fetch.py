@@ -16,12 +16,11 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from hubfixtures import (LABELS, LABELS_PATH, MODEL_PATH, REPO, ProgressLog, dead_endpoint,
+from hubfixtures import (LABELS, MODEL_PATH, REPO, ProgressLog, dead_endpoint,
                          fetch_request, hub, model_dir, publish, records_of)  # noqa: F401
 from modeld import errors
 from modeld.errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
