@@ -383,6 +383,10 @@ def test_standalone_server_imports_a_folder_and_stops_on_sigterm(tmp_path):
         assert first_response.status == 503               # the --fault flag
         conn.request("GET", "/acme/demo/resolve/main/model.onnx")
         assert conn.getresponse().read() == BODY
+        # another process (the demo, a test) commits to the store the server is serving
+        HubStore(tmp_path / "store").commit("acme/demo", {"model.onnx": b"v2"})
+        conn.request("GET", "/acme/demo/resolve/main/model.onnx")
+        assert conn.getresponse().read() == b"v2"
         conn.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0

@@ -89,6 +89,15 @@ def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model
     assert any(detail == "downloading model.onnx" for _, detail in progress.calls)
 
 
+def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):  # noqa: F811
+    publish(hub)
+    pr_commit = publish(hub, model=tiny_cnn(seed=11), branch="refs/pr/1")
+    result = pull(fetch_request(hub.endpoint, model_dir, revision="refs/pr/1"))
+    assert result.commit == pr_commit
+    assert (model_dir / "model.onnx").read_bytes() == tiny_cnn(seed=11)
+    assert hub.log.records("HEAD")[0].path.endswith("/resolve/refs/pr/1/" + MODEL_PATH)
+
+
 def test_symbolic_dims_and_no_labels(hub, model_dir):  # noqa: F811
     publish(hub, model=matmul_mlp(), labels=None)
     result = pull(fetch_request(hub.endpoint, model_dir, labels=None))
@@ -282,10 +291,13 @@ def test_gated_repo_without_access_is_an_auth_error(hub, model_dir):  # noqa: F8
         pull(fetch_request(hub.endpoint, model_dir, token="hf_other"))
 
 
-def test_not_an_onnx_model_is_refused_and_not_published(pulled):
+@pytest.mark.parametrize("content", [b"<html>this is not a model</html>\n" * 20,
+                                     tiny_cnn(seed=2)[:1500], b""],
+                         ids=["html", "truncated", "empty"])
+def test_not_an_onnx_model_is_refused_and_not_published(pulled, content):
     hub, model_dir, first = pulled
     before = snapshot(model_dir)
-    commit = publish(hub, model=b"<html>this is not a model</html>\n" * 20)
+    commit = publish(hub, model=content)
     with pytest.raises(StoreError) as caught:
         pull(fetch_request(hub.endpoint, model_dir, known=records_of(first)))
     assert f"model.onnx from {REPO}@{commit[:7]} is not an ONNX model" in str(caught.value)
