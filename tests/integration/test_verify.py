@@ -316,6 +316,21 @@ def _fp32_request(folder: Path, file_name: str) -> ProveRequest:
                         preprocessing_preset=None, input_size=None, samples=2)
 
 
+def test_prove_with_calibration_data_has_no_synthetic_warning(model_dir, int8_file, tmp_path):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        np.save(calibration / f"sample-{i}.npy", rng.random((1, 3, 32, 32), dtype=np.float32))
+    request = ProveRequest(model_dir=str(model_dir), file_name=int8_file.name, variant="int8",
+                           reference_file="model.onnx", providers=(CPU,), gates=LENIENT,
+                           calibration=str(calibration), preprocessing_preset=None,
+                           input_size=None, samples=3)
+    proof = verify.prove(request, lambda f, d: None)
+    assert proof.on(CPU).passed and proof.on(CPU).cosine > 0.99
+    assert not any("synthetic" in w for w in proof.warnings)
+
+
 def test_prove_of_an_unreadable_fp32_file_is_a_refusal_not_an_exception(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"<html>rate limited</html>")
     proof = verify.prove(_fp32_request(tmp_path, "model.onnx"), lambda f, d: None)
