@@ -108,6 +108,7 @@ class ServerThread:
             self.server = None
 
     def shutdown(self) -> None:
+        LineClient.close_all()
         self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
@@ -118,9 +119,22 @@ class ServerThread:
 
 
 class LineClient:
-    """A raw socket client speaking the protocol by hand (what a non-Python node would do)."""
+    """A raw socket client speaking the protocol by hand (what a non-Python node would do).
+
+    Open clients are kept until a ``ServerThread`` shuts down: left to the garbage collector at
+    the end of a test, their hang-up would be logged by the server between pytest's capture
+    phases, into the test run's own output.
+    """
+
+    _open: list["LineClient"] = []
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls._open:
+            cls._open.pop().close()
 
     def __init__(self, socket_path: Path, timeout_s: float = 5.0) -> None:
+        LineClient._open.append(self)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout_s)
         self.sock.connect(str(socket_path))
