@@ -172,6 +172,8 @@ PROBE = textwrap.dedent('''
             wx = "allowed"
         except PermissionError:
             wx = "refused"
+        import socket
+        socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)   # name lookups still work
         try:
             Path("/var/tmp/modeld-probe").write_text("x")
             outside = "writable"
