@@ -174,10 +174,13 @@ def test_socat_speaks_the_protocol(server, sock_path, files):
 
 
 def test_unknown_model_then_removed(server, sock_path, files):
-    client = connect(sock_path, models=("nope", "yolo"))
-    events = {e["model"]: e for e in (client.read(), client.read())}
+    hostile = ("../../../etc/passwd", files["fp32"].path, "yolo/../head")
+    client = connect(sock_path, models=("nope", "yolo", *hostile))
+    events = {e["model"]: e for e in (client.read() for _ in range(5))}
     assert events["nope"] == {"event": "unavailable", "model": "nope",
                               "reason": "not in the catalog", "generation": 0}
+    # Names are only looked up among the views: a path is just another unknown name.
+    assert all(events[name]["reason"] == "not in the catalog" for name in hostile)
     server.publish([view("head", files["mlp"])])
     assert client.read() == {"event": "removed", "model": "yolo"}
     assert client.request({"op": "ping"}, "pong")  # nothing for "nope": it never existed
