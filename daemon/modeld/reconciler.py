@@ -236,7 +236,10 @@ class Reconciler:
     def _schedule_wake(self, delay_s: float) -> None:
         loop = asyncio.get_running_loop()
         when = loop.time() + delay_s
-        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= when:
+        # Only a timer still to come makes this one redundant: a handle that already ran is
+        # neither cancelled nor in the future, and must not swallow every later retry.
+        if (self._timer is not None and not self._timer.cancelled()
+                and loop.time() < self._timer.when() <= when):
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -355,7 +358,8 @@ class Reconciler:
                        reference_file=action.reference_file, providers=providers,
                        gates=action.gates, calibration=calibration,
                        preprocessing_preset=entry.preprocessing_preset,
-                       input_size=entry.input_size, simulated=dict(s.simulated_providers))
+                       input_size=entry.input_size, simulated=dict(s.simulated_providers),
+                       task=entry.task or None)
         return JobSpec(f"{VERIFY}:prove", s.verify_timeout_s, s.worker_memory_mb,
                        f"{VERIFY}:ProveRequest"), request
 
