@@ -196,3 +196,18 @@ def test_a_daemon_restart_with_the_same_file_reloads_nothing(sock_path, files):
                      ["acked_generation"] == hot.current.generation)
     finally:
         hot.close()
+
+
+def test_a_swapped_out_session_is_released(server, sock_path, files):
+    import gc
+    import weakref
+
+    with HotSession(models="yolo", socket_path=sock_path) as hot:
+        assert hot.wait_ready(10)
+        old = weakref.ref(hot.session)
+        hot.run(None, {"images": IMAGES})
+        server.publish([view("yolo", files["fp32"], files["int8"])])
+        wait_for(lambda: hot.current.variant == "int8")
+        gc.collect()
+        assert old() is None  # no reference kept: swaps do not pile up sessions in memory
+        assert hot.run(None, {"images": IMAGES})[0].shape == (1, 4, 16, 16)
