@@ -367,7 +367,7 @@ def test_temporary_faults_are_retried_with_a_bounded_request_count(
     publish(hub)
     times = 2 if kind == "status_503" else 1
     hub.faults.add(kind, "*model.onnx", times=times, method=method, **extra)
-    result = pull(fetch_request(hub.endpoint, model_dir, timeout_s=0.5))
+    result = pull(fetch_request(hub.endpoint, model_dir, timeout_s=1.0))
     assert (model_dir / "model.onnx").read_bytes() == MODEL and result.changed
     assert (hub.log.count("HEAD"), hub.log.count("GET")) == (heads, gets)
     assert hub.faults.pending == []
