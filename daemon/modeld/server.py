@@ -153,7 +153,9 @@ class Server:
     # --- views -------------------------------------------------------------------------------
 
     def publish(self, views: Mapping[str, ModelView]) -> None:
-        """Take the full set of current views; tell each subscriber whose choice changed."""
+        """Take the full set of current views; tell each subscriber whose choice changed.
+
+        Call it on the server's event loop (it is not thread-safe, and need not be)."""
         old, new = self._views, dict(views)
         self._views = new
         first = not self._published
@@ -408,7 +410,9 @@ class _Client:
         """Queue one event without ever blocking the caller (fan-out must not stall)."""
         if self._closed:
             return
-        if len(self._queue) >= self._queue_limit:
+        # Room for one state per followed model on top of the limit: a large subscribe answers
+        # all its models in one go, before the writer gets to run.
+        if len(self._queue) >= self._queue_limit + len(self.sent_events):
             if self._collapsed:
                 log.warning("client_too_slow", client=self.id, node=self.node, pid=self.pid,
                             queued=len(self._queue))

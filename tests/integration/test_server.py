@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from modeld.server import SocketInUseError, SocketPathError
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
-from servefixtures import COREML, CPU, LineClient, ServerThread, view, write_variant
+from servefixtures import COREML, CPU, LineClient, ServerThread, serving, view, write_variant
 
 CUDA = "CUDAExecutionProvider"
 
@@ -534,3 +534,13 @@ def test_every_client_ends_on_the_latest_choice_after_random_changes(server, soc
                 "variant", want.sha256, want.provider), (o, got, want)
         else:
             assert got["event"] == "unavailable" and got["reason"] == want.reason
+
+
+def test_one_large_subscribe_is_answered_in_full_with_a_small_queue(sock_path, files):
+    with serving(sock_path, [view("yolo", files["fp32"])], queue_limit=4):
+        client = LineClient(sock_path)
+        client.read()
+        client.send(subscribe(["yolo"] + [f"m{i}" for i in range(200)]))
+        models = {client.read()["model"] for _ in range(201)}
+        assert len(models) == 201
+        assert client.request({"op": "ping"}, "pong")
