@@ -96,13 +96,26 @@ class Debouncer:
         return reason
 
 
+def catalog_chain(catalog_path: Path, max_links: int = 40) -> list[str]:
+    """``catalog_path`` and, through any symlinks, each path up to the real file: configuration
+    tools often link /etc files elsewhere, and an edit of the target must count too."""
+    chain = [os.path.abspath(catalog_path)]
+    for _ in range(max_links):
+        try:
+            target = os.readlink(chain[-1])
+        except OSError:   # not a link (or gone): the chain ends here
+            break
+        chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), target)))
+    return chain
+
+
 class _EventSorter(ev.FileSystemEventHandler):
     """Runs on watchdog's thread: turns one event into a WakeReason (or nothing) and queues it."""
 
     def __init__(self, *, catalog_path: Path, models_dir: Path,
                  queue: Callable[[WakeReason], None], root_lost: Callable[[], None]) -> None:
-        self._catalog_dir = str(catalog_path.parent)
-        self._catalog_name = catalog_path.name
+        #: the catalog's path and, if it is a symlink, every path on the way to the real file
+        self.catalog_files = frozenset(catalog_chain(catalog_path))
         self._models_dir = str(models_dir)
         self._queue = queue
         self._root_lost = root_lost
@@ -124,8 +137,7 @@ class _EventSorter(ev.FileSystemEventHandler):
     def classify(self, path: str, event: ev.FileSystemEvent) -> WakeReason:
         if not path:
             return WakeReason()
-        folder, name = os.path.split(path)
-        if folder == self._catalog_dir and name == self._catalog_name:
+        if path in self.catalog_files:
             return WakeReason(catalog_changed=True)
         relative = os.path.relpath(path, self._models_dir)
         if relative == "." or relative.startswith(".." + os.sep) or relative == "..":
@@ -153,6 +165,8 @@ class Watcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._root_missing = False
+        self._catalog_moved = False
+        self._catalog_folders: set[str] = set()
         self._observer: Observer | None = None
         self._models_watch = None
         self._sorter: _EventSorter | None = None
@@ -169,18 +183,19 @@ class Watcher:
                                     queue=self._queue, root_lost=self._on_root_lost)
         observer = Observer()
         observer.daemon = True
+        self._observer = observer
+        self._catalog_folders = set()
         try:
-            # the folder, not the file: editors replace the file (rename, sed -i), which a watch
+            # the folders, not the file: editors replace the file (rename, sed -i), which a watch
             # on the file's inode would miss
-            observer.schedule(self._sorter, str(self.catalog_path.parent), recursive=False,
-                              event_filter=_CATALOG_EVENT_TYPES)
+            self._watch_catalog_folders()
             self._models_watch = observer.schedule(self._sorter, str(self.models_dir),
                                                    recursive=True, event_filter=_EVENT_TYPES)
             observer.start()
         except OSError as e:
             observer.stop()
+            self._observer = None
             raise _watch_error(self.models_dir, e) from e
-        self._observer = observer
         self._stopping = False
         self._root_missing = False
         self._pump = threading.Thread(target=self._run_pump, name="modeld-watcher", daemon=True)
@@ -200,9 +215,22 @@ class Watcher:
             self._pump = None
 
     def _queue(self, reason: WakeReason) -> None:
+        if reason.catalog_changed:
+            self._catalog_moved = True   # a symlink may point elsewhere now: checked by the pump
         with self._cond:
             self._debouncer(reason, time.monotonic())
             self._cond.notify_all()
+
+    def _watch_catalog_folders(self) -> None:
+        """Watch the folder of every path on the catalog's symlink chain (once each)."""
+        assert self._observer is not None and self._sorter is not None
+        chain = catalog_chain(self.catalog_path)
+        self._sorter.catalog_files = frozenset(chain)
+        for folder in dict.fromkeys(os.path.dirname(p) for p in chain):
+            if folder not in self._catalog_folders and os.path.isdir(folder):
+                self._observer.schedule(self._sorter, folder, recursive=False,
+                                        event_filter=_CATALOG_EVENT_TYPES)
+                self._catalog_folders.add(folder)
 
     def _on_root_lost(self) -> None:
         log.warning("models_dir_deleted", models=str(self.models_dir))
@@ -231,9 +259,15 @@ class Watcher:
 
     def _run_pump(self) -> None:
         while True:
+            # outside our lock: watchdog calls our handler while holding its own lock
             if self._root_missing:
-                # outside our lock: watchdog calls our handler while holding its own lock
                 self._rearm()
+            if self._catalog_moved:
+                self._catalog_moved = False
+                try:
+                    self._watch_catalog_folders()
+                except OSError as e:
+                    log.error("catalog_watch_failed", catalog=str(self.catalog_path), error=str(e))
             with self._cond:
                 if self._stopping:
                     return

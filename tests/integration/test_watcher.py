@@ -169,6 +169,41 @@ def test_other_files_beside_the_catalog_do_not_wake_it(watched):
     assert sentinel_catalog(catalog, wakes) == [WakeReason(catalog_changed=True)]
 
 
+def test_a_symlinked_catalog_is_followed_to_its_target_and_re_pointed(tree):
+    """Configuration tools link /etc files elsewhere: an edit of the target counts, and so does
+    re-pointing the link (ln -sfn), after which the new target's edits count."""
+    catalog, models = tree
+    real_v1 = catalog.parent.parent / "store-v1" / "catalog.toml"
+    real_v2 = catalog.parent.parent / "store-v2" / "catalog.toml"
+    for real in (real_v1, real_v2):
+        real.parent.mkdir()
+        real.write_text(CATALOG_TEXT)
+    catalog.unlink()
+    catalog.symlink_to(real_v1)
+    wakes = Wakes()
+    watcher = Watcher(catalog_path=catalog, models_dir=models, wake=wakes, step_ms=10, max_ms=50)
+    watcher.start()
+    try:
+        with open(real_v1, "a") as f:                 # edit the target in place
+            f.write("# v1 edited\n")
+        wakes.wait_for(lambda m: m.catalog_changed, "an edit of the link's target")
+        wakes.clear()
+        link_tmp = catalog.with_name(".catalog-link-tmp")   # ln -sfn: new link, rename over
+        link_tmp.symlink_to(real_v2)
+        os.replace(link_tmp, catalog)
+        wakes.wait_for(lambda m: m.catalog_changed, "the link re-pointed")
+        wakes.clear()
+        (real_v1.parent / "catalog.toml").write_text("# the old target: no longer ours\n")
+        # the old target's edit no longer counts (one inotify queue: the sentinel comes after)
+        assert sentinel_model(models, wakes) == [WakeReason(models=frozenset({"sentinel"}))]
+        wakes.clear()
+        with open(real_v2, "a") as f:                 # the new target's edits count
+            f.write("# v2 edited\n")
+        wakes.wait_for(lambda m: m.catalog_changed, "an edit of the new target")
+    finally:
+        watcher.stop()
+
+
 # -- models/: damage and changes wake the reconciler for that model -----------------------------
 
 def truncate_model(model: Path) -> None:
