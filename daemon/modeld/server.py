@@ -366,6 +366,10 @@ class Server:
                 self._handle_line(client, line)
                 if client.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     closing_error = f"{client.consecutive_errors} bad lines in a row; closing"
+                elif client.backlog >= self.queue_limit // 2:
+                    # Pipelined requests: answer what is queued before reading more, so a
+                    # burst of requests is slowed down rather than taken for a slow reader.
+                    await client.flush(timeout_s=self.write_timeout_s)
             if closing_error is not None:
                 log.warning("client_abusive", client=client.id, pid=pid, error=closing_error)
                 client.send(error_event(closing_error))
@@ -456,6 +460,10 @@ class _Client:
             self.abort()
         finally:
             self._idle.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
 
     async def flush(self, timeout_s: float) -> None:
         try:

@@ -544,3 +544,11 @@ def test_one_large_subscribe_is_answered_in_full_with_a_small_queue(sock_path, f
         models = {client.read()["model"] for _ in range(201)}
         assert len(models) == 201
         assert client.request({"op": "ping"}, "pong")
+
+
+def test_a_burst_of_pipelined_requests_is_answered_in_full(server, sock_path):
+    client = LineClient(sock_path)
+    client.read()
+    client.send(b'{"op": "ping"}\n' * 2000)
+    assert all(client.read() == {"event": "pong"} for _ in range(2000))
+    assert client.request({"op": "status"}, "status")["clients"] == 1
