@@ -79,7 +79,7 @@ def service(user_manager, tmp_path):
     log = user_manager.log_path(unit)
     text = sandboxed_user_unit(
         f"{sys.executable} {script} {work}", work, log,
-        replace={"WatchdogSec": "2", "RestartSec": "100ms"},
+        replace={"WatchdogSec": "3", "RestartSec": "100ms"},
         add=[("Unit", "StartLimitIntervalSec", "0")])   # several restarts in one test are expected
     user_manager.install(unit, text)
     done = user_manager.systemctl("start", unit, check=False, timeout_s=60)
@@ -119,8 +119,8 @@ def test_reload_goes_through_sighup_and_ready(user_manager, service):
 def test_a_service_that_stops_feeding_the_watchdog_is_restarted(user_manager, service):
     unit, work = service
     pid = main_pid(user_manager, unit)
-    # fed, it outlives its 2 s watchdog timeout: the pings arrive
-    time.sleep(2.5)
+    # fed, it outlives its 3 s watchdog timeout: the pings arrive
+    time.sleep(3.5)
     state = user_manager.show(unit, "MainPID", "NRestarts", "ActiveState")
     assert state == {"MainPID": str(pid), "NRestarts": "0", "ActiveState": "active"}
     (work / "stop-pinging").write_text(str(pid))

@@ -307,7 +307,8 @@ def test_a_published_variant_wakes_it_once_it_lands(watched):
 def test_a_burst_is_merged_into_few_wake_ups(tree):
     catalog, models = tree
     wakes = Wakes()
-    watcher = Watcher(catalog_path=catalog, models_dir=models, wake=wakes, step_ms=200, max_ms=2000)
+    # a long quiet step: a busy CI host may pause the writer, which must not split the burst
+    watcher = Watcher(catalog_path=catalog, models_dir=models, wake=wakes, step_ms=500, max_ms=5000)
     watcher.start()
     try:
         events = 0
