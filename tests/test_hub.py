@@ -64,6 +64,16 @@ def test_get_serves_the_content_at_every_kind_of_revision(served):
         assert response.getheader("X-Repo-Commit") == commit
 
 
+def test_repo_ids_with_one_segment_or_named_resolve(hub):  # noqa: F811
+    hub.store.commit("acme/resolve", {"f.bin": b"two segments"})
+    hub.store.commit("gpt2", {"f.bin": b"one segment"})
+    for path, expected in [("/acme/resolve/resolve/main/f.bin", b"two segments"),
+                           ("/gpt2/resolve/main/f.bin", b"one segment")]:
+        response, body, conn = request(hub, "GET", path)
+        conn.close()
+        assert (response.status, body) == (200, expected)
+
+
 def test_commits_are_snapshots_and_keep_untouched_files(served):
     hub, first = served
     second = hub.store.commit(REPO, {"README.md": b"changed\n"})

@@ -439,11 +439,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         """Map /{repo}/resolve/{revision}/{file} to a blob, answering errors as the Hub does."""
         store = self.server.hub.store
         raw_parts = urlsplit(self.path).path.split("/")[1:]
-        try:
-            at = raw_parts.index("resolve")
-        except ValueError:
-            at = -1
-        if at not in (1, 2) or len(raw_parts) < at + 3:
+        # owner/name/resolve/... first: a repo may itself be named "resolve"
+        at = next((i for i in (2, 1) if len(raw_parts) > i and raw_parts[i] == "resolve"), -1)
+        if at < 0 or len(raw_parts) < at + 3:
             record(404)
             self._send_error(method, 404, None, "not a /resolve url")
             return None
