@@ -315,6 +315,22 @@ def test_corrupt_sends_the_right_length_with_a_wrong_digest(served):
     assert body[:7] == BODY[:7] and body[8:] == BODY[8:]
 
 
+def test_a_stalled_download_does_not_hold_up_other_requests(served):
+    hub, _ = served
+    hub.faults.add("stall", "*blob.bin", seconds=5.0, at_byte=100)
+    stalled = threading.Thread(target=lambda: _swallow(request, hub, "GET", PATH, timeout=10))
+    stalled.start()
+    while not hub.log.records("GET", "*blob.bin"):
+        time.sleep(0.01)
+    response, body, conn = request(hub, "GET", f"/{REPO}/resolve/main/README.md")
+    conn.close()
+    assert (response.status, body) == (200, b"hello\n")
+    assert stalled.is_alive()                      # still stalled while the other was served
+    hub.stop()                                     # ends the stall
+    stalled.join(timeout=5)
+    assert not stalled.is_alive()
+
+
 def test_unknown_fault_kind_is_refused(hub):  # noqa: F811
     with pytest.raises(ValueError, match="unknown fault kind"):
         hub.faults.add("explode")
