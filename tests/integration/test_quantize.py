@@ -424,3 +424,111 @@ def test_auto_when_nothing_passes_keeps_the_closest_refusal(cnn_dir):
     assert any(w.startswith("no auto candidate passed the gates") for w in result.warnings)
     assert all(not r["passed"] for r in result.candidates)
     assert (cnn_dir / "model-int8.onnx").is_file()  # published with its proof: FP32 keeps serving
+
+
+# ---- selection: affine folding, measured selection ---------------------------------------------
+
+def _conv_affine_model(scale_shape, shift_shape, *, extra_reader: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (6,)).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, scale_shape).astype(np.float32), "s"),
+             numpy_helper.from_array(rng.normal(0, 1, shift_shape).astype(np.float32), "t")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "s"], ["m"], name="mul"),
+             helper.make_node("Add", ["m", "t"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])]
+    if extra_reader:
+        nodes.append(helper.make_node("Sigmoid", ["c"], ["z"], name="side"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 6, 8, 8]))
+    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 8, 8])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("scale_shape, shift_shape", [((1,), (1,)), ((1, 6, 1, 1), (6, 1, 1))])
+def test_affine_pairs_fold_into_the_conv_exactly(scale_shape, shift_shape):
+    from modeld.workers.selection import fold_affine_into_conv
+
+    model = _conv_affine_model(scale_shape, shift_shape)
+    before = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    assert fold_affine_into_conv(model.graph) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Relu"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(after.run(None, {"x": x})[0], before.run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_shape, extra_reader", [((6,), False), ((1,), True)])
+def test_affine_pairs_that_are_not_per_channel_or_are_shared_stay(scale_shape, extra_reader):
+    from modeld.workers.selection import fold_affine_into_conv
+
+    # a bare [C] constant broadcasts over the width, not the channels; a conv output read by
+    # another node cannot be rewritten
+    model = _conv_affine_model(scale_shape if scale_shape != (6,) else (8,), (1,),
+                               extra_reader=extra_reader)
+    assert fold_affine_into_conv(model.graph) == 0
+    assert "Mul" in [n.op_type for n in model.graph.node]
+
+
+def test_auto_measured_selection_records_its_probes_and_rounds(cnn_dir):
+    result = quantize_model(_request(cnn_dir, "auto", {"samples": 4}), _no_progress)
+    measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
+    assert measured["probed_nodes"] >= 1 and measured["selection_rounds"]
+    first = measured["selection_rounds"][0]
+    # the target sits above the gate: 1 - (1 - 0.98) * 0.3
+    assert first["cosine"] >= 0.994 or len(measured["selection_rounds"]) > 1
+    assert measured["reason"] == "" and measured["passed"] is True
+    assert 1 <= measured["quantized_nodes"]
+
+
+def test_measured_selection_leaves_the_sensitive_node_in_fp32(tmp_path):
+    """A conv whose weights hold one huge outlier quantizes terribly (every other weight rounds
+    to zero); the probe must find it and keep it in FP32 while the benign one is quantized."""
+    from modeld.workers.selection import refine_selection
+
+    rng = np.random.default_rng(1)
+    bad = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    bad[0, 0, 0, 0] = 400.0
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(bad, "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), "w3")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="good1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="bad", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="r2"),
+             helper.make_node("Conv", ["r2", "w3"], ["y"], name="good2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 16, 16])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    reference = tmp_path / "ref.onnx"
+    onnx.save(model, str(reference))
+    feeds = [{"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    built = tmp_path / "q.onnx"
+
+    def build(chosen):
+        quantize_static(str(reference), str(built), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=list(chosen))
+        return built
+
+    work = {"good1": 1.0, "bad": 1.0, "good2": 1.0}
+    refined = refine_selection(build, reference, work, feeds, min_cosine=0.99)
+    assert refined is not None and "bad" not in refined.nodes and refined.nodes
+    assert refined.cosine >= 0.997 and refined.probed == 3

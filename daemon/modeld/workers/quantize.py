@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -29,8 +29,8 @@ from ..manifest import FileRecord
 from ..variants import FP32, VARIANT_FILES, Derivation, Gates, Proof
 from . import verify
 from .inputs import describe, sample_inputs
-from .recipes import (GraphSummary, Recipe, auto_candidates, canonical_params, derivation_for,
-                      recipe_for)
+from .recipes import Recipe, auto_candidates, canonical_params, derivation_for, recipe_for
+from .selection import fold_affine_into_conv, refine_selection, summarize_graph
 
 log = structlog.get_logger(__name__)
 
@@ -39,9 +39,8 @@ ProgressFn = Callable[[float | None, str], None]
 AGREEMENT_SAMPLES = 4
 #: the agreement feeds are drawn with another seed than the calibration ones where a folder allows
 AGREEMENT_SEED = 1
-#: convolutions that together hold this share of the conv work count as "heavy"
-HEAVY_CONV_SHARE = 0.8
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+#: calibration feeds the measured selection judges its probes on
+REFINE_SAMPLES = 2
 
 __all__ = ["QuantizeRequest", "QuantizeResult", "quantize_model", "derivation_for"]
 
@@ -149,8 +148,15 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     progress(0.05, "preprocessing")
     prepared = _preprocess(source, scratch, warnings)
     agreement = _agreement_feeds(request, source)
-    summary = summarize_graph(onnx.load(str(prepared)), agreement[0])
-    recipes = auto_candidates(summary, tuple(request.providers))
+    try:  # per-channel candidates need opset 13 (DequantizeLinear's axis)
+        prepared = _at_least_opset_13(prepared, scratch, request.name)
+        per_channel_ok = True
+    except QuantizeError as e:
+        warnings.append(f"{e.message}: per-channel candidates skipped")
+        per_channel_ok = False
+    summary = summarize_graph(prepared, agreement[0])
+    recipes = [r for r in auto_candidates(summary, tuple(request.providers))
+               if per_channel_ok or not r.options.get("per_channel")]
     # static candidates that calibrate every op type go first: their range cache serves the rest
     recipes.sort(key=lambda r: (r.kind != "static", r.op_types_to_quantize is not None))
     if not recipes:
@@ -167,12 +173,19 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     for i, recipe in enumerate(recipes, 1):
         progress(0.1 + 0.8 * (i - 1) / len(recipes), f"proving candidate {i}/{len(recipes)}")
         out = scratch / f"candidate-{i}.onnx"
+        extra: dict[str, Any] = {}
         try:
-            _run_recipe(recipe, source if recipe.kind == "fp16" else prepared, out, feeds,
-                        scratch, request.name, calibration_cache=cache)
+            if recipe.refine:
+                work = {n: summary.conv_work[n] for n in recipe.nodes_to_quantize or ()}
+                recipe, extra = _refine(recipe, request, prepared, out, feeds, work,
+                                        summary.light_groups, scratch, cache)
+            else:
+                _run_recipe(recipe, source if recipe.kind == "fp16" else prepared, out, feeds,
+                            scratch, request.name, calibration_cache=cache)
         except QuantizeError as e:
-            rows.append(recipe.describe() | {"size": None, "speedup": None, "cosine": None,
-                                             "passed": False, "reason": e.message})
+            rows.append(recipe.describe() | extra | {"size": None, "speedup": None,
+                                                     "cosine": None, "passed": False,
+                                                     "reason": e.message})
             continue
         same_as = made.setdefault(_sha256_of(out), recipe.name)
         if same_as != recipe.name:
@@ -181,7 +194,7 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
                                              "reason": f"same file as {same_as}"})
             continue
         proof = _prove(request, out, recipe.variant, source, agreement)
-        rows.append(_row(recipe, out, proof, request.providers, source))
+        rows.append(_row(recipe, out, proof, request.providers, source) | extra)
         tried.append(_Built(recipe, out, proof, rows))
     if not tried:
         raise QuantizeError(f"every auto candidate failed to quantize ({rows[0]['reason']})",
@@ -193,6 +206,36 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
         warnings.append(f"no auto candidate passed the gates; kept {chosen.recipe.name} "
                         "with its refusal (FP32 keeps serving)")
     return chosen
+
+
+def _refine(recipe: Recipe, request: QuantizeRequest, prepared: Path, out: Path,
+            feeds: list | None, work: Mapping[str, float],
+            groups: Mapping[str, tuple[str, ...]], scratch: Path, cache: Path
+            ) -> tuple[Recipe, dict[str, Any]]:
+    """Measured selection: the recipe with the nodes ``refine_selection`` kept, built at ``out``.
+
+    The selection is measured on (a few of) the calibration feeds, so the proof that follows,
+    on the agreement feeds, judges it on inputs it was not tuned on."""
+    def build(nodes: tuple[str, ...]) -> Path:
+        _run_recipe(replace(recipe, nodes_to_quantize=nodes, refine=False), prepared, out,
+                    feeds, scratch, request.name, calibration_cache=cache)
+        return out
+
+    try:
+        refined = refine_selection(build, prepared, work, (feeds or [])[:REFINE_SAMPLES],
+                                   min_cosine=request.gates.min_cosine, groups=groups)
+    except QuantizeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a probe that does not load or run ends the search
+        raise QuantizeError(f"{recipe.name} selection failed: {_one_line(e)}",
+                            entry=request.name, recipe=recipe.name) from e
+    if refined is None:
+        raise QuantizeError(f"{recipe.name}: no selection of nodes reached the cosine target",
+                            entry=request.name, recipe=recipe.name)
+    # the accepted round was the last one built: ``out`` holds exactly this selection
+    chosen = replace(recipe, nodes_to_quantize=refined.nodes, refine=False)
+    return chosen, {"quantized_nodes": len(refined.nodes), "probed_nodes": refined.probed,
+                    "selection_rounds": list(refined.rounds)}
 
 
 def _choose(tried: list[_Built], providers: tuple[str, ...]) -> _Built:
@@ -212,75 +255,6 @@ def _choose(tried: list[_Built], providers: tuple[str, ...]) -> _Built:
     return max(tried, key=closeness)
 
 
-def summarize_graph(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> GraphSummary:
-    """Operator mix, conv/matmul work and the head of a model, for ``auto``'s candidates.
-
-    Shapes are inferred with the graph inputs fixed to the sample's shapes, so convolutions of
-    symbolic-size detectors still get their output area (their work = weights x area).
-    """
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for value in fixed.graph.input:
-        if value.name in feed:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, feed[value.name].shape):
-                dim.Clear()
-                dim.dim_value = int(size)
-    try:
-        fixed = onnx.shape_inference.infer_shapes(fixed)
-    except Exception:  # noqa: BLE001 - shapes only refine the estimate; weights alone still rank
-        pass
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0
-                       for d in v.type.tensor_type.shape.dim]
-              for v in list(fixed.graph.value_info) + list(fixed.graph.output)}
-    weights = {t.name: tuple(t.dims) for t in fixed.graph.initializer}
-    counts: dict[str, int] = {}
-    conv_work: dict[str, float] = {}
-    matmul_macs = 0.0
-    for node in fixed.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        w = weights.get(node.input[1]) if len(node.input) > 1 else None
-        if w is None:
-            continue
-        if node.op_type in ("Conv", "ConvTranspose"):
-            out_shape = shapes.get(node.output[0], [])
-            area = float(np.prod(out_shape[2:])) if len(out_shape) > 2 and all(out_shape[2:]) else 1.0
-            conv_work[node.name] = float(np.prod(w)) * area
-        elif node.op_type in ("MatMul", "Gemm"):
-            out_shape = shapes.get(node.output[0], [])
-            rows = float(np.prod(out_shape[:-1])) if len(out_shape) > 1 and all(out_shape[:-1]) else 1.0
-            matmul_macs += float(np.prod(w)) * rows
-    total = sum(conv_work.values())
-    heavy, running = [], 0.0
-    for name, work in sorted(conv_work.items(), key=lambda kv: -kv[1]):
-        if running >= HEAVY_CONV_SHARE * total:
-            break
-        heavy.append(name)
-        running += work
-    return GraphSummary(op_counts=counts, conv_macs=total, matmul_macs=matmul_macs,
-                        head_nodes=tuple(head_nodes(fixed.graph)), heavy_convs=tuple(heavy))
-
-
-def head_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Compute nodes nearest the outputs: walking back from each output through light nodes
-    (Sigmoid, Concat, Reshape, Resize ...), the first Conv/MatMul/Gemm met on every path."""
-    producer = {out: node for node in graph.node for out in node.output}
-    found: list[str] = []
-    seen: set[str] = set()
-    stack = [o.name for o in graph.output]
-    while stack:
-        tensor = stack.pop()
-        node = producer.get(tensor)
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.op_type in COMPUTE_OPS:
-            found.append(node.name)
-        else:
-            stack.extend(node.input)
-    return found
-
-
 # ---- the steps -------------------------------------------------------------------------------
 
 def _preprocess(source: Path, scratch: Path, warnings: list[str]) -> Path:
@@ -292,28 +266,33 @@ def _preprocess(source: Path, scratch: Path, warnings: list[str]) -> Path:
     out = scratch / "preprocessed.onnx"
     try:
         quant_pre_process(str(source), str(out))
-        return _with_node_names(out)
+        return _simplified(out)
     except Exception as first:  # noqa: BLE001 - any failure means: try the next, simpler way
         first_error = _one_line(first)
     try:
         quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
         log.info("preprocess_fallback", step="skip_symbolic_shape", reason=first_error)
-        return _with_node_names(out)
+        return _simplified(out)
     except Exception as second:  # noqa: BLE001
         second_error = _one_line(second)
     warnings.append(f"preprocessing failed ({second_error}); quantized without it")
     log.warning("preprocess_skipped", reason=second_error, symbolic_reason=first_error)
     model = onnx.load(str(source))
     constants_to_initializers(model.graph)
-    name_nodes(model.graph)
     onnx.save(model, str(out))
-    return out
+    return _simplified(out)
 
 
-def _with_node_names(path: Path) -> Path:
+def _simplified(path: Path) -> Path:
+    """Name every node (selection is by name) and fold constant affine pairs into their
+    convolutions (exact; see ``selection.fold_affine_into_conv``)."""
     model = onnx.load(str(path))
-    if name_nodes(model.graph):
+    named = name_nodes(model.graph)
+    folded = fold_affine_into_conv(model.graph)
+    if named or folded:
         onnx.save(model, str(path))
+    if folded:
+        log.info("affine_folded", convs=folded)
     return path
 
 

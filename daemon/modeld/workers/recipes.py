@@ -100,6 +100,9 @@ class Recipe:
     op_types_to_quantize: tuple[str, ...] | None = None
     nodes_to_exclude: tuple[str, ...] = ()
     nodes_to_quantize: tuple[str, ...] | None = None
+    #: measured selection: start from ``nodes_to_quantize`` and put back to FP32 the nodes that
+    #: introduce the most error until the outputs agree (``selection.refine_selection``)
+    refine: bool = False
 
     @property
     def variant(self) -> str:
@@ -114,6 +117,8 @@ class Recipe:
             out["excluded_nodes"] = len(self.nodes_to_exclude)
         if self.nodes_to_quantize is not None:
             out["quantized_nodes"] = len(self.nodes_to_quantize)
+        if self.refine:
+            out["measured_selection"] = True
         return out
 
 
@@ -140,6 +145,10 @@ class GraphSummary:
     head_nodes: tuple[str, ...] = ()
     #: the heaviest convolutions, largest first, that together hold most of the conv work
     heavy_convs: tuple[str, ...] = ()
+    #: every Conv/ConvTranspose with a constant weight -> its multiply-accumulates per sample
+    conv_work: Mapping[str, float] = field(default_factory=dict)
+    #: op type -> its nodes, for the light types (activations, Concat, Resize ...)
+    light_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def conv_heavy(self) -> bool:
@@ -152,8 +161,10 @@ FP16_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "CoreMLE
 
 _QDQ_U8S8 = {"format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8",
              "per_channel": False, "reduce_range": False, "calibrate_method": "MinMax"}
-_QOP_U8U8 = {"format": "QOperator", "activation_type": "QUInt8", "weight_type": "QUInt8",
-             "per_channel": False, "reduce_range": False, "calibrate_method": "MinMax"}
+#: per-channel weights: depthwise and re-parameterised convs have very unequal channel ranges
+#: (measured on PP-OCR det: per-channel cut single-conv errors up to 10x; 7-bit weights
+#: (reduce_range) made them worse)
+_QDQ_U8S8_PC = _QDQ_U8S8 | {"per_channel": True}
 _COMPUTE = ("Conv", "MatMul", "Gemm")
 
 
@@ -168,15 +179,16 @@ def auto_candidates(summary: GraphSummary, providers: tuple[str, ...]) -> list[R
     head = tuple(summary.head_nodes)
     out: list[Recipe] = []
     if summary.conv_heavy:
-        out.append(Recipe("static_qdq_u8s8_conv_keep_head", "static", _QDQ_U8S8,
-                          op_types_to_quantize=("Conv",), nodes_to_exclude=head))
-        if summary.heavy_convs:
-            heavy = tuple(n for n in summary.heavy_convs if n not in head)
-            if heavy:
-                out.append(Recipe("static_qdq_u8s8_heavy_convs", "static", _QDQ_U8S8,
-                                  nodes_to_quantize=heavy))
         out.append(Recipe("static_qdq_u8s8", "static", _QDQ_U8S8))
-        out.append(Recipe("static_qop_u8u8_conv_keep_head", "static", _QOP_U8U8,
+        body = tuple(n for n in summary.conv_work if n not in head)
+        if body:
+            out.append(Recipe("static_qdq_u8s8_measured", "static", _QDQ_U8S8_PC,
+                              nodes_to_quantize=body, refine=True))
+        heavy = tuple(n for n in summary.heavy_convs if n not in head)
+        if heavy:
+            out.append(Recipe("static_qdq_u8s8_heavy_convs", "static", _QDQ_U8S8_PC,
+                              nodes_to_quantize=heavy))
+        out.append(Recipe("static_qdq_u8s8_conv_keep_head", "static", _QDQ_U8S8,
                           op_types_to_quantize=("Conv",), nodes_to_exclude=head))
     else:
         out.append(Recipe("dynamic_u8", "dynamic", {"weight_type": "QUInt8", "per_channel": False,
@@ -196,7 +208,7 @@ def _without_duplicates(recipes: list[Recipe]) -> list[Recipe]:
     seen, out = set(), []
     for r in recipes:
         key = (r.kind, tuple(sorted(r.options.items())), r.op_types_to_quantize,
-               r.nodes_to_exclude, r.nodes_to_quantize)
+               r.nodes_to_exclude, r.nodes_to_quantize, r.refine)
         if key not in seen:
             seen.add(key)
             out.append(r)

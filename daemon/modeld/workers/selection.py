@@ -1,0 +1,314 @@
+"""Which nodes ``auto`` quantizes: the model's operator mix and work per node, its head, and a
+measured selection that drops the convolutions whose quantization hurts the outputs most.
+
+Called by ``workers.quantize`` (in the quantize worker). Stock recipes gain little or lose
+accuracy on real CNNs on this kind of CPU; quantizing the convolutions that carry the work and
+keeping the few that introduce most of the error in FP32 is what gets both speed and agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import structlog
+
+from . import verify
+from .recipes import GraphSummary
+
+log = structlog.get_logger(__name__)
+
+CPU = "CPUExecutionProvider"
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+#: convolutions that together hold this share of the conv work count as "heavy"
+HEAVY_CONV_SHARE = 0.8
+#: nodes with less of the total work than this are not worth a probe (nor their Q/DQ pairs)
+MIN_WORK_SHARE = 0.004
+#: at most this many single-node probes (the heaviest nodes), each one a quantize and a run
+MAX_PROBES = 32
+#: combinations measured before giving up
+MAX_ROUNDS = 6
+#: op-type groups probed after the convolutions (the most frequent types first)
+MAX_GROUP_PROBES = 12
+#: aim above the gate: the selection is measured on calibration feeds, proven on others; the
+#: error budget is this share of the gate's (0.99 -> target 0.997)
+COSINE_MARGIN = 0.3
+
+Feed = dict[str, np.ndarray]
+
+
+def summarize_graph(model_path: Path, feed: Mapping[str, np.ndarray]) -> GraphSummary:
+    """Operator mix, conv/matmul work and the head of a model, for ``auto``'s candidates.
+
+    Work = weight elements x output positions. Output shapes are measured by running the model
+    once on ``feed`` (shape inference loses them behind Resize with computed scales, which
+    detectors' necks have), so the heaviest convolutions are the real ones.
+    """
+    model = onnx.load(str(model_path))
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    compute = [n for n in model.graph.node if n.op_type in COMPUTE_OPS
+               and len(n.input) > 1 and n.input[1] in weights]
+    shapes = _output_shapes(model_path, [n.output[0] for n in compute], feed)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    conv_work: dict[str, float] = {}
+    matmul_work = 0.0
+    for node in compute:
+        shape = shapes.get(node.output[0], ())
+        size = float(np.prod(weights[node.input[1]]))
+        if node.op_type in ("Conv", "ConvTranspose"):
+            conv_work[node.name] = size * float(np.prod(shape[2:])) if len(shape) > 2 else size
+        else:
+            matmul_work += size * float(np.prod(shape[:-1])) if len(shape) > 1 else size
+    total = sum(conv_work.values())
+    heavy, running = [], 0.0
+    for name, work in sorted(conv_work.items(), key=lambda kv: -kv[1]):
+        if running >= HEAVY_CONV_SHARE * total:
+            break
+        heavy.append(name)
+        running += work
+    return GraphSummary(op_counts=counts, conv_macs=total, matmul_macs=matmul_work,
+                        head_nodes=tuple(head_nodes(model.graph)), heavy_convs=tuple(heavy),
+                        conv_work=conv_work, light_groups=_light_groups(model.graph))
+
+
+def _light_groups(graph: onnx.GraphProto) -> dict[str, tuple[str, ...]]:
+    """Op type -> names of its nodes, for the types other than the compute ones, most frequent
+    first (candidates for step 4 of ``refine_selection``)."""
+    groups: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in COMPUTE_OPS and node.op_type != "Constant":
+            groups.setdefault(node.op_type, []).append(node.name)
+    return {k: tuple(v) for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
+
+
+def head_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Compute nodes nearest the outputs: walking back from each output through light nodes
+    (Sigmoid, Concat, Reshape, Resize ...), the first Conv/MatMul/Gemm met on every path."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in COMPUTE_OPS:
+            found.append(node.name)
+        else:
+            stack.extend(node.input)
+    return found
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The outcome of ``refine_selection``: the nodes kept quantized, their measured cosine,
+    and the numbers behind the choice (for the candidates table)."""
+
+    nodes: tuple[str, ...]
+    cosine: float
+    probed: int                 # nodes measured one at a time
+    rounds: tuple[dict, ...]    # each combination tried: how many nodes, cosine
+
+
+def refine_selection(quantize: Callable[[tuple[str, ...]], Path], reference: Path,
+                     work: Mapping[str, float], feeds: list[Feed], *, min_cosine: float,
+                     groups: Mapping[str, tuple[str, ...]] | None = None) -> Refinement | None:
+    """Choose which of the nodes in ``work`` (node -> multiply-accumulates), and then which of
+    the ``groups`` of light nodes (op type -> node names), to quantize.
+
+    1. Probe: quantize each node that carries real work on its own and measure how far the
+       outputs move (1 - cosine to ``reference``). On a PP-OCR detector the errors of single
+       convolutions spanned five orders of magnitude, and the sensitive ones were light.
+    2. Pick nodes by work per unit of error until the summed errors fill the error budget
+       (errors of small size add up nearly linearly).
+    3. Build the combination and measure it; while it misses the target, drop the last-picked
+       quarter and measure again.
+    4. With what is left of the budget, add whole op-type groups (Relu, Concat, Resize ...),
+       least harmful first: a tensor that stays INT8 between two quantized nodes saves a
+       dequantize/quantize pair. Groups that would break the target are left in FP32.
+    ``quantize(nodes)`` builds a model with only ``nodes`` quantized and returns its path; the
+    last combination built is the one returned. None if no combination meets the target.
+    """
+    target = min(1.0 - (1.0 - min_cosine) * COSINE_MARGIN, 0.99999)
+    total = sum(work.values()) or 1.0
+    candidates = sorted((n for n, w in work.items() if w / total >= MIN_WORK_SHARE),
+                        key=lambda n: -work[n])[:MAX_PROBES]
+    ref_session = _session(reference)
+    ref_outputs = [verify.run_session(ref_session, f) for f in feeds]
+
+    def cosine_of(nodes: tuple[str, ...]) -> float:
+        session = _session(quantize(nodes))
+        return verify.compare_outputs(ref_outputs,
+                                      [verify.run_session(session, f) for f in feeds]).cosine
+
+    errors = {n: max(1.0 - cosine_of((n,)), 1e-9) for n in candidates}
+    picked = _fill_budget(sorted(candidates, key=lambda n: errors[n] / work[n]), errors,
+                          1.0 - target)
+    log.info("selection_probed", probed=len(candidates), picked=len(picked),
+             work_share=round(sum(work[n] for n in picked) / total, 3),
+             estimated_cosine=round(1.0 - sum(errors[n] for n in picked), 5),
+             target=round(target, 5))
+    rounds: list[dict] = []
+    cosine = 0.0
+    while picked and len(rounds) < MAX_ROUNDS:
+        cosine = cosine_of(tuple(picked))
+        rounds.append({"quantized": len(picked), "cosine": round(cosine, 5),
+                       "work_share": round(sum(work[n] for n in picked) / total, 3)})
+        log.info("selection_round", **rounds[-1])
+        if cosine >= target:
+            break
+        picked = picked[:len(picked) * 3 // 4]
+    else:
+        return None  # nothing picked, or no combination met the target in MAX_ROUNDS
+    nodes = tuple(picked)
+    extra = _add_groups(nodes, cosine, target, groups or {}, cosine_of, rounds)
+    if extra:
+        nodes += extra
+    elif groups:
+        quantize(nodes)  # the group probes overwrote the accepted build
+    return Refinement(nodes, rounds[-1]["cosine"] if extra else cosine, len(candidates),
+                      tuple(rounds))
+
+
+def _fill_budget(ordered: list[str], errors: Mapping[str, float], budget: float) -> list[str]:
+    picked, spent = [], 0.0
+    for name in ordered:
+        if spent + errors[name] <= budget:
+            picked.append(name)
+            spent += errors[name]
+    return picked
+
+
+def _add_groups(nodes: tuple[str, ...], cosine: float, target: float,
+                groups: Mapping[str, tuple[str, ...]], cosine_of, rounds: list[dict]
+                ) -> tuple[str, ...]:
+    """Step 4 of ``refine_selection``: the group nodes added (empty if none fit)."""
+    probed = list(groups)[:MAX_GROUP_PROBES]
+    costs = {g: max(cosine - cosine_of(nodes + tuple(groups[g])), 0.0) for g in probed}
+    chosen = _fill_budget(sorted(probed, key=lambda g: costs[g]), costs, cosine - target)
+    while chosen:
+        extra = tuple(n for g in chosen for n in groups[g])
+        combined = cosine_of(nodes + extra)
+        rounds.append({"quantized": len(nodes) + len(extra), "cosine": round(combined, 5),
+                       "op_types": list(chosen)})
+        log.info("selection_groups", op_types=chosen, cosine=round(combined, 5))
+        if combined >= target:
+            return extra
+        chosen = chosen[:-1]
+    return ()
+
+
+def fold_affine_into_conv(graph: onnx.GraphProto) -> int:
+    """Fold ``Conv -> Mul(constant) [-> Add(constant)]`` into the Conv's weights and bias, where
+    the constants are scalars or per-output-channel and nothing else reads the intermediates.
+
+    Exact algebra (W' = W*s, B' = B*s + b), like the BatchNormalization folding every optimizer
+    does; onnxruntime leaves scalar affine pairs alone, and PP-LCNetV3-style backbones put one
+    after every convolution ("learnable affine blocks"): two extra passes over each activation
+    in FP32, and two more quantize/dequantize boundaries in a quantized model. Returns how many
+    Conv nodes absorbed an affine pair.
+    """
+    weights = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    removed: set[int] = set()
+    folded = 0
+    for conv in graph.node:
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in weights:
+            continue
+        w = onnx.numpy_helper.to_array(weights[conv.input[1]])
+        if w.dtype != np.float32:
+            continue
+        mul = _sole_consumer(conv.output[0], consumers, outputs, "Mul")
+        scale = _channel_constant(mul, conv.output[0], weights, w.shape[0]) if mul else None
+        if scale is None:
+            continue
+        add = _sole_consumer(mul.output[0], consumers, outputs, "Add")
+        shift = _channel_constant(add, mul.output[0], weights, w.shape[0]) if add else None
+        has_bias = len(conv.input) > 2 and conv.input[2] in weights
+        bias = (onnx.numpy_helper.to_array(weights[conv.input[2]]) if has_bias
+                else np.zeros(w.shape[0], np.float32))
+        new_w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = (bias * scale + (shift if shift is not None else 0.0)).astype(np.float32)
+        last = add if shift is not None else mul
+        w_name, b_name = f"{conv.name}_folded_w", f"{conv.name}_folded_b"
+        graph.initializer.extend([onnx.numpy_helper.from_array(new_w, w_name),
+                                  onnx.numpy_helper.from_array(new_b, b_name)])
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = last.output[0]
+        removed.update(id(n) for n in (mul, add if shift is not None else None) if n is not None)
+        folded += 1
+    if removed:
+        kept = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return folded
+
+
+def _sole_consumer(tensor: str, consumers, outputs: set[str], op_type: str):
+    readers = consumers.get(tensor, [])
+    if tensor in outputs or len(readers) != 1 or readers[0].op_type != op_type:
+        return None
+    return readers[0]
+
+
+def _channel_constant(node: onnx.NodeProto, tensor: str, weights, channels: int):
+    """The constant operand of ``node`` as a per-output-channel vector, if it is a scalar or
+    has shape [C,1,1] or [1,C,1,1] (a bare [C] would broadcast over width); else None."""
+    other = [i for i in node.input if i != tensor]
+    if len(other) != 1 or other[0] not in weights or list(node.input).count(tensor) != 1:
+        return None
+    value = onnx.numpy_helper.to_array(weights[other[0]])
+    if value.dtype != np.float32:
+        return None
+    if value.size == 1:
+        return np.full(channels, value.reshape(()), np.float32)
+    squeezed = value.reshape(-1)
+    channel_shaped = value.shape in ((channels, 1, 1), (1, channels, 1, 1))
+    return squeezed.astype(np.float32) if squeezed.size == channels and channel_shaped else None
+
+
+def _read_tensors(path: Path, tensors: list[str], feed: Feed, probe: Path) -> dict[str, np.ndarray]:
+    """Run ``path`` once with ``tensors`` added as outputs (a probe copy in the scratch dir)."""
+    model = onnx.load(str(path))
+    produced = {o for n in model.graph.node for o in n.output}
+    present = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name in produced and name not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    onnx.save(model, str(probe))
+    session = _session(probe)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, verify.run_session(session, feed)))
+    return {k: v for k, v in values.items() if k in tensors and isinstance(v, np.ndarray)}
+
+
+def _output_shapes(model_path: Path, tensors: list[str], feed: Feed) -> dict[str, tuple[int, ...]]:
+    if not tensors:
+        return {}
+    probe = model_path.with_name(model_path.stem + "-shapes.onnx")
+    try:
+        values = _read_tensors(model_path, tensors, feed, probe)
+    except Exception as e:  # noqa: BLE001 - shapes only refine the ranking; weights still rank
+        log.info("shape_probe_failed", reason=str(e).splitlines()[0][:200] if str(e) else "")
+        return {}
+    finally:
+        probe.unlink(missing_ok=True)
+    return {k: tuple(v.shape) for k, v in values.items()}
+
+
+def _session(path: Path):
+    session, reason = verify.open_session(path, None, CPU, {})
+    if session is None:
+        raise RuntimeError(f"{path.name} does not load: {reason}")
+    return session
