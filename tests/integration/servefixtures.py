@@ -169,6 +169,11 @@ class LineClient:
             if predicate(event):
                 return event
 
+    def nothing_pending(self) -> bool:
+        """True when a ping is answered before any other event: nothing was sent meanwhile."""
+        self.send({"op": "ping"})
+        return self.read() == {"event": "pong"}
+
     def request(self, message: Mapping[str, Any], event: str) -> dict[str, Any]:
         self.send(message)
         return self.read_until(lambda e: e.get("event") == event)

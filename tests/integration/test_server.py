@@ -111,7 +111,7 @@ def test_publish_change_sends_higher_generation_only_on_change(server, sock_path
     # A view change that leaves this node's choice alone sends nothing.
     server.publish([view("yolo", files["fp32"], detail={"progress": 0.5}),
                     view("head", files["mlp"])])
-    assert client.request({"op": "ping"}, "pong") == {"event": "pong"}
+    assert client.nothing_pending()
     status = client.request({"op": "status"}, "status")
     assert status["models"]["yolo"]["generation"] > second["generation"]
     assert status["models"]["yolo"]["detail"] == {"progress": 0.5}
@@ -135,7 +135,7 @@ def test_nack_rolls_back_every_node_on_that_provider(server, sock_path, files, r
     for back in (back_a, back_b):
         assert back["variant"] == "fp32" and back["generation"] > got_a["generation"]
     # The rejection is per provider: the CUDA node keeps int8.
-    assert cuda.request({"op": "ping"}, "pong")
+    assert cuda.nothing_pending()
     assert rejections == [{"model": "yolo", "variant": "int8", "sha256": files["int8"].sha256,
                            "provider": CPU, "node": "a",
                            "error": "Load failed: kernel not found"}]
@@ -183,7 +183,7 @@ def test_unknown_model_then_removed(server, sock_path, files):
     assert all(events[name]["reason"] == "not in the catalog" for name in hostile)
     server.publish([view("head", files["mlp"])])
     assert client.read() == {"event": "removed", "model": "yolo"}
-    assert client.request({"op": "ping"}, "pong")  # nothing for "nope": it never existed
+    assert client.nothing_pending()  # nothing for "nope" and the others: they never existed
     server.publish([view("yolo", files["fp32"]), view("head", files["mlp"])])
     assert client.read()["variant"] == "fp32"
 
