@@ -8,6 +8,7 @@ the daemon process never dies with it (uvicorn's ``_subprocess.py`` is the model
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import multiprocessing as mp
@@ -22,6 +23,7 @@ from .errors import (DiskFullError, ModeldError, PermanentError, TemporaryError,
                      WorkerCrashedError, WorkerTimeoutError)
 
 _CTX = mp.get_context("spawn")
+_PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 #: results of classes defined here come back as dicts of their fields (their modules are heavy)
 WORKER_PACKAGE = "modeld.workers."
 
@@ -73,7 +75,21 @@ def _resolve(path: str):
     return getattr(module, attr)
 
 
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when the daemon dies: a daemon killed with SIGKILL
+    runs no clean-up, and an orphan would go on publishing behind the next daemon's back."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # no prctl (not Linux): an orphan ends when it finds its pipe closed
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the daemon died before the request above took effect
+
+
 def _child_main(conn, spec: JobSpec, request: Any) -> None:
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     from . import logs
     try:  # the same level and format as the daemon (the CLI exports its level)

@@ -40,6 +40,10 @@ class Settings:
     quantize_timeout_s: float = 900.0
     verify_timeout_s: float = 600.0
     worker_memory_mb: int = 8192
+    #: retry delay of a temporary failure: base * 2**(attempt-1), at least the error's own
+    #: retry_after_s, at most the cap (the cap wins: tests set it short)
+    retry_backoff_base_s: float = 2.0
+    retry_backoff_cap_s: float = 300.0
     hub_endpoint: str | None = None
     hub_offline: bool = False
 
