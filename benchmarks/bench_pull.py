@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,36 @@ def plain_download(endpoint: str, folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def modeld_pull(endpoint: str, folder: Path) -> tuple[float, dict[str, float]]:
-    """Seconds of ``mecha10-modeld pull big`` into an empty models folder, and the seconds its
-    log gives per job (``pulled``, ``proven``)."""
+#: the pull command's phases, each ending at the first log event named (JSON logs carry ISO
+#: timestamps): where a pull spends its time beyond the download itself
+PHASES = (("CLI start", "job_started"), ("worker start + imports + HEAD", "fetch_resolved"),
+          ("download + sha256 + ONNX checker + publish", "fetch_published"),
+          ("config.json + manifest", "pulled"), ("proving FP32", "proven"))
+
+
+def phase_seconds(log_lines: list[str], started_epoch: float, ended_epoch: float
+                  ) -> dict[str, float]:
+    """Seconds per ``PHASES`` entry (and ``exit``) from the pull command's JSON log lines."""
+    first_at: dict[str, float] = {}
+    for line in log_lines:
+        try:
+            event = json.loads(line)
+            at = datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        first_at.setdefault(str(event.get("event")), at)
+    out, previous = {}, started_epoch
+    for label, event_name in PHASES:
+        if event_name in first_at:
+            out[label] = first_at[event_name] - previous
+            previous = first_at[event_name]
+    out["exit"] = ended_epoch - previous
+    return out
+
+
+def modeld_pull(endpoint: str, folder: Path) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Seconds of ``mecha10-modeld pull big`` into an empty models folder, the seconds its log
+    gives per job (``pulled``, ``proven``) and per phase (``PHASES``)."""
     folder.mkdir(parents=True)
     catalog = folder / "model_catalog.toml"
     catalog.write_text(f'[[models]]\nname = "big"\nrepo = "{REPO}"\nfilename = "{FILENAME}"\n')
@@ -75,10 +103,11 @@ def modeld_pull(endpoint: str, folder: Path) -> tuple[float, dict[str, float]]:
                                 "MODELD_MODELS": str(folder / "models"),
                                 "MODELD_SOCKET": str(folder / "modeld.sock"),
                                 "MODELD_LOG_LEVEL": "info"}
-    started = time.perf_counter()
+    started, started_epoch = time.perf_counter(), time.time()
     done = subprocess.run([sys.executable, "-m", "modeld.cli", "pull", "big"], env=env,
                           capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - started
+    phases = phase_seconds(done.stderr.splitlines(), started_epoch, time.time())
     if done.returncode != 0:
         raise RuntimeError(f"pull exited {done.returncode}: {done.stderr[-2000:]}")
     if not (folder / "models" / "big" / "model.onnx").is_file():
@@ -91,7 +120,7 @@ def modeld_pull(endpoint: str, folder: Path) -> tuple[float, dict[str, float]]:
             continue
         if isinstance(event, dict) and event.get("event") in ("pulled", "proven"):
             jobs[event["event"]] = jobs.get(event["event"], 0.0) + float(event.get("seconds", 0))
-    return seconds, jobs
+    return seconds, jobs, phases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             pull_s: list[float] = []
             fetch_s: list[float] = []
             prove_s: list[float] = []
+            phases: list[dict[str, float]] = []
             try:
                 for r in range(rounds):
                     # interleaved, order alternating: neither side always gets a warmer machine
@@ -122,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                         if which == "plain":
                             plain_s.append(plain_download(hub.endpoint, root / f"plain-{r}"))
                         else:
-                            seconds, jobs = modeld_pull(hub.endpoint, root / f"pull-{r}")
+                            seconds, jobs, split = modeld_pull(hub.endpoint, root / f"pull-{r}")
                             pull_s.append(seconds)
+                            phases.append(split)
                             fetch_s.append(jobs.get("pulled", float("nan")))
                             prove_s.append(jobs.get("proven", float("nan")))
                     print(f"round {r}: plain {plain_s[-1]:.2f} s, pull {pull_s[-1]:.2f} s "
@@ -134,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(p / q for p, q in zip(pull_s, plain_s))
     fetch_ratio = statistics.median(f / q for f, q in zip(fetch_s, plain_s))
     size = f"{len(data) / 2**20:.0f} MiB"
+    split = "; ".join(f"{label} {statistics.median(p.get(label, 0.0) for p in phases):.2f} s"
+                      for label in [label for label, _ in PHASES] + ["exit"])
     results.add(
         Row(name, f"`pull` / hf_hub_download, {size} cold (median of {rounds})",
             f"{ratio:.2f}x", "<= 1.10x", ratio <= 1.10,
@@ -142,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{statistics.median(pull_s):.2f} s, of which the fetch job (worker start, HEAD, "
                  f"download, sha256, ONNX checker, config.json) "
                  f"{statistics.median(fetch_s):.2f} s and proving FP32 "
-                 f"{statistics.median(prove_s):.2f} s"),
+                 f"{statistics.median(prove_s):.2f} s. Median split of the pull: {split}"),
         Row(name, f"fetch job alone / hf_hub_download, {size} (median of {rounds})",
             f"{fetch_ratio:.2f}x"))
     return results.finish()
