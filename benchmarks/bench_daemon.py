@@ -403,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(1.0)
                     rss_mib, switches, kids = measure_idle(daemon, idle_s)
                 total = sum(switches.values())
-                busiest = ", ".join(f"{n}: {c}" for n, c in
-                                    sorted(switches.items(), key=lambda kv: -kv[1])[:4])
+                woke = sorted(((c, n) for n, c in switches.items() if c), reverse=True)
+                busiest = (", ".join(f"{n}: {c}" for c, n in woke[:4]) if woke else
+                           f"none of its {len(switches)} threads woke up")
                 results.add(
                     Row("idle daemon", "RSS after settling with 3 models", f"{rss_mib:.1f} MiB",
                         "<= 60 MB", rss_mib <= 60 * 1e6 / 2**20,
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{total} ({total / idle_s:.1f}/s)",
                         "no periodic wake-ups (<= 1/s)", total / idle_s <= 1.0,
                         note=f"not under systemd: no watchdog ping; resync every "
-                             f"{Settings().resync_interval_s:.0f} s; busiest threads: {busiest}"))
+                             f"{Settings().resync_interval_s:.0f} s; threads that woke: {busiest}"))
 
             part(results, "idle", only, idle)
 
