@@ -2,25 +2,31 @@
 ``huggingface_hub.hf_hub_download`` of the same file from the same loopback hub.
 
 Both start cold (a fresh process, an empty Hugging Face cache / an empty models folder) and are
-run in interleaved rounds (timing noise on this machine reaches 30% between passes). The pull
+run in interleaved rounds (timing noise on this machine reaches 30% between passes), over
+loopback (where fixed costs weigh most) and over a throttled 100 Mbit/s link. The pull
 command does more than download: sha256 check, ONNX checker, config.json, and proving FP32 in
 onnxruntime; the log's ``pulled``/``proven`` events say how its time splits.
 
-    .venv/bin/python benchmarks/bench_pull.py [--quick] [--rounds 3] [--size-mib 64]
+    .venv/bin/python benchmarks/bench_pull.py [--quick] [--rounds 3] [--size-mib 64] [--link-mbit 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import onnx
@@ -123,61 +129,153 @@ def modeld_pull(endpoint: str, folder: Path) -> tuple[float, dict[str, float], d
     return seconds, jobs, phases
 
 
+class ThrottledLink:
+    """A TCP relay on 127.0.0.1 that passes the hub's answers at ``bytes_per_s`` (all
+    connections together), as a robot's network would; requests pass unthrottled."""
+
+    def __init__(self, upstream: tuple[str, int], bytes_per_s: float) -> None:
+        self.upstream = upstream
+        self.bytes_per_s = bytes_per_s
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._lock = threading.Lock()
+        self._next_free = 0.0
+        self._sockets: list[socket.socket] = []
+        self._stopping = threading.Event()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __enter__(self) -> "ThrottledLink":
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._listener.close()
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, throttled: bool) -> None:
+        try:
+            while chunk := source.recv(64 * 1024):
+                if throttled:
+                    self._wait_for_slot(len(chunk))
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def _wait_for_slot(self, size: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            self._next_free = start + size / self.bytes_per_s
+            done_at = self._next_free
+        time.sleep(max(0.0, done_at - time.monotonic()))
+
+
+@dataclass
+class Comparison:
+    """Interleaved rounds of the plain download and the pull command over one link."""
+
+    plain_s: list[float] = field(default_factory=list)
+    pull_s: list[float] = field(default_factory=list)
+    fetch_s: list[float] = field(default_factory=list)
+    prove_s: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+
+    def run(self, endpoint: str, folder: Path, rounds: int, label: str) -> "Comparison":
+        for r in range(rounds):
+            # interleaved, order alternating: neither side always gets a warmer machine
+            for which in (("plain", "pull") if r % 2 == 0 else ("pull", "plain")):
+                if which == "plain":
+                    self.plain_s.append(plain_download(endpoint, folder / f"plain-{r}"))
+                    continue
+                seconds, jobs, split = modeld_pull(endpoint, folder / f"pull-{r}")
+                self.pull_s.append(seconds)
+                self.phases.append(split)
+                self.fetch_s.append(jobs.get("pulled", float("nan")))
+                self.prove_s.append(jobs.get("proven", float("nan")))
+            print(f"{label} round {r}: plain {self.plain_s[-1]:.2f} s, pull {self.pull_s[-1]:.2f} s "
+                  f"(fetch job {self.fetch_s[-1]:.2f} s, prove {self.prove_s[-1]:.2f} s)",
+                  flush=True)
+        return self
+
+    def ratio(self, times: list[float]) -> float:
+        return statistics.median(t / p for t, p in zip(times, self.plain_s))
+
+    def split(self) -> str:
+        labels = [label for label, _ in PHASES] + ["exit"]
+        return "; ".join(f"{label} {statistics.median(p.get(label, 0.0) for p in self.phases):.2f} s"
+                         for label in labels)
+
+    def rows(self, name: str, what: str) -> list[Row]:
+        ratio, rounds = self.ratio(self.pull_s), len(self.pull_s)
+        return [
+            Row(name, f"`pull` / hf_hub_download, {what} (median of {rounds})", f"{ratio:.2f}x",
+                "<= 1.10x", ratio <= 1.10,
+                note=f"{what}: wall seconds, fresh processes, cold: hf_hub_download median "
+                     f"{statistics.median(self.plain_s):.2f} s, `mecha10-modeld pull` median "
+                     f"{statistics.median(self.pull_s):.2f} s (+"
+                     f"{statistics.median(self.pull_s) - statistics.median(self.plain_s):.2f} s), "
+                     f"of which the fetch job {statistics.median(self.fetch_s):.2f} s and proving "
+                     f"FP32 {statistics.median(self.prove_s):.2f} s. Median split of the pull: "
+                     f"{self.split()}"),
+            Row(name, f"fetch job alone / hf_hub_download, {what}",
+                f"{self.ratio(self.fetch_s):.2f}x")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one round of a 16 MiB file")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round of a 16 MiB file, loopback only")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--link-mbit", type=float, default=100.0,
+                        help="also compare over a link of this many Mbit/s (0: skip)")
     args = parser.parse_args(argv)
-    rounds, size_mib = (1, 16) if args.quick else (args.rounds, args.size_mib)
+    rounds, size_mib, link_mbit = ((1, 16, 0.0) if args.quick else
+                                   (args.rounds, args.size_mib, args.link_mbit))
     results = Results()
     name = "pull overhead"
     with tempfile.TemporaryDirectory(prefix="bench-pull-") as tmp:
         root = Path(tmp)
         data = big_model(size_mib)
         onnx.checker.check_model(onnx.load_from_string(data))
+        size = f"{len(data) / 2**20:.0f} MiB"
         with LocalHub(root / "hub") as hub:
             hub.store.create_repo(REPO)
             hub.store.commit(REPO, {FILENAME: data})
-            plain_s: list[float] = []
-            pull_s: list[float] = []
-            fetch_s: list[float] = []
-            prove_s: list[float] = []
-            phases: list[dict[str, float]] = []
             try:
-                for r in range(rounds):
-                    # interleaved, order alternating: neither side always gets a warmer machine
-                    order = ("plain", "pull") if r % 2 == 0 else ("pull", "plain")
-                    for which in order:
-                        if which == "plain":
-                            plain_s.append(plain_download(hub.endpoint, root / f"plain-{r}"))
-                        else:
-                            seconds, jobs, split = modeld_pull(hub.endpoint, root / f"pull-{r}")
-                            pull_s.append(seconds)
-                            phases.append(split)
-                            fetch_s.append(jobs.get("pulled", float("nan")))
-                            prove_s.append(jobs.get("proven", float("nan")))
-                    print(f"round {r}: plain {plain_s[-1]:.2f} s, pull {pull_s[-1]:.2f} s "
-                          f"(fetch job {fetch_s[-1]:.2f} s, prove {prove_s[-1]:.2f} s)", flush=True)
+                loopback = Comparison().run(hub.endpoint, root / "loopback", rounds, "loopback")
+                results.add(*loopback.rows(name, f"{size} over loopback"))
             except Exception as e:  # noqa: BLE001 - reported as a row, not a traceback
                 results.failed(name, e)
-                return results.finish()
-    ratio = statistics.median(p / q for p, q in zip(pull_s, plain_s))
-    fetch_ratio = statistics.median(f / q for f, q in zip(fetch_s, plain_s))
-    size = f"{len(data) / 2**20:.0f} MiB"
-    split = "; ".join(f"{label} {statistics.median(p.get(label, 0.0) for p in phases):.2f} s"
-                      for label in [label for label, _ in PHASES] + ["exit"])
-    results.add(
-        Row(name, f"`pull` / hf_hub_download, {size} cold (median of {rounds})",
-            f"{ratio:.2f}x", "<= 1.10x", ratio <= 1.10,
-            note=f"wall seconds, fresh processes: hf_hub_download median "
-                 f"{statistics.median(plain_s):.2f} s, `mecha10-modeld pull` median "
-                 f"{statistics.median(pull_s):.2f} s, of which the fetch job (worker start, HEAD, "
-                 f"download, sha256, ONNX checker, config.json) "
-                 f"{statistics.median(fetch_s):.2f} s and proving FP32 "
-                 f"{statistics.median(prove_s):.2f} s. Median split of the pull: {split}"),
-        Row(name, f"fetch job alone / hf_hub_download, {size} (median of {rounds})",
-            f"{fetch_ratio:.2f}x"))
+            if link_mbit > 0:
+                try:
+                    address = urlsplit(hub.endpoint)
+                    with ThrottledLink((address.hostname, address.port),
+                                       link_mbit * 1e6 / 8) as link:
+                        linked = Comparison().run(link.endpoint, root / "link", max(1, rounds - 1),
+                                                  f"{link_mbit:g} Mbit/s")
+                    results.add(*linked.rows(name, f"{size} over {link_mbit:g} Mbit/s"))
+                except Exception as e:  # noqa: BLE001 - reported as a row, not a traceback
+                    results.failed(f"{name} ({link_mbit:g} Mbit/s)", e)
     return results.finish()
 
 
