@@ -61,7 +61,8 @@ def decode(line: bytes | str) -> dict[str, Any]:
             raise ProtocolError(f"line is not UTF-8 (byte {e.start})") from e
     try:
         obj = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError beyond JSONDecodeError: an integer past Python's 4300-digit limit
         raise ProtocolError(f"line is not JSON: {str(e)[:120]}") from e
     if not isinstance(obj, dict):
         raise ProtocolError(f"expected a JSON object, got {type(obj).__name__}")

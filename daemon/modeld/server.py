@@ -357,7 +357,11 @@ class Server:
                 try:
                     line = await reader.readuntil(b"\n")
                 except asyncio.IncompleteReadError:
-                    break  # EOF; a partial last line without its newline is dropped
+                    # EOF; a partial last line without its newline is dropped. The peer may
+                    # only have half-closed (`echo '{"op":"status"}' | socat - UNIX:...`):
+                    # it still gets the answers to the lines it sent before.
+                    await client.flush(timeout_s=min(self.write_timeout_s, 2.0))
+                    break
                 except asyncio.LimitOverrunError:
                     closing_error = f"line longer than {self.max_line_bytes} bytes; closing"
                     break
