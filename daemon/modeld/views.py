@@ -89,6 +89,11 @@ def _reason(entry: ModelEntry, state: ModelState | None, activity: Activity,
         return activity.error
     if not offered:
         return source_problem(entry, state) or "not proven yet"
+    if not any(v.proof is not None and v.proof.passed_anywhere for v in offered):
+        # proven, but refused everywhere (an operator no provider has): say why at the top
+        refusals = "; ".join(f"{v.variant} on {p.provider}: {p.reason}" for v in offered
+                             if v.proof is not None for p in v.proof.providers if not p.passed)
+        return f"refused by every provider ({refusals})"[:500]
     return ""
 
 
