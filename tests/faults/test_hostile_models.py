@@ -29,12 +29,7 @@ def external_data_model(location: str) -> bytes:
                          data_location=TensorProto.EXTERNAL)
     for key, value in (("location", location), ("offset", "0"), ("length", "16")):
         w.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "escape",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model.SerializeToString()
+    return _one_node_model("Add", w, TensorProto.FLOAT, [1, 4])
 
 
 def declares_huge_graph() -> bytes:
@@ -52,9 +47,14 @@ def float64_matmul() -> bytes:
     """Loads and runs in onnxruntime, but dynamic INT8 has nothing it can quantize in it."""
     rng = np.random.default_rng(3)
     w = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float64), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "f64",
-                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 8])], [w])
+    return _one_node_model("MatMul", w, TensorProto.DOUBLE, [1, 8])
+
+
+def _one_node_model(op: str, weight: onnx.TensorProto, dtype: int, shape: list[int]) -> bytes:
+    """y = op(x, weight), unchecked (the hostile ones would not pass the checker)."""
+    graph = helper.make_graph([helper.make_node(op, ["x", weight.name], ["y"])], op.lower(),
+                              [helper.make_tensor_value_info("x", dtype, shape)],
+                              [helper.make_tensor_value_info("y", dtype, shape)], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model.SerializeToString()
