@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 from common import Results, Row, latency_rows, ms, percentile, use_test_helpers
 
 use_test_helpers()
-from conftest import Workspace, entry_toml  # noqa: E402
+from conftest import LABELS, Workspace, entry_toml  # noqa: E402
 from daemonfixtures import DaemonProcess, variant_is, wait_event  # noqa: E402
 
 from modeld.catalog import CatalogKeeper  # noqa: E402
@@ -51,7 +51,8 @@ from modeld.variants import (FP32, INT8, VARIANT_FILES, Gates, Proof,  # noqa: E
                              ProviderProof, proof_key)
 
 PARTS = ("notify", "corrupt", "noop", "idle")
-#: a model whose dynamic INT8 is slower than FP32 here: allow_slower lets it be served anyway
+#: allow_slower: INT8 is served whatever its measured speed (noise must not decide whether a
+#: flip changes what the node is told)
 MLP_INT8 = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
                       quantize="dynamic_int8") + "allow_slower = true\n"
 MLP_FP32 = MLP_INT8.replace("enabled = true", "enabled = false")
@@ -66,8 +67,7 @@ def hub_workspace(root: Path) -> Iterator[Workspace]:
     hub = LocalHub(root / "hub").start()
     try:
         hub.store.create_repo("acme/detector")
-        hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(),
-                                           "det/labels.txt": b"person\nbicycle\ncar\ndog\n"})
+        hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
         hub.store.create_repo("acme/mlp")
         hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
         ws = Workspace(root=root / "robot", hub=hub)
