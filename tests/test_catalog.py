@@ -11,8 +11,9 @@ import pytest
 import tomlkit
 from structlog.testing import capture_logs
 
-from modeld.catalog import (EMPTY, MAX_CATALOG_BYTES, METHOD_OPTIONS, CatalogKeeper, QuantizeSpec,
-                            catalog_from_bytes, load_catalog, parse_catalog)
+from modeld.catalog import (EMPTY, MAX_CATALOG_BYTES, MAX_LINES, MAX_MODELS, MAX_STRUCTURE_CHARS,
+                            METHOD_OPTIONS, CatalogKeeper, QuantizeSpec, catalog_from_bytes,
+                            load_catalog, parse_catalog)
 from modeld.errors import CatalogError
 from modeld.variants import METHODS, Gates
 
@@ -418,6 +419,26 @@ def test_file_level_errors_raise_one_line(text, field, fragment):
     assert (err.path, err.index, err.field) == (PATH, None, field)
     assert fragment in str(err)
     assert_one_line(err)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("\n" * (MAX_LINES + 1), f"at most {MAX_LINES} allowed"),
+    ("\r\n" * (MAX_LINES + 1), f"at most {MAX_LINES} allowed"),
+    # one line, two million values: tomlkit would take about a minute
+    ("x = [" + "1," * 2_000_000 + "]\n", f"at most {MAX_STRUCTURE_CHARS} allowed"),
+    ("[[models]]\n" * (MAX_MODELS + 1), f"lists {MAX_MODELS + 1} models; at most {MAX_MODELS}"),
+])
+def test_shapes_too_big_for_the_parser_are_refused_quickly(text, fragment):
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(text, path=PATH)
+    assert fragment in str(caught.value)
+    assert_one_line(caught.value)
+
+
+def test_largest_allowed_shapes_still_parse():
+    big = toml(*(entry(name=f"m{i}", quantize={"method": "fp16"}) for i in range(MAX_MODELS)))
+    assert len(parse_catalog(big, path=PATH).entries) == MAX_MODELS
+    assert parse_catalog("\n" * (MAX_LINES - 1), path=PATH).entries == {}
 
 
 def test_unknown_top_level_key_suggests_models():

@@ -26,8 +26,14 @@ from .variants import METHODS, Gates
 
 log = structlog.get_logger(__name__)
 
-#: a catalog larger than this is refused before it is parsed (tomlkit is slow on big input)
+#: a catalog larger than this is refused before it is read
 MAX_CATALOG_BYTES = 4 * 1024 * 1024
+# tomlkit's time grows faster than linearly with lines and values (measured: 400k blank lines
+# 9 s, one array of 2M numbers 48 s): the shape is bounded before tomlkit sees the text, which
+# keeps a parse under about 2 s. A real catalog of 1000 models is about 15k lines, 15k values.
+MAX_LINES = 20_000
+MAX_STRUCTURE_CHARS = 50_000          # '[', '{', '=' and ',' anywhere, comments included
+MAX_MODELS = 1000
 MAX_PATH_CHARS = 1024
 MAX_TEXT_CHARS = 4096
 MAX_INPUT_SIZE = 8192
@@ -334,6 +340,9 @@ def parse_catalog(text: str, *, path: str = "model_catalog.toml", base_dir: Path
     if not isinstance(raw_entries, list) or not all(isinstance(r, dict) for r in raw_entries):
         raise where.error("models", "expected an array of tables",
                           hint="write each model as a [[models]] table")
+    if len(raw_entries) > MAX_MODELS:
+        raise where.error("models", f"lists {len(raw_entries)} models; at most {MAX_MODELS} "
+                                    "allowed")
     base = os.path.abspath(base_dir if base_dir is not None else os.path.dirname(path) or ".")
     entries: dict[str, ModelEntry] = {}
     errors: list[CatalogError] = []
@@ -360,6 +369,7 @@ def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
         raise where.error(None, "binary file (contains NUL characters)",
                           hint="the catalog must be a TOML text file")
     text = text.removeprefix("\ufeff")
+    _check_shape(text, where)
     try:
         return tomlkit.parse(text).unwrap()
     except ParseError as e:
@@ -372,6 +382,19 @@ def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
         raise where.error(None, "nested too deeply to parse") from e
     except Exception as e:  # noqa: BLE001 - tomlkit raises assorted types on junk; all are bad input
         raise where.error(None, f"cannot parse TOML: {type(e).__name__}: {_one_line(str(e))}") from e
+
+
+def _check_shape(text: str, where: _Where) -> None:
+    """Refuse, in linear time, text too big in shape for tomlkit to parse in reasonable time."""
+    lines = text.count("\n") + 1
+    if lines > MAX_LINES:
+        raise where.error(None, f"has {lines} lines; at most {MAX_LINES} allowed",
+                          hint="a catalog is a short list of models; check the path")
+    structure = sum(text.count(c) for c in "[{=,")
+    if structure > MAX_STRUCTURE_CHARS:
+        raise where.error(None, f"has {structure} brackets, '=' and ','; at most "
+                                f"{MAX_STRUCTURE_CHARS} allowed",
+                          hint="a catalog is a short list of models; check the path")
 
 
 def _one_line(text: str, limit: int = 200) -> str:
