@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import structlog
 
 from ..atomic import WORK_PREFIX, publish_file, temp_path_for
@@ -81,6 +82,8 @@ class QuantizeResult:
 def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeResult:
     """Worker entry point: build, prove and publish the variant of ``request.method``."""
     started = time.monotonic()
+    # the quantizer's sessions warn once per unused initializer: hundreds of lines per model
+    ort.set_default_logger_severity(3)
     params = canonical_params(request.method, request.params, entry=request.name)
     model_dir = Path(request.model_dir)
     source = model_dir / VARIANT_FILES[FP32]
