@@ -473,10 +473,10 @@ def _parse_quantize(raw: Any, where: _Where, base_dir: str) -> QuantizeSpec:
         method = "auto"  # nothing is built while disabled; the method is only a placeholder
     elif "method" not in raw:
         raise where.error("quantize.method", "missing required field",
-                          hint=f"one of {', '.join(METHOD_OPTIONS)}")
+                          hint=f"one of {', '.join(METHODS)}")
     else:
         try:
-            method = _one_of(tuple(METHOD_OPTIONS))(raw["method"])
+            method = _one_of(tuple(METHODS))(raw["method"])
         except _Invalid as bad:
             raise where.invalid("quantize.method", bad) from None
     options = METHOD_OPTIONS[method]
