@@ -745,3 +745,14 @@ def test_reload_logs_entry_errors_with_fields(catalog_file):
     (warning,) = [e for e in logs if e["event"] == "catalog_entry_error"]
     assert (warning["index"], warning["field"], warning["entry"]) == (1, "input_size", "b")
     assert warning["stale"] is False and warning["log_level"] == "warning"
+
+
+def test_reload_logs_a_kept_entry_as_stale(catalog_file):
+    keeper = CatalogKeeper(catalog_file)
+    write(catalog_file, toml(entry(name="a")))
+    keeper.reload()
+    write(catalog_file, toml(entry(name="a", filename="../x.onnx")))
+    with capture_logs() as logs:
+        assert keeper.reload() is True
+    (warning,) = [e for e in logs if e["event"] == "catalog_entry_error"]
+    assert (warning["entry"], warning["field"], warning["stale"]) == ("a", "filename", True)
