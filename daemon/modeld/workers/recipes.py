@@ -42,10 +42,11 @@ class Option:
         return ""
 
 
-_SAMPLES = Option(16, kind=int, minimum=1)
+_SAMPLES = Option(32, kind=int, minimum=1)
 
-#: method -> option -> rule. Defaults follow the measured facts of a non-VNNI AVX2 CPU:
-#: U8 weights for ConvInteger/MatMulInteger (S8 is 2-3x slower there), S8 weights with QDQ.
+#: method -> option -> rule; the defaults are the catalog's (``catalog.METHOD_OPTIONS`` fills
+#: them in the daemon). From the measured facts of a non-VNNI AVX2 CPU: U8 weights for
+#: ConvInteger/MatMulInteger (S8 is 2-3x slower there), S8 weights with QDQ.
 METHOD_OPTIONS: Mapping[str, Mapping[str, Option]] = {
     "dynamic_int8": {"weight_type": Option("QUInt8", QUANT_TYPES),
                      "per_channel": Option(False, kind=bool),
@@ -55,7 +56,7 @@ METHOD_OPTIONS: Mapping[str, Mapping[str, Option]] = {
                     "format": Option("QDQ", FORMATS),
                     "activation_type": Option("QUInt8", QUANT_TYPES),
                     "weight_type": Option("QInt8", QUANT_TYPES),
-                    "per_channel": Option(False, kind=bool),
+                    "per_channel": Option(True, kind=bool),
                     "reduce_range": Option(False, kind=bool)},
     "fp16": {"keep_io_types": Option(True, kind=bool)},
     "auto": {"samples": _SAMPLES},
