@@ -1,4 +1,4 @@
-"""The benchmarks still run: ``bench_daemon.py --quick`` against a real daemon (about 35 s here,
+"""The benchmarks still run: ``bench_daemon.py --quick`` against a real daemon (15-35 s here,
 under the 60 s a smoke test may take), and run_all's collection and report on small scripts.
 
 Asserts that rows with figures come out, never the figures' values: timings belong in the
