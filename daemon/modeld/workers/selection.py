@@ -8,9 +8,10 @@ keeping the few that introduce most of the error in FP32 is what gets both speed
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -29,6 +30,9 @@ HEAVY_CONV_SHARE = 0.8
 MIN_WORK_SHARE = 0.004
 #: at most this many single-node probes (the heaviest nodes), each one a quantize and a run
 MAX_PROBES = 32
+#: wall-clock budget of the single-node probes (a large model quantizes slowly; the job has
+#: a time limit of its own, quantize_timeout_s)
+PROBE_BUDGET_S = 240.0
 #: combinations measured before giving up
 MAX_ROUNDS = 6
 #: op-type groups probed after the convolutions (the most frequent types first)
@@ -147,7 +151,15 @@ def refine_selection(quantize: Callable[[tuple[str, ...]], Path], reference: Pat
         return verify.compare_outputs(ref_outputs,
                                       [verify.run_session(session, f) for f in feeds]).cosine
 
-    errors = {n: max(1.0 - cosine_of((n,)), 1e-9) for n in candidates}
+    errors: dict[str, float] = {}
+    deadline = time.monotonic() + PROBE_BUDGET_S
+    for node in candidates:  # heaviest first: what a short budget leaves unprobed matters least
+        if time.monotonic() > deadline:
+            log.warning("selection_probe_budget_spent", probed=len(errors),
+                        unprobed=len(candidates) - len(errors), budget_s=PROBE_BUDGET_S)
+            break
+        errors[node] = max(1.0 - cosine_of((node,)), 1e-9)
+    candidates = list(errors)
     picked = _fill_budget(sorted(candidates, key=lambda n: errors[n] / work[n]), errors,
                           1.0 - target)
     log.info("selection_probed", probed=len(candidates), picked=len(picked),
