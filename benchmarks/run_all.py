@@ -67,7 +67,8 @@ def discover(only: set[str] | None) -> list[Path]:
 
 def supports_quick(script: Path) -> bool:
     """Scripts are asked for ``--quick`` only if they take it (argparse refuses unknown flags)."""
-    return '"--quick"' in script.read_text(errors="replace")
+    text = script.read_text(errors="replace")
+    return '"--quick"' in text or "'--quick'" in text
 
 
 def run_script(script: Path, *, out_dir: Path, quick: bool, timeout_s: float) -> ScriptRun:
