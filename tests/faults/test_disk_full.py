@@ -88,3 +88,34 @@ def test_disk_full_during_pull_and_quantize_then_recovery(workspace):
         finally:
             daemon.stop()
         assert leftovers(workspace.models) == []
+
+
+def test_disk_full_in_the_middle_of_a_download(workspace):
+    """Room for the model's bytes and not one page more: the free-space pre-check passes, and
+    the download itself hits ENOSPC (the client's cache needs a little beside the body). No
+    half-written model appears under its final name; once space returns the pull completes."""
+    data = matmul_mlp(features=128, hidden=512)
+    workspace.hub.store.commit("acme/mid", {"mid.onnx": data})
+    workspace.write_catalog(entry_toml("det"))
+    with small_disk(workspace.models, DISK_BYTES):
+        daemon = DaemonProcess(workspace, env=dict(FAST_RETRY_ENV)).start()
+        try:
+            wait_ready(daemon, "det", {"fp32"})
+            (workspace.models / "mid").mkdir()
+            page = os.statvfs(workspace.models).f_frsize
+            filler = fill(workspace.models, leave_bytes=-(-len(data) // page) * page)
+            with EventAuditor(daemon.socket, ["mid"]) as auditor:
+                workspace.write_catalog(entry_toml("det") + MID.replace("enabled = true",
+                                                                        "enabled = false"))
+                status = wait_error(daemon, "mid", "no space left downloading")
+                assert status["detail"]["error"]["type"] == "DiskFullError", status
+                assert status["variants"] == []
+                assert workspace.hub.log.count("GET", "*mid.onnx") >= 1   # it did start
+                assert not (workspace.models / "mid" / "model.onnx").exists()
+                filler.unlink()
+                wait_ready(daemon, "mid", {"fp32"}, timeout_s=60)
+            assert auditor.mismatches == [] and len(auditor.variants) >= 1
+            check_manifest_matches_files(workspace.models, "mid")
+        finally:
+            daemon.stop()
+        assert leftovers(workspace.models) == []
