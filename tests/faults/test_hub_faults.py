@@ -139,3 +139,37 @@ def test_daemon_stall_past_the_timeout_is_retried_boundedly_then_recovers(worksp
         daemon.stop()
     assert leftovers(workspace.models) == []
     assert json.loads((workspace.models / "det" / "manifest.json").read_text())
+
+
+def test_status_says_a_slow_pull_is_running(workspace):
+    """While a download crawls, `status` says the model is being pulled (with progress), not
+    only that it is pending: an operator must see what the daemon is doing now."""
+    workspace.hub.store.commit("acme/slow", {"m.onnx": tiny_cnn(seed=9)})
+    workspace.hub.faults.add("stall", "*m.onnx", method="GET", at_byte=1024, seconds=4)
+    workspace.write_catalog(entry_toml("slow", repo="acme/slow", filename="m.onnx", labels=None))
+    daemon = DaemonProcess(workspace).start()
+    try:
+        wait_until(lambda: workspace.hub.log.count("GET", "*m.onnx"), 30, "the download", daemon)
+        status = wait_until(lambda: (lambda m: m if m["detail"].get("activity") else None)(
+            daemon.status()["models"]["slow"]), 3, "status to show the running pull", daemon)
+        assert status["detail"]["activity"]["action"] == "pulling"
+        assert status["reason"].startswith("pulling")
+        wait_ready(daemon, "slow", {"fp32"}, timeout_s=30)
+    finally:
+        daemon.stop()
+
+
+def test_sync_gives_up_on_a_stalled_hub_in_one_line(workspace):
+    """`sync` against a hub that never answers: the pull hits its time limit, the command exits 1
+    with one line naming the model, and no worker is left behind."""
+    workspace.write_catalog(entry_toml("det"))
+    workspace.hub.faults.add("stall", MODEL_GLOB, times=10_000, method="HEAD", seconds=60)
+    started = time.monotonic()
+    result = workspace.cli("sync", MODELD_PULL_TIMEOUT_S="3", timeout=60)
+    assert result.returncode == 1, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("mecha10-modeld:")]
+    assert len(said) == 1 and "det" in said[0] and "time limit" in said[0], said
+    assert time.monotonic() - started < 30
+    assert workspace.hub.log.count("HEAD", MODEL_GLOB) == 1
+    assert not (workspace.models / "det" / "model.onnx").exists()
+    assert leftovers(workspace.models) == []
