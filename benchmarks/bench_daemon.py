@@ -7,10 +7,12 @@ settings, the loopback hub, real subscribers on the Unix socket, real files and 
    the daemon rebuilds and re-proves INT8 between rounds.
 3. noop: one reconcile pass of a 1,000-entry catalog with nothing to do, in-process, on a store
    written directly to disk (p50/p99; target p99 <= 50 ms and no file hashed), with a profile.
-4. idle: RSS and context switches of the settled daemon with 3 models (targets <= 60 MB and no
+4. scale: edit -> notify as in 1, on the store of 3 under a real daemon (1,000 models): what
+   the catalog's size adds (same target).
+5. idle: RSS and context switches of the settled daemon with 3 models (targets <= 60 MB and no
    periodic wake-ups).
 
-    .venv/bin/python benchmarks/bench_daemon.py [--quick] [--only notify,corrupt,noop,idle]
+    .venv/bin/python benchmarks/bench_daemon.py [--quick] [--only notify,corrupt,noop,scale,idle]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pstats
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -50,7 +53,7 @@ from modeld.testing.onnx_models import matmul_mlp, tiny_cnn  # noqa: E402
 from modeld.variants import (FP32, INT8, VARIANT_FILES, Gates, Proof,  # noqa: E402
                              ProviderProof, proof_key)
 
-PARTS = ("notify", "corrupt", "noop", "idle")
+PARTS = ("notify", "corrupt", "noop", "scale", "idle")
 #: allow_slower: INT8 is served whatever its measured speed (noise must not decide whether a
 #: flip changes what the node is told)
 MLP_INT8 = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
@@ -131,14 +134,21 @@ def measure_corrupt(ws: Workspace, daemon: DaemonProcess, rounds: int) -> list[f
 
 # -- 3: the no-op pass of a large catalog -------------------------------------------------------
 
-def large_catalog_text(count: int) -> str:
-    """``count`` entries; every second one with a dynamic INT8 variant enabled."""
+#: the quantized model a node follows while the 1,000-entry catalog is edited
+SCALE_MODEL = "m0001"
+
+
+def large_catalog_text(count: int, *, disabled: frozenset[str] = frozenset()) -> str:
+    """``count`` entries; every second one with a dynamic INT8 variant, enabled unless named in
+    ``disabled``."""
     parts = []
     for i in range(count):
         name = f"m{i:04d}"
         if i % 2:
-            parts.append(entry_toml(name, repo="acme/mlp", filename="mlp.onnx", labels=None,
-                                    quantize="dynamic_int8") + "allow_slower = true\n")
+            text = entry_toml(name, repo="acme/mlp", filename="mlp.onnx", labels=None,
+                              quantize="dynamic_int8") + "allow_slower = true\n"
+            parts.append(text.replace("enabled = true", "enabled = false")
+                         if name in disabled else text)
         else:
             parts.append(entry_toml(name, labels=None))
     return "".join(parts)
@@ -297,6 +307,34 @@ def measure_noop(folder: Path, entries: int, passes: int) -> tuple[list[float], 
     return samples, written, store.hash_count, profile
 
 
+def measure_notify_at_scale(ws: Workspace, entries: int, flips: int
+                            ) -> tuple[list[float], float]:
+    """Edit -> notify on the no-op part's store: a real daemon on ``entries`` models, one node
+    following ``SCALE_MODEL`` while its quantize.enabled is flipped. Also the seconds one parse
+    of the changed catalog takes in-process (the part of the latency the catalog size adds)."""
+    texts = {FP32: large_catalog_text(entries, disabled=frozenset({SCALE_MODEL})),
+             INT8: large_catalog_text(entries)}
+    keeper = CatalogKeeper(ws.root / "parse-probe.toml")
+    parse_s = []
+    for want in (FP32, INT8, FP32):
+        keeper.path.write_text(texts[want])
+        started = time.perf_counter()
+        keeper.reload()
+        parse_s.append(time.perf_counter() - started)
+    samples = []
+    with running_daemon(ws) as daemon:
+        with daemon.subscribe(SCALE_MODEL, prefer="int8", node="bench-scale") as sub:
+            wait_event(sub, variant_is(SCALE_MODEL, INT8), timeout_s=120, daemon=daemon)
+            for i in range(flips):
+                want = FP32 if i % 2 == 0 else INT8
+                started = time.perf_counter()
+                ws.write_catalog(texts[want])
+                wait_event(sub, variant_is(SCALE_MODEL, want), timeout_s=60, daemon=daemon)
+                samples.append(time.perf_counter() - started)
+                time.sleep(0.05)
+    return samples, sorted(parse_s)[1]
+
+
 # -- 4: the idle daemon -------------------------------------------------------------------------
 
 def wait_settled(daemon: DaemonProcess, models: set[str], timeout_s: float) -> None:
@@ -394,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
-    flips, rounds, passes, idle_s = (6, 2, 5, 3.0) if args.quick else (60, 20, 30, 10.0)
+    flips, rounds, passes, idle_s, scale_flips = ((6, 2, 5, 3.0, 2) if args.quick
+                                                  else (60, 20, 30, 10.0, 10))
     entries = 1000      # also when quick: the target is for this size
     results = Results()
     step_ms = Settings().debounce_step_ms
@@ -449,17 +488,39 @@ def main(argv: list[str] | None = None) -> int:
 
             part(results, "idle", only, idle)
 
-        def noop() -> None:
-            samples, written, hashed, profile = measure_noop(root / "noop", entries, passes)
-            rows = latency_rows("no-op reconcile", f"pass over {entries} entries", samples, 0.050)
-            rows[1] = replace(rows[1], note=(
-                f"in-process Reconciler.reconcile() with the real Store ({written} files on disk), "
-                f"CatalogKeeper (file unchanged) and Server.publish (no subscribers); "
-                f"{profile}"))
-            results.add(*rows, Row("no-op reconcile", "files hashed during the passes",
-                                   str(hashed), "0", hashed == 0))
+            noop_dir = root / "noop"
 
-        part(results, "noop", only, noop)
+            def noop() -> None:
+                samples, written, hashed, profile = measure_noop(noop_dir, entries, passes)
+                rows = latency_rows("no-op reconcile", f"pass over {entries} entries", samples,
+                                    0.050)
+                rows[1] = replace(rows[1], note=(
+                    f"in-process Reconciler.reconcile() with the real Store ({written} files on "
+                    f"disk), CatalogKeeper (file unchanged) and Server.publish (no subscribers); "
+                    f"{profile}"))
+                results.add(*rows, Row("no-op reconcile", "files hashed during the passes",
+                                       str(hashed), "0", hashed == 0))
+
+            def scale() -> None:
+                samples, parse_s = measure_notify_at_scale(Workspace(root=noop_dir, hub=ws.hub),
+                                                           entries, scale_flips)
+                text = large_catalog_text(entries)
+                started = time.perf_counter()
+                tomllib.loads(text)
+                stdlib_s = time.perf_counter() - started
+                rows = latency_rows(f"edit -> notify, {entries} models",
+                                    "catalog save -> node told", samples, 0.100)
+                rows[1] = replace(rows[1], note=(
+                    f"the no-op part's store under a real daemon; one entry's quantize.enabled "
+                    f"flipped in a {len(text) // 1024} KiB catalog. Parsing and validating it "
+                    f"(CatalogKeeper.reload, tomlkit) takes {ms(parse_s)} in-process "
+                    f"(stdlib tomllib.loads alone: {ms(stdlib_s)}), then a full pass (see the "
+                    f"no-op rows), after the {step_ms} ms debounce step"))
+                results.add(*rows)
+
+            if only & {"noop", "scale"}:
+                part(results, "noop", {"noop"}, noop)     # scale runs on the store it writes
+            part(results, "scale", only, scale)
     return results.finish()
 
 

@@ -34,11 +34,11 @@ def test_bench_daemon_quick_writes_a_row_with_a_figure_for_every_part(tmp_path):
     assert not failed, failed
     by_benchmark = {r.benchmark for r in rows}
     assert by_benchmark == {"edit -> notify", "corrupt INT8 -> FP32", "no-op reconcile",
-                            "idle daemon"}
+                            "edit -> notify, 1000 models", "idle daemon"}
     for row in rows:
         assert row.figure and row.figure[0].isdigit(), row
     targeted = [r for r in rows if r.target]
-    assert len(targeted) == 6 and all(isinstance(r.ok, bool) for r in targeted)
+    assert len(targeted) == 7 and all(isinstance(r.ok, bool) for r in targeted)
     hashed = next(r for r in rows if r.metric == "files hashed during the passes")
     assert hashed.figure == "0" and hashed.ok is True
     assert "| edit -> notify |" in done.stdout          # the table is printed too
