@@ -95,6 +95,14 @@ class Chaos:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(str(self.daemon.socket))
         sock.sendall(encode(subscribe_request(["det", "mlp", "det2"], node="slow")))
+        if self.rng.random() < 0.5:
+            # and asks for status over and over without reading the answers
+            sock.setblocking(False)
+            try:
+                for _ in range(300):
+                    sock.send(encode({"op": "status"}))
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                pass
         self.slow_readers.append(sock)
         if len(self.slow_readers) > 4:
             self.slow_readers.pop(0).close()
