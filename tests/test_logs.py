@@ -10,7 +10,6 @@ import logging
 import os
 import pty
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap

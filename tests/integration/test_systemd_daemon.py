@@ -22,7 +22,7 @@ import pytest
 
 from conftest import entry_toml
 from modeld import client
-from systemdfixtures import (SHIPPED_SERVICE, SHIPPED_SOCKET, UserManager, sandboxed_user_unit,
+from systemdfixtures import (SHIPPED_SOCKET, UserManager, sandboxed_user_unit,
                              user_manager, user_unit_from)  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.systemd
