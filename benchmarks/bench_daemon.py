@@ -196,8 +196,8 @@ def populate_store(store: Store, reconciler: Reconciler) -> int:
             int8 = _write(folder / VARIANT_FILES[INT8], int8_bytes)
             int8 = replace(int8, derivation=desired_derivation(entry, fp32, context))
             key = derived_proof_key(entry, int8, fp32, context)
-            manifest = manifest.with_file(int8).with_proof(int8.name,
-                                                           _passed(INT8, int8.sha256, key, providers))
+            proof = _passed(INT8, int8.sha256, key, providers)
+            manifest = manifest.with_file(int8).with_proof(int8.name, proof)
             written += 1
         store.write_manifest(manifest)
     return written

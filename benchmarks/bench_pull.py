@@ -7,7 +7,8 @@ loopback (where fixed costs weigh most) and over a throttled 100 Mbit/s link. Th
 command does more than download: sha256 check, ONNX checker, config.json, and proving FP32 in
 onnxruntime; the log's ``pulled``/``proven`` events say how its time splits.
 
-    .venv/bin/python benchmarks/bench_pull.py [--quick] [--rounds 3] [--size-mib 64] [--link-mbit 100]
+    .venv/bin/python benchmarks/bench_pull.py [--quick] [--rounds 3] [--size-mib 64]
+                                              [--link-mbit 100]
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ PLAIN_DOWNLOAD = ("import sys\n"
 
 
 def big_model(size_mib: int, seed: int = 0) -> bytes:
-    """One MatMul with a square float32 weight of about ``size_mib`` MiB (random: incompressible)."""
+    """One MatMul with a square float32 weight of about ``size_mib`` MiB (random, so
+    incompressible)."""
     side = int((size_mib * 2**20 / 4) ** 0.5)
     weight = np.random.default_rng(seed).normal(0, 0.02, (side, side)).astype(np.float32)
     graph = helper.make_graph(
@@ -211,7 +213,8 @@ class Comparison:
                 self.phases.append(split)
                 self.fetch_s.append(jobs.get("pulled", float("nan")))
                 self.prove_s.append(jobs.get("proven", float("nan")))
-            print(f"{label} round {r}: plain {self.plain_s[-1]:.2f} s, pull {self.pull_s[-1]:.2f} s "
+            print(f"{label} round {r}: plain {self.plain_s[-1]:.2f} s, "
+                  f"pull {self.pull_s[-1]:.2f} s "
                   f"(fetch job {self.fetch_s[-1]:.2f} s, prove {self.prove_s[-1]:.2f} s)",
                   flush=True)
         return self
@@ -221,8 +224,9 @@ class Comparison:
 
     def split(self) -> str:
         labels = [label for label, _ in PHASES] + ["exit"]
-        return "; ".join(f"{label} {statistics.median(p.get(label, 0.0) for p in self.phases):.2f} s"
-                         for label in labels)
+        def median_s(label: str) -> float:
+            return statistics.median(p.get(label, 0.0) for p in self.phases)
+        return "; ".join(f"{label} {median_s(label):.2f} s" for label in labels)
 
     def rows(self, name: str, what: str) -> list[Row]:
         ratio, rounds = self.ratio(self.pull_s), len(self.pull_s)

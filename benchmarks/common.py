@@ -106,7 +106,8 @@ def _cell(text: str) -> str:
 
 
 def write_rows(rows: Sequence[Row], path: str | os.PathLike[str] | None = None) -> Path | None:
-    """Write ``rows`` as a JSON list to ``path`` (default: ``$MODELD_BENCH_JSON``); None if unset."""
+    """Write ``rows`` as a JSON list to ``path`` (default ``$MODELD_BENCH_JSON``); None if
+    neither is set."""
     target = path or os.environ.get(ROWS_ENV)
     if not target:
         return None

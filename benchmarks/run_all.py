@@ -75,7 +75,9 @@ def run_script(script: Path, *, out_dir: Path, quick: bool, timeout_s: float) ->
     rows_path = out_dir / "rows" / f"{script.stem}.json"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     rows_path.unlink(missing_ok=True)
-    command = [sys.executable, str(script)] + (["--quick"] if quick and supports_quick(script) else [])
+    command = [sys.executable, str(script)]
+    if quick and supports_quick(script):
+        command.append("--quick")
     env = dict(os.environ, **{ROWS_ENV: str(rows_path), "PYTHONUNBUFFERED": "1"})
     if quick:
         env["MODELD_BENCH_QUICK"] = "1"
