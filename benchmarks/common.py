@@ -2,7 +2,8 @@
 the JSON rows that ``benchmarks/run_all.py`` collects (it sets ``MODELD_BENCH_JSON=<file>``).
 
 Imported by ``bench_daemon.py``, ``bench_pull.py`` and ``run_all.py``; any ``bench_*.py`` may use
-it: ``emit(rows)`` prints the table and, under run_all, writes the rows for the report.
+it: ``Results.add(rows)`` writes the rows for the report under run_all, ``Results.finish()``
+prints the table.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def use_test_helpers() -> None:
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in 0..100) of a non-empty sample: always a measured value,
-    so a p99 of 50 samples is the worst-but-one, not an interpolation."""
+    never an interpolation (with fewer than 100 samples the p99 is the worst one)."""
     if not values:
         raise ValueError("percentile of an empty sample")
     if not 0 <= q <= 100:
