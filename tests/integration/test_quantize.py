@@ -554,3 +554,25 @@ def test_strided_minmax_calibration_gives_the_same_ranges(tmp_path, mlp_dir):
                         weight_type=QuantType.QInt8, extra_options=extra)
         files.append(out.read_bytes())
     assert files[0] == files[1]
+
+
+def test_auto_on_an_opset_12_model_converts_for_its_per_channel_candidates(tmp_path):
+    folder = _write_model(tmp_path / "old", _conv_net(opset=12))
+    result = quantize_model(_request(folder, "auto", {"samples": 4}), _no_progress)
+    per_channel = [r for r in result.candidates if r.get("per_channel")]
+    assert per_channel and all(r["reason"] != "Unrecognized attribute: axis for operator "
+                                                "DequantizeLinear" for r in per_channel)
+    assert any(r["passed"] for r in per_channel)
+    ort.InferenceSession(str(folder / "model-int8.onnx"), providers=[CPU])
+
+
+def test_a_spent_probe_budget_ends_the_measured_selection_cleanly(cnn_dir, monkeypatch):
+    from modeld.workers import selection
+
+    monkeypatch.setattr(selection, "PROBE_BUDGET_S", -1.0)  # spent before the first probe
+    with capture_logs() as logs:
+        result = quantize_model(_request(cnn_dir, "auto", {"samples": 4}), _no_progress)
+    measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
+    assert measured["passed"] is False and "no selection of nodes" in measured["reason"]
+    assert any(e["event"] == "selection_probe_budget_spent" for e in logs)
+    assert result.proof.passed_anywhere  # another candidate serves
