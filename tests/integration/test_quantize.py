@@ -576,3 +576,17 @@ def test_a_spent_probe_budget_ends_the_measured_selection_cleanly(cnn_dir, monke
     assert measured["passed"] is False and "no selection of nodes" in measured["reason"]
     assert any(e["event"] == "selection_probe_budget_spent" for e in logs)
     assert result.proof.passed_anywhere  # another candidate serves
+
+
+@pytest.mark.parametrize("params, expected_op", [
+    ({"format": "QOperator", "weight_type": "QUInt8", "per_channel": False}, "QLinearConv"),
+    ({"calibrate_method": "Entropy", "samples": 4}, "QuantizeLinear"),
+    ({"calibrate_method": "Percentile", "samples": 4}, "QuantizeLinear"),
+])
+def test_static_options_reach_the_quantizer(cnn_dir, params, expected_op):
+    result = quantize_model(_request(cnn_dir, "static_int8", params), _no_progress)
+    ops = {n.op_type for n in onnx.load(str(cnn_dir / "model-int8.onnx")).graph.node}
+    assert expected_op in ops
+    assert result.proof.checker_ok and result.proof.on(CPU).usable
+    assert result.record.derivation.params["calibrate_method"] == params.get("calibrate_method",
+                                                                            "MinMax")
