@@ -197,8 +197,8 @@ def check_manifest_matches_files(models: Path, name: str) -> dict:
 
 
 def leftovers(models: Path) -> list[str]:
-    return sorted(str(p.relative_to(models)) for p in models.rglob(".modeld-*")
-                  if not p.name.startswith(".modeld.lock"))
+    """Temp files and scratch folders of ours still under ``models`` (the lock is not one)."""
+    return sorted(str(p.relative_to(models)) for p in models.rglob(".modeld-*"))
 
 
 # -- a node that checks what it is told -------------------------------------------------------

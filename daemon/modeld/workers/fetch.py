@@ -565,7 +565,7 @@ def _write_config(request: FetchRequest, model_dir: Path, commit: str,
         if same_model and all(k in current for k in ("inputs", "outputs", "opset")):
             description = {k: current[k] for k in ("inputs", "outputs", "opset")}
         else:
-            description = _describe_or_refuse(request, model_dir / MODEL_FILE, commit)
+            description = _describe_local(request, model_dir / MODEL_FILE, commit, model.sha256)
     labels_count = None
     if labels is not None:
         if current.get("files", {}).get(LABELS_FILE) == files[LABELS_FILE] \
@@ -591,6 +591,24 @@ def _write_config(request: FetchRequest, model_dir: Path, commit: str,
     derivation = known.derivation if known is not None and raw == current_raw else None
     return FileRecord(CONFIG_FILE, hashlib.sha256(raw).hexdigest(), st.st_size, st.st_mtime_ns,
                       st.st_ino, provenance=None, derivation=derivation)
+
+
+def _describe_local(request: FetchRequest, path: Path, commit: str, sha256: str) -> dict[str, Any]:
+    """Describe the model already here. It parsed when it was published: if it no longer does
+    and its bytes are not the recorded ones, it was damaged here meanwhile (a local fault the
+    next pass repairs by downloading again), not an upstream file that is not ONNX."""
+    try:
+        return _describe_or_refuse(request, path, commit)
+    except StoreError as e:
+        try:
+            changed = sha256_file(path) != sha256
+        except OSError:
+            changed = True
+        if not changed:
+            raise
+        raise IntegrityError(f"{MODEL_FILE} changed on disk while config.json was written",
+                             entry=request.name, path=str(path),
+                             hint="retried; the file is pulled again") from e
 
 
 def _read_config(path: Path) -> tuple[bytes | None, dict[str, Any]]:
