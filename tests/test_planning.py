@@ -118,6 +118,8 @@ CASES = [
      "model-int8.onnx"),
     ("method params changed: stale derivation",
      entry(QUANT + '\nweight_type = "QInt8"'), state(with_int8(EQ, pulled(EQ))), CTX, Derive, "no"),
+    ("input size changed: stale derivation (calibration inputs change)",
+     replace(EQ, input_size=640), state(with_int8(EQ, pulled(EQ))), CTX, Pull, "config.json"),
     ("onnxruntime upgraded: stale derivation", EQ, state(with_int8(EQ, pulled(EQ))),
      replace(CTX, onnxruntime_version="2.0"), Prove, "FP32"),
     ("new upstream fp32: int8 stale", EQ, state(with_int8(EQ, pulled(EQ)).with_file(
@@ -169,3 +171,11 @@ def test_derived_proof_key_changes_with_gates():
     stricter = entry(QUANT + "\nmin_cosine = 0.999")
     action = plan_model(stricter, state(m), CTX)
     assert isinstance(action, Prove) and action.variant == INT8 and "stale" in action.reason
+
+
+def test_preset_and_input_size_are_inputs_of_a_derivation():
+    fp32 = pulled(EQ).files[FP32_FILE]
+    base = desired_derivation(EQ, fp32, CTX).key()
+    assert desired_derivation(replace(EQ, input_size=640), fp32, CTX).key() != base
+    assert desired_derivation(replace(EQ, preprocessing_preset="imagenet"), fp32, CTX).key() != base
+    assert desired_derivation(EQ, fp32, CTX).key() == base

@@ -204,7 +204,10 @@ def config_derivation(entry: ModelEntry, fp32: FileRecord, labels: FileRecord | 
 def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext) -> Derivation:
     spec = entry.quantize
     assert spec is not None
-    params = dict(spec.params) | {"calibration": spec.calibration}
+    # The preset and input size shape the calibration and agreement inputs: inputs too.
+    params = dict(spec.params) | {"calibration": spec.calibration,
+                                  "preprocessing_preset": entry.preprocessing_preset,
+                                  "input_size": entry.input_size}
     if METHODS.get(spec.method) is None:
         # auto chooses among candidates by the gates and the providers: they are inputs too
         params |= {"gates": spec.gates.to_dict(), "providers": list(providers_for(entry, context))}

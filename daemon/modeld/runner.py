@@ -9,6 +9,7 @@ files removed on SIGTERM. Neither the server nor the reconciler knows of the oth
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from typing import Any
@@ -72,6 +73,9 @@ class Daemon:
             watcher.start()
             try:
                 await self.reconciler.reconcile()   # the first scan is served before READY
+                # What exists now lives as long as the daemon: keep the collector off it, so
+                # collections stay short (measured: the no-op pass p99 was GC pauses).
+                gc.freeze()
                 systemd.ready(self.reconciler.summary())
                 log.info("ready", models=len(self.catalog.current.entries),
                          summary=self.reconciler.summary())

@@ -87,17 +87,23 @@ class Store:
         self._hash_cache: dict[tuple[str, int, int, int], str] = {}
         self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
         self._lock_fd: int | None = None
+        self._dirs: dict[str, Path] = {}
         self.hash_count = 0   # how many files were hashed: the no-op benchmark asserts it stays 0
 
     # -- layout ---------------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
         """``models/<name>``; refuses anything that is not one plain folder name inside the root."""
+        cached = self._dirs.get(name)
+        if cached is not None:
+            return cached
         if (not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name
                 or name.startswith(".")):
             raise StoreError(f"not a valid model folder name: {name!r}", entry=name)
         path = self.root / name
         if path.parent != self.root:
             raise StoreError(f"model folder escapes {self.root}", entry=name)
+        if len(self._dirs) < 100_000:
+            self._dirs[name] = path
         return path
 
     def names_on_disk(self) -> list[str]:
@@ -109,9 +115,9 @@ class Store:
 
     # -- manifest -------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> Manifest:
-        path = self.model_dir(name) / MANIFEST_NAME
+        path = f"{os.fspath(self.model_dir(name))}/{MANIFEST_NAME}"
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             self._manifest_cache.pop(name, None)
             return Manifest(name=name)
@@ -120,7 +126,7 @@ class Store:
         if cached and cached[0] == key:
             return cached[1]
         try:
-            manifest = Manifest.from_json(path.read_bytes())
+            manifest = Manifest.from_json(Path(path).read_bytes())
         except (OSError, ValueError, KeyError, TypeError) as e:
             # A damaged manifest only costs work: every file is re-verified or re-made.
             log.warning("manifest_unreadable", model=name, error=str(e))
@@ -152,17 +158,17 @@ class Store:
         return Inventory(models=models)
 
     def scan_model(self, name: str) -> ModelState | None:
-        folder = self.model_dir(name)
-        if not folder.is_dir():
+        folder = os.fspath(self.model_dir(name))
+        if not os.path.isdir(folder):
             return None
         manifest = self.read_manifest(name)
-        files = {file_name: self._check(folder / file_name, record)
+        files = {file_name: self._check(f"{folder}/{file_name}", record)
                  for file_name, record in manifest.files.items()}
         return ModelState(name=name, manifest=manifest, files=files)
 
-    def _check(self, path: Path, record: FileRecord) -> FileState:
+    def _check(self, path: str, record: FileRecord) -> FileState:
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
             return FileState(record.name, MISSING, record, "file is missing")
         except OSError as e:
@@ -178,7 +184,7 @@ class Store:
             return FileState(record.name, DAMAGED, record,
                              f"size {st.st_size} != recorded {record.size}")
         try:
-            digest = self.digest(path, st)
+            digest = self.digest(Path(path), st)
         except OSError as e:
             return FileState(record.name, UNREADABLE, record, e.strerror or str(e))
         if digest != record.sha256:

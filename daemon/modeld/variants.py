@@ -6,6 +6,7 @@ Pure data shared by the planner, the workers (which produce proofs) and the serv
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,8 @@ class Gates:
     max_abs_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"min_cosine": self.min_cosine, "min_speedup": self.min_speedup,
+                "max_abs_error": self.max_abs_error}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Gates":
@@ -108,7 +110,13 @@ class Derivation:
     onnxruntime: str = ""
 
     def key(self) -> str:
-        return digest_of(asdict(self) | {"params": dict(self.params)})
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            cached = digest_of({"source_sha256": self.source_sha256, "method": self.method,
+                                "params": dict(self.params), "onnx": self.onnx,
+                                "onnxruntime": self.onnxruntime})
+            object.__setattr__(self, "_key", cached)
+        return cached
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"params": dict(self.params)}
@@ -123,10 +131,17 @@ def proof_key(*, file_sha256: str, reference_sha256: str | None, providers: tupl
               ) -> str:
     """Identity of a proof's inputs: a change of file, reference, providers, gates or runtime
     makes a recorded proof stale."""
+    frozen = tuple(sorted((k, tuple(sorted(v))) for k, v in (simulated or {}).items()))
+    return _proof_key(file_sha256, reference_sha256, tuple(providers), gates, onnxruntime, frozen)
+
+
+@functools.lru_cache(maxsize=16384)
+def _proof_key(file_sha256, reference_sha256, providers, gates, onnxruntime, simulated) -> str:
+    # The planner asks for every model on every pass; the inputs rarely change.
     return digest_of({"file": file_sha256, "reference": reference_sha256,
                       "providers": list(providers), "gates": gates.to_dict(),
                       "onnxruntime": onnxruntime,
-                      "simulated": {k: sorted(v) for k, v in (simulated or {}).items()}})
+                      "simulated": {k: list(v) for k, v in simulated}})
 
 
 def digest_of(obj: Any) -> str:
