@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -77,3 +78,23 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Remove what an interrupted run left directly in ``folder``: our temp files and scratch
+    folders, and ``*.incomplete`` download blobs. Returns their names. Only call it when no job
+    uses the folder (start-up, or the fetch worker's own folder)."""
+    removed: list[str] = []
+    try:
+        entries = sorted(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (is_temp_name(entry.name) or entry.name.endswith(".incomplete")):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed

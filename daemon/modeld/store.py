@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Mapping
 
 import structlog
 
-from .atomic import TEMP_PREFIX, WORK_PREFIX, is_temp_name, write_atomic
+from .atomic import TEMP_PREFIX, is_temp_name, remove_leftovers, write_atomic
 from .errors import StoreError, StoreLockedError
 from .manifest import MANIFEST_NAME, FileRecord, Manifest
 
@@ -235,23 +235,12 @@ class Store:
 
     def clean_leftovers(self) -> list[str]:
         """Remove temp files and scratch folders of an interrupted run (start-up)."""
-        removed: list[str] = []
         if not self.root.is_dir():
-            return removed
-        folders = [self.root] + [p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()]
-        for folder in folders:
-            try:
-                entries = list(folder.iterdir())
-            except OSError:
-                continue
-            for entry in entries:
-                if not entry.name.startswith((TEMP_PREFIX, WORK_PREFIX)):
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(str(entry.relative_to(self.root)))
+            return []
+        removed = remove_leftovers(self.root)
+        for folder in self.root.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                removed += [f"{folder.name}/{name}" for name in remove_leftovers(folder)]
         return removed
 
     # -- one daemon per store -------------------------------------------------------------------

@@ -38,7 +38,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from ..atomic import WORK_PREFIX, is_temp_name, publish_file, temp_path_for, write_atomic
+from ..atomic import (WORK_PREFIX, publish_file, remove_leftovers, temp_path_for,
+                      write_atomic)
 from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                       HubUnavailableError, IntegrityError, ModeldError, StoreError)
 from ..manifest import FileRecord, Provenance
@@ -206,17 +207,7 @@ def clean_leftovers(model_dir: str | os.PathLike[str]) -> list[str]:
     """Remove what an interrupted pull left in ``model_dir`` (temp files, scratch folders,
     ``*.incomplete`` blobs); returns their names. Call it only when no job uses the folder."""
     folder = Path(model_dir)
-    removed: list[str] = []
-    if not folder.is_dir():
-        return removed
-    for entry in sorted(folder.iterdir()):
-        if not (is_temp_name(entry.name) or entry.name.endswith(".incomplete")):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry.name)
+    removed = remove_leftovers(folder)
     if removed:
         log.info("leftovers_removed", model_dir=str(folder), names=removed)
     return removed
