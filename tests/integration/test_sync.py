@@ -176,3 +176,16 @@ def test_hub_outage_keeps_serving_and_verify_needs_no_hub(workspace):
     proofs = workspace.manifest("mlp")["proofs"]
     assert set(proofs) == {"model.onnx", "model-int8.onnx"}
     assert workspace.cli("verify", "nope").returncode == 2
+
+
+def test_bench_command_prints_every_variant(workspace):
+    workspace.write_catalog(entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
+                                       quantize="dynamic_int8") + "allow_slower = true\n")
+    assert workspace.cli("bench", "mlp").returncode == 2      # not pulled yet: says so
+    assert workspace.cli("sync").returncode == 0
+    result = workspace.cli("bench", "mlp")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    variants = {row.split("|")[1].strip() for row in rows[1:]}
+    assert {"fp32", "int8"} <= variants
+    assert "vs FP32" in rows[0]
