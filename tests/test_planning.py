@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from modeld.catalog import parse_catalog
+from modeld.catalog import Catalog, parse_catalog
 from modeld.manifest import FileRecord, Manifest, Provenance
 from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Derive, PlanContext, Prove, Pull,
-                             RestoreMode, config_derivation, derived_proof_key, desired_derivation,
+                             Planner, RestoreMode, config_derivation, derived_proof_key,
+                             desired_derivation,
                              plan, plan_model, proof_key)
 from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
 from modeld.variants import FP32, INT8, Gates, Proof, ProviderProof
@@ -179,3 +180,33 @@ def test_preset_and_input_size_are_inputs_of_a_derivation():
     assert desired_derivation(replace(EQ, input_size=640), fp32, CTX).key() != base
     assert desired_derivation(replace(EQ, preprocessing_preset="imagenet"), fp32, CTX).key() != base
     assert desired_derivation(EQ, fp32, CTX).key() == base
+
+
+def _catalog_of(*entries):
+    return Catalog(path="c.toml", entries={e.name: e for e in entries})
+
+
+def test_planner_remembers_unchanged_models_and_replans_changed_ones():
+    """Planner gives what plan() gives; a model with the same entry and state objects keeps
+    its previous action object, a changed entry, state or refresh is planned again."""
+    a, b = entry(QUANT, name="a"), entry(QUANT, name="b")
+    ma, mb = pulled(a), with_int8(b, pulled(b))
+    inventory = Inventory(models={"a": state(ma), "b": state(mb)})
+    planner = Planner()
+    first = planner.plan(_catalog_of(a, b), inventory, CTX)
+    assert first == plan(_catalog_of(a, b), inventory, CTX)
+    assert [type(x) for x in first] == [Derive]          # b is done
+    again = planner.plan(_catalog_of(a, b), inventory, CTX)
+    assert again[0] is first[0]
+    a2 = entry(QUANT + "\nper_channel = true", name="a")
+    changed = planner.plan(_catalog_of(a2, b), inventory, CTX)
+    assert changed == plan(_catalog_of(a2, b), inventory, CTX)
+    assert changed[0].derivation.key() != first[0].derivation.key()
+    asked = replace(CTX, refresh=frozenset({"b"}))
+    refreshed = planner.plan(_catalog_of(a2, b), inventory, asked)
+    assert [x.name for x in refreshed] == ["a", "b"] and isinstance(refreshed[1], Pull)
+    newer_runtime = replace(CTX, onnxruntime_version="9.9")
+    assert planner.plan(_catalog_of(a2, b), inventory, newer_runtime) == \
+        plan(_catalog_of(a2, b), inventory, newer_runtime)
+    healed = Inventory(models={"a": state(with_int8(a2, pulled(a2))), "b": state(mb)})
+    assert planner.plan(_catalog_of(a2, b), healed, CTX) == []

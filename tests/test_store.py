@@ -169,3 +169,29 @@ def test_corrupt_manifest_reads_as_empty(store):
     publish(store, "m", "model.onnx", b"abc")
     (store.model_dir("m") / "manifest.json").write_text("{not json")
     assert Store(store.root).read_manifest("m").files == {}
+
+
+def test_an_unchanged_model_scans_to_the_very_same_state(store):
+    """The planner and the views skip a model whose state is the object they saw last pass."""
+    publish(store, "m", "model.onnx", b"x" * 1000)
+    first = store.scan_model("m")
+    assert store.scan_model("m") is first
+    path = store.model_dir("m") / "model.onnx"
+    path.write_bytes(b"y" * 10)                      # damage: a new state, saying so
+    damaged = store.scan_model("m")
+    assert damaged is not first and damaged.files["model.onnx"].status == DAMAGED
+    publish(store, "m", "model.onnx", b"x" * 1000)   # healed: a new record, a new state
+    healed = store.scan_model("m")
+    assert healed.files["model.onnx"].status == OK and healed is store.scan_model("m")
+    publish(store, "m", "labels.txt", b"a\n")        # a new manifest: a new state
+    assert store.scan_model("m") is not healed
+
+
+def test_a_vanished_folder_scans_to_nothing_and_back(store):
+    publish(store, "m", "model.onnx", b"x")
+    assert store.scan_model("m") is not None
+    store.remove_model("m")
+    assert store.scan_model("m") is None
+    store.model_dir("m").mkdir()
+    state = store.scan_model("m")
+    assert state is not None and state.files == {}

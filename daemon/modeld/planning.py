@@ -97,6 +97,41 @@ def plan(catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[A
     return actions
 
 
+class Planner:
+    """``plan`` with a memory of the previous pass: a model whose entry and scanned state are the
+    very objects planned last time (the catalog keeps unchanged entries, the store returns an
+    unchanged ``ModelState`` as it was) gets its previous answer. A no-op pass over a large
+    catalog costs identity checks, not planning."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[ModelEntry, ModelState | None, bool, Action | None]] = {}
+        self._context: tuple | None = None
+
+    def plan(self, catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
+        fixed = (context.providers, context.onnx_version, context.onnxruntime_version,
+                 dict(context.simulated))
+        if fixed != self._context:
+            self._memo.clear()
+            self._context = fixed
+        memo, refresh = self._memo, context.refresh
+        fresh: dict[str, tuple[ModelEntry, ModelState | None, bool, Action | None]] = {}
+        actions = []
+        for name, entry in catalog.entries.items():
+            state = inventory.models.get(name)
+            asked = name in refresh
+            known = memo.get(name)
+            if known is not None and known[0] is entry and known[1] is state and known[2] == asked:
+                action = known[3]
+                fresh[name] = known
+            else:
+                action = plan_model(entry, state, context)
+                fresh[name] = (entry, state, asked, action)
+            if action is not None:
+                actions.append(action)
+        self._memo = fresh
+        return actions
+
+
 def plan_model(entry: ModelEntry, state: ModelState | None, context: PlanContext) -> Action | None:
     manifest = state.manifest if state else Manifest(name=entry.name)
     if state is not None:

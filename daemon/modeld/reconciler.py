@@ -25,12 +25,12 @@ from .errors import ModeldError, PermanentError, TemporaryError
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
 from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
-                       Pull, RestoreMode, config_derivation, derived_proof_key, plan,
+                       Planner, Pull, RestoreMode, config_derivation, derived_proof_key,
                        providers_for)
 from .serving import ModelView
 from .settings import Settings
 from .store import Store
-from .views import Activity, build_views
+from .views import Activity, ViewBuilder
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +81,8 @@ class Reconciler:
         self._on_change = on_change or (lambda: None)
         self.onnx_version, self.ort_version = runtime_versions()
         self.views: dict[str, ModelView] = {}
+        self._planner = Planner()
+        self._view_builder = ViewBuilder()
         self.pending: frozenset[str] = frozenset()
         self._running: dict[str, _Running] = {}
         self._failures: dict[str, _Failure] = {}
@@ -168,7 +170,7 @@ class Reconciler:
             for state in inventory.models.values():
                 self.store.refresh_stats(state)
         context = self.context(frozenset(self._refresh_due))
-        actions = plan(catalog, inventory, context)
+        actions = self._planner.plan(catalog, inventory, context)
         if only is not None:
             actions = [a for a in actions if a.name in only]
         self._cancel_obsolete(catalog, actions)
@@ -176,8 +178,8 @@ class Reconciler:
             self.pending = frozenset(a.name for a in actions if self._dispatch(action=a))
         else:
             self.pending = frozenset(a.name for a in actions)
-        self.views = build_views(catalog, inventory, context, self._activity_now(),
-                                 self.pending, str(self.store.root))
+        self.views = self._view_builder.build(catalog, inventory, context, self._activity_now(),
+                                              self.pending, str(self.store.root))
         self._publish(self.views)
         self._on_change()
         return actions

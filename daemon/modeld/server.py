@@ -160,7 +160,9 @@ class Server:
         self._views = new
         first = not self._published
         self._published = True
-        touched = {name for name, view in new.items() if old.get(name) != view}
+        # Unchanged views are the very objects of the last pass (views.ViewBuilder): `is` first.
+        touched = {name for name, view in new.items()
+                   if (was := old.get(name)) is not view and was != view}
         for name in touched:
             self._bump(name)
         gone = set(old) - set(new)

@@ -88,6 +88,9 @@ class Store:
         self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
         self._lock_fd: int | None = None
         self._dirs: dict[str, Path] = {}
+        #: the last scan of each model: a rescan that finds the same manifest and the same file
+        #: states returns this very object, so the planner and the views can skip it
+        self._states: dict[str, ModelState] = {}
         self.hash_count = 0   # how many files were hashed: the no-op benchmark asserts it stays 0
 
     # -- layout ---------------------------------------------------------------------------------
@@ -159,14 +162,29 @@ class Store:
 
     def scan_model(self, name: str) -> ModelState | None:
         folder = os.fspath(self.model_dir(name))
-        if not os.path.isdir(folder):
-            return None
         manifest = self.read_manifest(name)
-        files = {file_name: self._check(f"{folder}/{file_name}", record)
-                 for file_name, record in manifest.files.items()}
-        return ModelState(name=name, manifest=manifest, files=files)
+        if not manifest.files and not os.path.isdir(folder):
+            self._states.pop(name, None)
+            return None
+        previous = self._states.get(name)
+        if previous is not None and previous.manifest is not manifest:
+            previous = None
+        files = {}
+        same = previous is not None
+        for file_name, record in manifest.files.items():
+            before = previous.files.get(file_name) if previous is not None else None
+            state = self._check(f"{folder}/{file_name}", record, before)
+            same = same and state is before
+            files[file_name] = state
+        if same:
+            return previous
+        state = ModelState(name=name, manifest=manifest, files=files)
+        self._states[name] = state
+        return state
 
-    def _check(self, path: str, record: FileRecord) -> FileState:
+    def _check(self, path: str, record: FileRecord, before: FileState | None = None) -> FileState:
+        """The state of one recorded file; ``before`` (its last state) is returned as it is when
+        the file still matches its record."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -179,6 +197,8 @@ class Store:
             # Root can read a mode-000 file, but the nodes cannot: treat it as unreadable.
             return FileState(record.name, UNREADABLE, record, "file has no read permission")
         if record.stat_matches(st):
+            if before is not None and before.record is record and before.status == OK:
+                return before
             return FileState(record.name, OK, record)
         if st.st_size != record.size:
             return FileState(record.name, DAMAGED, record,
@@ -206,8 +226,10 @@ class Store:
 
     def refresh_stats(self, state: ModelState) -> None:
         """Record the new stat triple of files whose content proved unchanged (saves re-hashing)."""
+        records = state.manifest.files
         changed = {n: s.record for n, s in state.files.items()
-                   if s.ok and s.record is not None and s.record != state.manifest.files.get(n)}
+                   if s.ok and s.record is not None and s.record is not records.get(n)
+                   and s.record != records.get(n)}
         if changed:
             self.update_manifest(state.name, lambda m: replace(m, files={**m.files, **changed}))
 
@@ -225,6 +247,7 @@ class Store:
         os.replace(folder, aside)
         shutil.rmtree(aside, ignore_errors=True)
         self._manifest_cache.pop(name, None)
+        self._states.pop(name, None)
         return True
 
     def remove_file(self, name: str, file_name: str) -> None:

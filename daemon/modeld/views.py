@@ -39,6 +39,42 @@ def build_views(catalog: Catalog, inventory: Inventory, context: PlanContext,
             for name, entry in catalog.entries.items()}
 
 
+class ViewBuilder:
+    """``build_views`` with a memory of the previous pass: a model whose entry and scanned state
+    are the very objects of last time, with the same activity and pending flag, keeps its view
+    object (which also lets ``Server.publish`` see at a glance that nothing changed)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[ModelEntry, ModelState | None, Activity, bool, ModelView]] = {}
+        self._context: tuple | None = None
+
+    def build(self, catalog: Catalog, inventory: Inventory, context: PlanContext,
+              activity: Mapping[str, Activity], pending: frozenset[str] = frozenset(),
+              models_root: str = "") -> dict[str, ModelView]:
+        fixed = (context.providers, context.onnx_version, context.onnxruntime_version,
+                 dict(context.simulated), models_root)
+        if fixed != self._context:
+            self._memo.clear()
+            self._context = fixed
+        memo, idle = self._memo, Activity()
+        fresh = {}
+        views = {}
+        for name, entry in catalog.entries.items():
+            state = inventory.models.get(name)
+            doing = activity.get(name, idle)
+            waiting = name in pending
+            known = memo.get(name)
+            if (known is not None and known[0] is entry and known[1] is state
+                    and known[3] == waiting and (known[2] is doing or known[2] == doing)):
+                view = known[4]
+            else:
+                view = model_view(entry, state, context, doing, waiting, models_root)
+            fresh[name] = (entry, state, doing, waiting, view)
+            views[name] = view
+        self._memo = fresh
+        return views
+
+
 def model_view(entry: ModelEntry, state: ModelState | None, context: PlanContext,
                activity: Activity, pending: bool, models_root: str) -> ModelView:
     offered = offered_variants(entry, state, context, models_root)
