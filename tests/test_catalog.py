@@ -572,6 +572,23 @@ def test_reload_true_on_change_false_on_same_bytes(catalog_file):
     assert keeper.reload() is False
 
 
+def test_an_edit_keeps_the_objects_of_the_entries_it_did_not_touch(catalog_file):
+    """The reconciler skips unchanged entries by identity: only the edited one is new."""
+    keeper = CatalogKeeper(catalog_file)
+    write(catalog_file, toml(entry(), entry(name="b")))
+    keeper.reload()
+    before = dict(keeper.current.entries)
+    write(catalog_file, toml(entry(), entry(name="b", description="edited")))
+    assert keeper.reload() is True
+    after = keeper.current.entries
+    assert after["yolov8n"] is before["yolov8n"]
+    assert after["b"] is not before["b"] and after["b"].description == "edited"
+    write(catalog_file, toml(entry(name="b", description="edited"), entry()))   # reordered
+    keeper.reload()
+    assert keeper.current.entries["yolov8n"] is not after["yolov8n"]
+    assert keeper.current.entries["yolov8n"].index == 1
+
+
 def test_empty_file_is_a_good_catalog_that_replaces_the_old_one(catalog_file):
     keeper = CatalogKeeper(catalog_file)
     write(catalog_file, toml(entry()))

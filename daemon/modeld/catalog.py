@@ -616,13 +616,25 @@ def keep_last_good(fresh: Catalog, previous: Catalog) -> Catalog:
         placed[name] = (error.index, replace(previous.entries[name], index=error.index,
                                              stale_error=error))
     ordered = sorted(placed.values(), key=lambda pair: pair[0])
-    return replace(fresh, entries={entry.name: entry for _, entry in ordered})
+    return replace(fresh, entries={entry.name: _same_as_before(entry, previous.entries.get(entry.name))
+                                   for _, entry in ordered})
+
+
+def _same_as_before(entry: ModelEntry, old: ModelEntry | None) -> ModelEntry:
+    """The previous object of an entry the edit did not touch: the reconciler's planner and
+    views recognise unchanged entries by identity and skip them."""
+    if old is not None and old == entry and _error_texts(old) == _error_texts(entry):
+        return old
+    return entry
+
+
+def _error_texts(entry: ModelEntry) -> tuple[str, str]:
+    return str(entry.quantize_error or ""), str(entry.stale_error or "")
 
 
 def _signature(catalog: Catalog) -> tuple:
     """What makes two catalogs different for the daemon: file, entries and the errors' text."""
-    entries = tuple((e, str(e.quantize_error or ""), str(e.stale_error or ""))
-                    for e in catalog.entries.values())
+    entries = tuple((e, *_error_texts(e)) for e in catalog.entries.values())
     return (catalog.path, catalog.digest, entries, tuple(str(e) for e in catalog.errors))
 
 
