@@ -773,3 +773,19 @@ def test_reload_logs_a_kept_entry_as_stale(catalog_file):
         assert keeper.reload() is True
     (warning,) = [e for e in logs if e["event"] == "catalog_entry_error"]
     assert (warning["entry"], warning["field"], warning["stale"]) == ("a", "filename", True)
+
+
+@pytest.mark.parametrize("flags", [dict(intent=True, intent_quant=True, ocr_quant=True, have_ocr=True),
+                                   dict(intent=True, intent_quant=False, ocr_quant=False,
+                                        have_ocr=False)])
+def test_the_fast_stdlib_read_and_tomlkit_agree_on_good_catalogs(flags):
+    """Good text is read by tomllib (fast), bad text is explained by tomlkit: both must see the
+    same data in every good catalog we ship or test with."""
+    import tomllib
+
+    from modeld.demo import catalog_text
+    texts = [catalog_text(**flags), toml(entry(), entry(name="b", description="x\ty \u00e9")),
+             toml(entry(quantize={"enabled": True, "method": "static_int8", "samples": 8,
+                                  "min_cosine": 0.995, "calibration": "calib/"}))]
+    for text in texts:
+        assert tomllib.loads(text) == tomlkit.parse(text).unwrap()
