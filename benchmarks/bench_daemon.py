@@ -217,11 +217,13 @@ async def _timed_passes(reconciler: Reconciler, passes: int) -> list[float]:
 #: what one reconcile pass is made of (file, function), and the hot spots seen inside them
 PASS_PHASES = (("catalog.py", "reload", "CatalogKeeper.reload"), ("store.py", "scan", "Store.scan"),
                ("store.py", "refresh_stats", "Store.refresh_stats"),
-               ("planning.py", "plan", "planning.plan"), ("views.py", "build_views", "build_views"),
+               ("planning.py", "plan", "Planner.plan"), ("views.py", "build", "ViewBuilder.build"),
                ("server.py", "publish", "Server.publish"))
 HOT_SPOTS = (("variants.py", "key", "Derivation.key"), ("variants.py", "proof_key", "proof_key"),
              ("variants.py", "digest_of", "digest_of"), ("dataclasses.py", "asdict", "asdict"),
-             ("store.py", "_check", "Store._check (stat)"),
+             ("store.py", "_check", "Store._check (a changed file)"),
+             ("planning.py", "plan_model", "plan_model (a changed model)"),
+             ("views.py", "model_view", "model_view (a changed model)"),
              ("store.py", "read_manifest", "Store.read_manifest"))
 
 
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     flips, rounds, passes, idle_s, scale_flips = ((6, 2, 5, 3.0, 2) if args.quick
-                                                  else (60, 20, 30, 10.0, 10))
+                                                  else (60, 20, 100, 10.0, 10))
     entries = 1000      # also when quick: the target is for this size
     results = Results()
     step_ms = Settings().debounce_step_ms

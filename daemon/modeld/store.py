@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 LOCK_NAME = ".modeld.lock"
 
 OK, MISSING, DAMAGED, UNREADABLE = "ok", "missing", "damaged", "unreadable"
+_REGULAR_READABLE = stat.S_IFREG | stat.S_IRUSR
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ModelState:
     name: str
     manifest: Manifest
     files: Mapping[str, FileState] = field(default_factory=dict)
+    #: a file kept its content under a new stat (touched, copied back): see Store.refresh_stats
+    new_stats: bool = False
 
     def intact(self, file_name: str) -> bool:
         state = self.files.get(file_name)
@@ -91,6 +94,7 @@ class Store:
         #: the last scan of each model: a rescan that finds the same manifest and the same file
         #: states returns this very object, so the planner and the views can skip it
         self._states: dict[str, ModelState] = {}
+        self._folders: dict[str, str] = {}
         self.hash_count = 0   # how many files were hashed: the no-op benchmark asserts it stays 0
 
     # -- layout ---------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ class Store:
 
     # -- manifest -------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> Manifest:
-        path = f"{os.fspath(self.model_dir(name))}/{MANIFEST_NAME}"
+        path = f"{self._folders.get(name) or self._folder(name)}/{MANIFEST_NAME}"
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -161,7 +165,7 @@ class Store:
         return Inventory(models=models)
 
     def scan_model(self, name: str) -> ModelState | None:
-        folder = os.fspath(self.model_dir(name))
+        folder = self._folders.get(name) or self._folder(name)
         manifest = self.read_manifest(name)
         if not manifest.files and not os.path.isdir(folder):
             self._states.pop(name, None)
@@ -172,19 +176,36 @@ class Store:
         files = {}
         same = previous is not None
         for file_name, record in manifest.files.items():
+            path = f"{folder}/{file_name}"
             before = previous.files.get(file_name) if previous is not None else None
-            state = self._check(f"{folder}/{file_name}", record, before)
-            same = same and state is before
+            if before is not None and before.record is record and before.status == OK:
+                # the common case, inlined: a regular, readable file with its recorded stat
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    st = None
+                if (st is not None and st.st_mode & _REGULAR_READABLE == _REGULAR_READABLE
+                        and stat.S_ISREG(st.st_mode) and st.st_ino == record.inode
+                        and st.st_mtime_ns == record.mtime_ns and st.st_size == record.size):
+                    files[file_name] = before
+                    continue
+            state = self._check(path, record)
+            same = False
             files[file_name] = state
         if same:
             return previous
-        state = ModelState(name=name, manifest=manifest, files=files)
+        new_stats = any(s.record is not manifest.files[n] for n, s in files.items() if s.ok)
+        state = ModelState(name=name, manifest=manifest, files=files, new_stats=new_stats)
         self._states[name] = state
         return state
 
-    def _check(self, path: str, record: FileRecord, before: FileState | None = None) -> FileState:
-        """The state of one recorded file; ``before`` (its last state) is returned as it is when
-        the file still matches its record."""
+    def _folder(self, name: str) -> str:
+        folder = os.fspath(self.model_dir(name))
+        if len(self._folders) < 100_000:
+            self._folders[name] = folder
+        return folder
+
+    def _check(self, path: str, record: FileRecord) -> FileState:
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -197,8 +218,6 @@ class Store:
             # Root can read a mode-000 file, but the nodes cannot: treat it as unreadable.
             return FileState(record.name, UNREADABLE, record, "file has no read permission")
         if record.stat_matches(st):
-            if before is not None and before.record is record and before.status == OK:
-                return before
             return FileState(record.name, OK, record)
         if st.st_size != record.size:
             return FileState(record.name, DAMAGED, record,
@@ -226,6 +245,8 @@ class Store:
 
     def refresh_stats(self, state: ModelState) -> None:
         """Record the new stat triple of files whose content proved unchanged (saves re-hashing)."""
+        if not state.new_stats:
+            return
         records = state.manifest.files
         changed = {n: s.record for n, s in state.files.items()
                    if s.ok and s.record is not None and s.record is not records.get(n)
