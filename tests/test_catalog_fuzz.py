@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, METHOD_OPTIONS, NAME_RE, Catalog, CatalogKeeper,
+                            CatalogMemo,
                             catalog_from_bytes, parse_catalog)
 from modeld.errors import CatalogError
 
@@ -245,3 +246,56 @@ def test_keeper_never_trades_last_good_for_a_bad_catalog(contents):
                     assert entry.quantize == before.entries[name].quantize
                     assert entry.stale_error in current.errors
             assert keeper.reload() is False, "same bytes: no change"
+
+
+# ------------------------------------------------------------------------------ block memo
+
+def outcome(text: str, memo: CatalogMemo | None) -> tuple:
+    """What a parse gives, comparable between the whole-file read and the block-memo read."""
+    try:
+        catalog = parse_catalog(text, path="/c/model_catalog.toml", memo=memo)
+    except CatalogError as e:
+        return ("refused", str(e))
+    return ("read", catalog.entries, tuple(str(e) for e in catalog.errors))
+
+
+BLOCK_NOISE = ["[[models]]\n", "[[ models ]] # c\n", '[["models"]]\n', "[models]\n",
+               "[models.quantize]\n", "[other]\n", '"""\n', "'''\n", "x = 1\n", "\n", "# c\n",
+               'name = "a"\n', "models = 1\n", "\r\n", "[[models]]\r\n"]
+
+
+@fuzz(300)
+@given(st.lists(st.tuples(st.lists(entries, max_size=4),
+                          st.lists(st.tuples(st.integers(0, 400), st.sampled_from(BLOCK_NOISE)),
+                                   max_size=3)),
+                min_size=1, max_size=4))
+def test_the_block_memo_reads_every_text_as_the_whole_file_parser_does(edits):
+    """A keeper's memo re-reads only changed [[models]] blocks: over a series of edits (random
+    entries, with header-like noise spliced in anywhere), every read must equal a parse of the
+    whole text without memory: same entries, same errors, or the same refusal."""
+    memo = CatalogMemo()
+    for models, noise in edits:
+        text = dump({"models": models}) if models else ""
+        if text is None:
+            continue
+        for at, piece in noise:
+            at = min(at, len(text))
+            text = text[:at] + piece + text[at:]
+        assert outcome(text, memo) == outcome(text, None)
+
+
+def test_the_block_memo_parses_only_the_block_an_edit_changed():
+    memo = CatalogMemo()
+    models = [{"name": f"m{i}", "repo": "a/b", "filename": f"m{i}.onnx"} for i in range(20)]
+    first = parse_catalog(tomlkit.dumps({"models": models}), memo=memo)
+    assert memo.blocks.parsed == 20
+    models[7] = models[7] | {"description": "edited"}
+    second = parse_catalog(tomlkit.dumps({"models": models}), memo=memo)
+    assert memo.blocks.parsed == 1
+    assert second.entries["m7"].description == "edited"
+    assert all(second.entries[n] is first.entries[n] for n in first.entries if n != "m7")
+    # a header inside a multi-line string must not cut the text: the whole-file parse decides
+    tricky = 'description = """\n[[models]]\n"""\n'
+    text = tomlkit.dumps({"models": models}).replace('name = "m3"\n', 'name = "m3"\n' + tricky)
+    third = parse_catalog(text, memo=memo)
+    assert third.entries["m3"].description == "[[models]]\n"

@@ -22,6 +22,7 @@ import structlog
 import tomlkit
 from tomlkit.exceptions import ParseError, TOMLKitError
 
+from .catalog_blocks import BlockMemo
 from .errors import CatalogError
 from .variants import METHODS, Gates
 
@@ -326,14 +327,15 @@ class _Where:
 
 
 def parse_catalog(text: str, *, path: str = "model_catalog.toml", base_dir: Path | None = None,
-                  digest: str | None = None) -> Catalog:
+                  digest: str | None = None, memo: CatalogMemo | None = None) -> Catalog:
     """Validate catalog ``text``. File-level problems raise ``CatalogError``; entry-level ones
     are collected in ``Catalog.errors``. ``base_dir`` (default: the folder of ``path``) is what
-    relative calibration paths are resolved against; ``digest`` defaults to the text's sha256."""
+    relative calibration paths are resolved against; ``digest`` defaults to the text's sha256.
+    ``memo`` (a keeper's): blocks and entries unchanged since its last call are not read again."""
     if digest is None:
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     where = _Where(path)
-    document = _parse_toml(text, where)
+    document, blocks = _read_document(text, where, memo)
     for key in document:
         if key not in TOP_LEVEL_KEYS:
             raise where.unknown_key(key, TOP_LEVEL_KEYS)
@@ -348,6 +350,7 @@ def parse_catalog(text: str, *, path: str = "model_catalog.toml", base_dir: Path
     entries: dict[str, ModelEntry] = {}
     errors: list[CatalogError] = []
     first_index: dict[str, int] = {}
+    validated: dict[tuple, tuple[ModelEntry | None, list[CatalogError]]] = {}
     for index, raw in enumerate(raw_entries):
         name = _readable_name(raw)
         entry_where = _Where(path, index, name)
@@ -358,11 +361,38 @@ def parse_catalog(text: str, *, path: str = "model_catalog.toml", base_dir: Path
             continue
         if name is not None:
             first_index[name] = index
-        entry, entry_errors = _parse_entry(raw, entry_where, base)
+        key = (blocks[index], index, path, base) if blocks is not None else None
+        known = memo.entries.get(key) if memo is not None and key is not None else None
+        entry, entry_errors = known or _parse_entry(raw, entry_where, base)
+        if key is not None:
+            validated[key] = (entry, entry_errors)
         errors.extend(entry_errors)
         if entry is not None:
             entries[entry.name] = entry
+    if memo is not None:
+        memo.entries = validated
     return Catalog(path=path, entries=entries, errors=tuple(errors), digest=digest)
+
+
+class CatalogMemo:
+    """What a ``CatalogKeeper`` remembers of its last read: parsed blocks and validated entries,
+    by block text (with index, path and base folder). Validation is pure, so a block that did
+    not change yields the same entry object, which is also how the reconciler skips it."""
+
+    def __init__(self) -> None:
+        self.blocks = BlockMemo()
+        self.entries: dict[tuple, tuple[ModelEntry | None, list[CatalogError]]] = {}
+
+
+def _read_document(text: str, where: _Where, memo: CatalogMemo | None
+                   ) -> tuple[dict[str, Any], list[str] | None]:
+    if memo is not None and "\x00" not in text:
+        text = text.removeprefix("\ufeff")
+        _check_shape(text, where)
+        read = memo.blocks.read(text)
+        if read is not None:
+            return read
+    return _parse_toml(text, where), None
 
 
 def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
@@ -578,7 +608,8 @@ def _too_large(where: _Where) -> CatalogError:
                        hint="a catalog is a short list of models; check the path")
 
 
-def catalog_from_bytes(raw: bytes, *, path: str, base_dir: Path | None = None) -> Catalog:
+def catalog_from_bytes(raw: bytes, *, path: str, base_dir: Path | None = None,
+                       memo: CatalogMemo | None = None) -> Catalog:
     """Decode and validate a catalog file's bytes (``digest`` is their sha256)."""
     where = _Where(path)
     nul_at = raw.find(b"\x00")
@@ -592,7 +623,7 @@ def catalog_from_bytes(raw: bytes, *, path: str, base_dir: Path | None = None) -
         raise where.error(None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line})",
                           hint="save the catalog as UTF-8") from e
     return parse_catalog(text, path=path, base_dir=base_dir,
-                         digest=hashlib.sha256(raw).hexdigest())
+                         digest=hashlib.sha256(raw).hexdigest(), memo=memo)
 
 
 def load_catalog(path: Path) -> Catalog:
@@ -656,6 +687,7 @@ class CatalogKeeper:
         self._error: CatalogError | None = None
         #: sha256 of the bytes of the latest attempt, good or bad (None: nothing read)
         self._seen_digest: str | None = None
+        self._memo = CatalogMemo()
 
     @property
     def path(self) -> Path:
@@ -682,7 +714,8 @@ class CatalogKeeper:
             return False
         self._seen_digest = digest
         try:
-            fresh = catalog_from_bytes(raw, path=str(self._path), base_dir=self._base_dir)
+            fresh = catalog_from_bytes(raw, path=str(self._path), base_dir=self._base_dir,
+                                       memo=self._memo)
         except CatalogError as e:
             self._error = e
             return False
