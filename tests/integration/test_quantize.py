@@ -451,7 +451,7 @@ def _conv_affine_model(scale_shape, shift_shape, *, extra_reader: bool = False) 
 
 @pytest.mark.parametrize("scale_shape, shift_shape", [((1,), (1,)), ((1, 6, 1, 1), (6, 1, 1))])
 def test_affine_pairs_fold_into_the_conv_exactly(scale_shape, shift_shape):
-    from modeld.workers.selection import fold_affine_into_conv
+    from modeld.workers.rewrites import fold_affine_into_conv
 
     model = _conv_affine_model(scale_shape, shift_shape)
     before = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
@@ -466,7 +466,7 @@ def test_affine_pairs_fold_into_the_conv_exactly(scale_shape, shift_shape):
 
 @pytest.mark.parametrize("scale_shape, extra_reader", [((6,), False), ((1,), True)])
 def test_affine_pairs_that_are_not_per_channel_or_are_shared_stay(scale_shape, extra_reader):
-    from modeld.workers.selection import fold_affine_into_conv
+    from modeld.workers.rewrites import fold_affine_into_conv
 
     # a bare [C] constant broadcasts over the width, not the channels; a conv output read by
     # another node cannot be rewritten

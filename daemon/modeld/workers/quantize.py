@@ -31,7 +31,8 @@ from ..variants import FP32, VARIANT_FILES, Derivation, Gates, Proof
 from . import verify
 from .inputs import describe, sample_inputs
 from .recipes import Recipe, auto_candidates, canonical_params, derivation_for, recipe_for
-from .selection import fold_affine_into_conv, refine_selection, summarize_graph
+from .rewrites import simplify
+from .selection import refine_selection, summarize_graph
 
 log = structlog.get_logger(__name__)
 
@@ -289,15 +290,15 @@ def _preprocess(source: Path, scratch: Path, warnings: list[str]) -> Path:
 
 
 def _simplified(path: Path) -> Path:
-    """Name every node (selection is by name) and fold constant affine pairs into their
-    convolutions (exact; see ``selection.fold_affine_into_conv``)."""
+    """Name every node (selection is by name) and apply the graph rewrites of
+    ``workers.rewrites`` (the same function, fewer elementwise passes)."""
     model = onnx.load(str(path))
     named = name_nodes(model.graph)
-    folded = fold_affine_into_conv(model.graph)
-    if named or folded:
+    rewritten = simplify(model.graph)
+    if named or rewritten:
         onnx.save(model, str(path))
-    if folded:
-        log.info("affine_folded", convs=folded)
+    if rewritten:
+        log.info("graph_rewritten", **rewritten)
     return path
 
 
