@@ -392,7 +392,8 @@ def test_auto_on_a_cnn_tries_selective_static_recipes_and_keeps_the_fastest_pass
     proven = [r for r in rows if r["passed"]]
     assert chosen["speedup"] == max(r["speedup"] for r in proven)
     assert result.proof.passed_anywhere and result.variant == "int8"
-    assert any(d.startswith("proving candidate 1/") for d in progress)
+    assert any(d.startswith("building candidate 1/") for d in progress)
+    assert any(d.startswith("proving ") and d.endswith(" candidates") for d in progress)
     assert sorted(os.listdir(cnn_dir)) == ["model-int8.onnx", "model.onnx"]
 
 
@@ -476,40 +477,69 @@ def test_affine_pairs_that_are_not_per_channel_or_are_shared_stay(scale_shape, e
     assert "Mul" in [n.op_type for n in model.graph.node]
 
 
-def test_auto_measured_selection_records_its_probes_and_rounds(cnn_dir):
-    result = quantize_model(_request(cnn_dir, "auto", {"samples": 4}), _no_progress)
-    measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
-    assert measured["probed_nodes"] >= 1 and measured["selection_rounds"]
-    first = measured["selection_rounds"][0]
-    # the target sits above the gate: 1 - (1 - 0.98) * 0.3
-    assert first["cosine"] >= 0.994 or len(measured["selection_rounds"]) > 1
-    assert measured["reason"] == "" and measured["passed"] is True
-    assert 1 <= measured["quantized_nodes"]
-
-
-def test_measured_selection_leaves_the_sensitive_node_in_fp32(tmp_path):
-    """A conv whose weights hold one huge outlier quantizes terribly (every other weight rounds
-    to zero); the probe must find it and keep it in FP32 while the benign one is quantized."""
-    from modeld.workers.selection import refine_selection
-
+def _outlier_net(side: int = 16) -> onnx.ModelProto:
+    """Three convs; the middle one's weights hold one huge outlier, so quantizing them per
+    tensor rounds every other weight to zero (the last conv ignores the outlier's channel, so
+    the outputs feel it): quantizing everything misses any cosine gate, the two others not."""
     rng = np.random.default_rng(1)
     bad = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
     bad[0, 0, 0, 0] = 400.0
+    last = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    last[:, 0] = 0.0
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(bad, "w2"),
-             numpy_helper.from_array(rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), "w3")]
+             numpy_helper.from_array(bad, "w2"), numpy_helper.from_array(last, "w3")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="good1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
              helper.make_node("Conv", ["r1", "w2"], ["c2"], name="bad", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c2"], ["r2"], name="r2"),
              helper.make_node("Conv", ["r2", "w3"], ["y"], name="good2", pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, [1, 3, 16, 16])], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [1, 8, 16, 16])], inits)
+        "x", TensorProto.FLOAT, [1, 3, side, side])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 8, side, side])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
+    return model
+
+
+@pytest.fixture
+def outlier_dir(tmp_path):
+    return _write_model(tmp_path / "outlier", _outlier_net().SerializeToString())
+
+
+def test_auto_measured_selection_records_its_probes_and_rounds(outlier_dir):
+    result = quantize_model(_request(outlier_dir, "auto", {"samples": 4}), _no_progress)
+    rows = {r["recipe"]: r for r in result.candidates}
+    measured = rows["static_qdq_u8s8_measured"]
+    assert measured["probed_nodes"] >= 1 and measured["selection_rounds"]
+    first = measured["selection_rounds"][0]
+    # the target sits above the gate: 1 - (1 - 0.98) * 0.3
+    assert first["cosine"] >= 0.994 or len(measured["selection_rounds"]) > 1
+    assert measured["reason"] == "" and measured["passed"] is True
+    assert 1 <= measured["quantized_nodes"] and measured["speedup"] is not None
+    # quantizing everything missed the gate: refused on its agreement, so never timed
+    whole = rows["static_qdq_u8s8"]
+    assert whole["reason"].startswith("cosine") and whole["speedup"] is None
+
+
+def test_auto_skips_the_measured_selection_when_quantizing_everything_agrees(cnn_dir):
+    with capture_logs() as logs:
+        result = quantize_model(_request(cnn_dir, "auto", {"samples": 4}), _no_progress)
+    rows = {r["recipe"]: r for r in result.candidates}
+    assert rows["static_qdq_u8s8"]["passed"]
+    measured = rows["static_qdq_u8s8_measured"]
+    assert measured["reason"].startswith("not needed: quantizing every node agrees")
+    assert "probed_nodes" not in measured and not measured["chosen"]
+    assert not any(e["event"].startswith("selection_") for e in logs)
+
+
+def test_measured_selection_leaves_the_sensitive_node_in_fp32(tmp_path):
+    """The probe must find the conv with the outlier and keep it in FP32 while the benign
+    ones are quantized."""
+    from modeld.workers.selection import refine_selection
+
+    rng = np.random.default_rng(1)
     reference = tmp_path / "ref.onnx"
-    onnx.save(model, str(reference))
+    onnx.save(_outlier_net(), str(reference))
     feeds = [{"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -566,16 +596,18 @@ def test_auto_on_an_opset_12_model_converts_for_its_per_channel_candidates(tmp_p
     ort.InferenceSession(str(folder / "model-int8.onnx"), providers=[CPU])
 
 
-def test_a_spent_probe_budget_ends_the_measured_selection_cleanly(cnn_dir, monkeypatch):
+def test_a_spent_probe_budget_ends_the_measured_selection_cleanly(outlier_dir, monkeypatch):
     from modeld.workers import selection
 
     monkeypatch.setattr(selection, "PROBE_BUDGET_S", -1.0)  # spent before the first probe
     with capture_logs() as logs:
-        result = quantize_model(_request(cnn_dir, "auto", {"samples": 4}), _no_progress)
+        result = quantize_model(_request(outlier_dir, "auto", {"samples": 4}), _no_progress)
     measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
     assert measured["passed"] is False and "no selection of nodes" in measured["reason"]
     assert any(e["event"] == "selection_probe_budget_spent" for e in logs)
-    assert result.proof.passed_anywhere  # another candidate serves
+    # nothing else agrees on this model: the closest refusal is kept, FP32 keeps serving
+    assert not result.proof.passed_anywhere
+    assert any(w.startswith("no auto candidate passed the gates") for w in result.warnings)
 
 
 @pytest.mark.parametrize("params, expected_op", [

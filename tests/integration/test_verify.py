@@ -272,6 +272,35 @@ def test_speed_gate_refuses_with_the_numbers(model_dir, int8_file):
     assert "cosine" not in cpu.reason
 
 
+def test_files_proven_together_get_their_own_proofs_and_one_timing_loop(model_dir, int8_file,
+                                                                          monkeypatch):
+    """auto proves its candidates together: FP32 runs once per provider, every file keeps its
+    own reasons, and with time_refused=False a file refused on agreement is not timed."""
+    bad = _with_perturbed_weights(model_dir / "model.onnx", model_dir / "bad.onnx", scale=0.5)
+    broken = model_dir / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    loops = []
+    real = verify.interleaved_latencies_ms
+    monkeypatch.setattr(verify, "interleaved_latencies_ms",
+                        lambda sessions, feeds: loops.append(len(sessions)) or real(sessions, feeds))
+    proofs = verify.prove_files([(int8_file, "int8"), (bad, "int8"), (broken, "int8")],
+                                reference=model_dir / "model.onnx", providers=(CPU,),
+                                gates=LENIENT, feeds=None, simulated={}, model_dir=model_dir,
+                                time_refused=False)
+    good, refused, unreadable = (p.on(CPU) for p in proofs)
+    assert good.passed and good.speedup is not None and good.cosine > 0.99
+    assert not refused.passed and refused.usable and refused.reason.startswith("cosine")
+    assert refused.latency_ms is None and refused.speedup is None
+    assert not proofs[2].checker_ok and not unreadable.usable
+    assert loops == [2]  # FP32 and the one file that agrees, timed together
+    assert [p.file_sha256 for p in proofs] == [verify._sha256_of(f) for f in (int8_file, bad, broken)]
+    # timed by default, as a single prove_file always is
+    both = verify.prove_files([(int8_file, "int8"), (bad, "int8")],
+                              reference=model_dir / "model.onnx", providers=(CPU,),
+                              gates=LENIENT, feeds=None, simulated={}, model_dir=model_dir)
+    assert all(p.on(CPU).speedup is not None for p in both) and loops[-1] == 3
+
+
 def test_proof_key_follows_gates_and_providers(model_dir, int8_file):
     ref = model_dir / "model.onnx"
     base = _prove(int8_file, reference=ref).key

@@ -109,6 +109,12 @@ def head_nodes(graph: onnx.GraphProto) -> list[str]:
     return found
 
 
+def refine_target(min_cosine: float) -> float:
+    """The cosine a measured selection aims for: above the gate, since it is measured on
+    calibration feeds and proven on others."""
+    return min(1.0 - (1.0 - min_cosine) * COSINE_MARGIN, 0.99999)
+
+
 @dataclass(frozen=True)
 class Refinement:
     """The outcome of ``refine_selection``: the nodes kept quantized, their measured cosine,
@@ -139,15 +145,15 @@ def refine_selection(quantize: Callable[[tuple[str, ...]], Path], reference: Pat
     ``quantize(nodes)`` builds a model with only ``nodes`` quantized and returns its path; the
     last combination built is the one returned. None if no combination meets the target.
     """
-    target = min(1.0 - (1.0 - min_cosine) * COSINE_MARGIN, 0.99999)
+    target = refine_target(min_cosine)
     total = sum(work.values()) or 1.0
     candidates = sorted((n for n, w in work.items() if w / total >= MIN_WORK_SHARE),
                         key=lambda n: -work[n])[:MAX_PROBES]
-    ref_session = _session(reference)
+    ref_session = cpu_session(reference)
     ref_outputs = [verify.run_session(ref_session, f) for f in feeds]
 
     def cosine_of(nodes: tuple[str, ...]) -> float:
-        session = _session(quantize(nodes))
+        session = cpu_session(quantize(nodes))
         return verify.compare_outputs(ref_outputs,
                                       [verify.run_session(session, f) for f in feeds]).cosine
 
@@ -225,7 +231,7 @@ def _read_tensors(path: Path, tensors: list[str], feed: Feed, probe: Path) -> di
         if name in produced and name not in present:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     onnx.save(model, str(probe))
-    session = _session(probe)
+    session = cpu_session(probe)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, verify.run_session(session, feed)))
     return {k: v for k, v in values.items() if k in tensors and isinstance(v, np.ndarray)}
@@ -245,7 +251,8 @@ def _output_shapes(model_path: Path, tensors: list[str], feed: Feed) -> dict[str
     return {k: tuple(v.shape) for k, v in values.items()}
 
 
-def _session(path: Path):
+def cpu_session(path: Path):
+    """A session of ``path`` on the CPU; RuntimeError if it does not load."""
     session, reason = verify.open_session(path, None, CPU, {})
     if session is None:
         raise RuntimeError(f"{path.name} does not load: {reason}")

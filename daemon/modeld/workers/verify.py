@@ -1,8 +1,9 @@
 """Prove a model file before it is served: onnx checker, load and run per execution provider,
 agreement with FP32 and speed measured interleaved with FP32.
 
-``prove_file`` runs in-process (quantize's ``auto`` calls it while choosing a recipe); ``prove`` is
-the worker entry point the reconciler runs through ``modeld.jobs.JobRunner``. A bad model never
+``prove_file``/``prove_files`` run in-process (quantize's ``auto`` proves its candidates
+together); ``prove`` is the worker entry point the reconciler runs through
+``modeld.jobs.JobRunner``. A bad model never
 raises: the answer is a ``Proof`` whose reasons say what failed. Only infrastructure problems
 (a missing file) raise typed errors.
 """
@@ -35,7 +36,7 @@ SPEED_BUDGET_S = 1.5
 MIN_ROUNDS = 15
 MAX_ROUNDS = 1000
 WARMUP_RUNS = 2
-#: models faster than this get an untimed run after each switch (see interleaved_latency_ms)
+#: models faster than this get an untimed run after each switch (see interleaved_latencies_ms)
 REWARM_BELOW_MS = 50.0
 #: detection agreement: candidates above this score count, matched at IoU >= MATCH_IOU
 DETECTION_SCORE = 0.25
@@ -99,53 +100,86 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
                task: str | None = None, progress: ProgressFn | None = None) -> Proof:
     """Prove ``path`` on each provider (against ``reference``, the FP32 file, when derived)."""
-    path, model_dir = Path(path), Path(model_dir)
+    return prove_files([(path, variant)], reference=reference, providers=providers, gates=gates,
+                       feeds=feeds, simulated=simulated, model_dir=model_dir, seed=seed,
+                       task=task, progress=progress)[0]
+
+
+def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | None,
+                providers: tuple[str, ...], gates: Gates, feeds: list[Feed] | None,
+                simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
+                task: str | None = None, progress: ProgressFn | None = None,
+                time_refused: bool = True) -> list[Proof]:
+    """Prove each ``(path, variant)`` of ``files`` against one ``reference``, one proof each.
+
+    The reference runs once per provider, and FP32 and the files are timed in one interleaved
+    loop (``auto`` proves its candidates together: FP32 is timed once, not once per candidate).
+    With ``time_refused=False`` a file whose agreement already misses a gate is not timed: its
+    proof has no latency, and its reason is the agreement's."""
+    model_dir = Path(model_dir)
     gates = gates or Gates()
     reference = Path(reference) if reference is not None else None
     providers = tuple(providers)
     simulated = {k: tuple(v) for k, v in (simulated or {}).items()}
-    file_sha = _sha256_of(path)
     ref_sha = _sha256_of(reference) if reference is not None else None
-    key = proof_key(file_sha256=file_sha, reference_sha256=ref_sha, providers=providers,
-                    gates=gates, onnxruntime=ort.__version__, simulated=simulated)
-    base = dict(variant=variant, file_sha256=file_sha, key=key, onnxruntime=ort.__version__)
+    bases, models, proofs = [], [], {}
+    for i, (path, variant) in enumerate(files):
+        path = Path(path)
+        file_sha = _sha256_of(path)
+        key = proof_key(file_sha256=file_sha, reference_sha256=ref_sha, providers=providers,
+                        gates=gates, onnxruntime=ort.__version__, simulated=simulated)
+        bases.append(dict(variant=variant, file_sha256=file_sha, key=key,
+                          onnxruntime=ort.__version__))
+        model, checker_error = check_file(path, model_dir)
+        models.append((path, model))
+        if checker_error:
+            log.info("proof_refused_by_checker", file=path.name, variant=variant,
+                     reason=checker_error)
+            proofs[i] = Proof(checker_ok=False, checker_error=checker_error, **bases[i],
+                              providers=tuple(ProviderProof(p, usable=False, passed=False,
+                                                            reason=f"onnx checker: {checker_error}")
+                                              for p in providers))
+    pending = [i for i in range(len(files)) if i not in proofs]
 
-    model, checker_error = check_file(path, model_dir)
-    if checker_error:
-        log.info("proof_refused_by_checker", file=path.name, variant=variant, reason=checker_error)
-        return Proof(checker_ok=False, checker_error=checker_error, **base,
-                     providers=tuple(ProviderProof(p, usable=False, passed=False,
-                                                   reason=f"onnx checker: {checker_error}")
-                                     for p in providers))
+    def refuse_all(reason: str) -> list[Proof]:
+        for i in pending:
+            proofs[i] = Proof(checker_ok=True, **bases[i], providers=tuple(
+                ProviderProof(p, usable=False, passed=False, reason=reason) for p in providers))
+        return [proofs[i] for i in range(len(files))]
+
     ref_model = None
-    if reference is not None:
+    if reference is not None and pending:
         ref_model, ref_error = check_file(reference, _containing_folder(reference, model_dir))
         if ref_error:
             # the FP32 reference is broken: nothing can be compared, so nothing is proven
-            return Proof(checker_ok=True, **base, providers=tuple(
-                ProviderProof(p, usable=False, passed=False,
-                              reason=f"FP32 reference refused by onnx checker: {ref_error}")
-                for p in providers))
-    results, warnings = [], []
-    if feeds is None:
+            return refuse_all(f"FP32 reference refused by onnx checker: {ref_error}")
+    warnings: list[list[str]] = [[] for _ in files]
+    if feeds is None and pending:
         try:
-            feeds, _ = sample_inputs(reference or path, calibration=None, preset=None,
-                                     input_size=None, count=4, seed=seed)
+            feeds, _ = sample_inputs(reference or models[pending[0]][0], calibration=None,
+                                     preset=None, input_size=None, count=4, seed=seed)
         except Exception as e:  # noqa: BLE001 - e.g. a model without inputs
-            reason = f"cannot build sample inputs: {_first_line(e)}"
-            return Proof(checker_ok=True, **base, providers=tuple(
-                ProviderProof(p, usable=False, passed=False, reason=reason) for p in providers))
+            return refuse_all(f"cannot build sample inputs: {_first_line(e)}")
         if reference is not None:
-            warnings.append(SYNTHETIC_WARNING)
-    for i, provider in enumerate(providers):
+            for i in pending:
+                warnings[i].append(SYNTHETIC_WARNING)
+    results: dict[int, list[ProviderProof]] = {i: [] for i in pending}
+    for k, provider in enumerate(providers if pending else ()):
         if progress:
-            progress(i / max(len(providers), 1), f"proving {path.name} on {provider}")
-        results.append(_prove_on(provider, path, model, reference, ref_model, feeds, gates,
-                                 simulated, task, warnings))
-    proof = Proof(checker_ok=True, **base, providers=tuple(results), warnings=tuple(warnings))
-    log.info("proved", file=path.name, variant=variant, passed_anywhere=proof.passed_anywhere,
-             providers={p.provider: (p.passed, p.reason) for p in results})
-    return proof
+            names = ", ".join(models[i][0].name for i in pending)
+            progress(k / max(len(providers), 1), f"proving {names} on {provider}")
+        on_provider = _prove_on(provider, [models[i] for i in pending], reference, ref_model,
+                                feeds, gates, simulated, task, [warnings[i] for i in pending],
+                                time_refused)
+        for i, result in zip(pending, on_provider):
+            results[i].append(result)
+    for i in pending:
+        proofs[i] = Proof(checker_ok=True, **bases[i], providers=tuple(results[i]),
+                          warnings=tuple(warnings[i]))
+        log.info("proved", file=models[i][0].name, variant=bases[i]["variant"],
+                 passed_anywhere=proofs[i].passed_anywhere,
+                 providers={p.provider: (p.passed, p.reason) for p in results[i]})
+    return [proofs[i] for i in range(len(files))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,58 +264,103 @@ def op_types(graph: onnx.GraphProto) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # 2.-4. per provider: load, run, agreement, interleaved speed
 
-def _prove_on(provider: str, path: Path, model: onnx.ModelProto, reference: Path | None,
+def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], reference: Path | None,
               ref_model: onnx.ModelProto | None, feeds: list[Feed], gates: Gates,
               simulated: Mapping[str, tuple[str, ...]], task: str | None,
-              warnings: list[str]) -> ProviderProof:
-    session, reason = open_session(path, model, provider, simulated)
-    if session is None:
-        return ProviderProof(provider, usable=False, passed=False, reason=reason)
-    try:
-        outputs = [run_session(session, feed) for feed in feeds]
-    except Exception as e:  # noqa: BLE001 - the runtime's own message is the reason
-        return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
+              warnings: list[list[str]], time_refused: bool = True) -> list[ProviderProof]:
+    """One ``ProviderProof`` per file on ``provider``; ``warnings[i]`` collects file i's."""
+    done: dict[int, ProviderProof] = {}
+    ran: dict[int, tuple[Any, list]] = {}
+    for i, (path, model) in enumerate(files):
+        session, reason = open_session(path, model, provider, simulated)
+        if session is None:
+            done[i] = ProviderProof(provider, usable=False, passed=False, reason=reason)
+            continue
+        try:
+            ran[i] = (session, [run_session(session, feed) for feed in feeds])
+        except Exception as e:  # noqa: BLE001 - the runtime's own message is the reason
+            done[i] = ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
+
+    def in_order() -> list[ProviderProof]:
+        return [done[i] for i in range(len(files))]
 
     if reference is None:  # FP32 itself: usable means passed
-        try:
-            latency_ms, _ = interleaved_latency_ms(session, None, feeds)
-        except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
-            return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
-        return ProviderProof(provider, usable=True, passed=True, latency_ms=latency_ms,
-                             fp32_latency_ms=latency_ms, speedup=1.0)
+        for i, (session, _) in ran.items():
+            try:
+                latency_ms = interleaved_latencies_ms([session], feeds)[0]
+            except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
+                done[i] = ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
+                continue
+            done[i] = ProviderProof(provider, usable=True, passed=True, latency_ms=latency_ms,
+                                    fp32_latency_ms=latency_ms, speedup=1.0)
+        return in_order()
+    if not ran:
+        return in_order()
 
     ref_session, ref_reason = open_session(reference, ref_model, provider, simulated)
     baseline_on_provider = ref_session is not None
     if ref_session is None:  # FP32 cannot run here: compare against FP32 on CPU, no speed ratio
         ref_session, _ = open_session(reference, ref_model, CPU, {})
-    if ref_session is None:
-        return ProviderProof(provider, usable=True, passed=False,
-                             reason=f"FP32 reference does not load: {ref_reason}")
+    ref_problem = f"FP32 reference does not load: {ref_reason}" if ref_session is None else ""
+    if ref_session is not None:
+        try:
+            ref_outputs = [run_session(ref_session, feed) for feed in feeds]
+        except Exception as e:  # noqa: BLE001
+            ref_problem = f"FP32 reference does not run: {_first_line(e)}"
+    if ref_problem:
+        done.update((i, ProviderProof(provider, usable=True, passed=False, reason=ref_problem))
+                    for i in ran)
+        return in_order()
+    names = [o.name for o in ref_session.get_outputs()]
+    agreements = {i: compare_outputs(ref_outputs, outputs, task, names)
+                  for i, (_, outputs) in ran.items()}
+    for i, agreement in agreements.items():
+        warnings[i].extend(n for n in agreement.notes if n not in warnings[i])
+    timed = [i for i in ran if time_refused or not gate_failures(gates, agreements[i], None)]
+    latencies, failed = _time_together([ran[i][0] for i in timed],
+                                       ref_session if baseline_on_provider else None, feeds)
+    for k, i in enumerate(timed):
+        if k in failed:
+            done[i] = ProviderProof(provider, usable=False, passed=False, reason=failed[k])
+    for i, agreement in agreements.items():
+        if i in done:
+            continue
+        latency_ms, fp32_ms = (latencies.get(timed.index(i), (None, None)) if i in timed
+                               else (None, None))
+        speedup = fp32_ms / latency_ms if fp32_ms is not None and latency_ms else None
+        failures = gate_failures(gates, agreement, speedup)
+        if not baseline_on_provider:
+            warnings[i].append(f"FP32 does not run on {provider} ({ref_reason}): agreement "
+                               "measured against FP32 on CPU, speed not compared")
+        done[i] = ProviderProof(provider, usable=True, passed=not failures,
+                                reason="; ".join(failures), latency_ms=latency_ms,
+                                fp32_latency_ms=fp32_ms, speedup=speedup,
+                                cosine=agreement.cosine, max_abs_error=agreement.max_abs_error,
+                                detection_match=agreement.detection_match)
+    return in_order()
+
+
+def _time_together(sessions: list, ref_session, feeds: list[Feed]
+                   ) -> tuple[dict[int, tuple[float, float | None]], dict[int, str]]:
+    """({k: (latency_ms, fp32_ms or None)}, {k: reason}) for ``sessions[k]``, timed in one
+    interleaved loop with ``ref_session`` (when given). If the loop fails, each session is timed
+    on its own, so that the failure lands on the file that caused it."""
+    if not sessions:
+        return {}, {}
+    head = [ref_session] if ref_session is not None else []
     try:
-        ref_outputs = [run_session(ref_session, feed) for feed in feeds]
-    except Exception as e:  # noqa: BLE001
-        return ProviderProof(provider, usable=True, passed=False,
-                             reason=f"FP32 reference does not run: {_first_line(e)}")
-    agreement = compare_outputs(ref_outputs, outputs, task,
-                                [o.name for o in ref_session.get_outputs()])
-    warnings.extend(n for n in agreement.notes if n not in warnings)
-    try:
-        if baseline_on_provider:
-            latency_ms, fp32_ms = interleaved_latency_ms(session, ref_session, feeds)
-            speedup = fp32_ms / latency_ms if latency_ms > 0 else None
-        else:
-            latency_ms, _ = interleaved_latency_ms(session, None, feeds)
-            fp32_ms, speedup = None, None
+        medians = interleaved_latencies_ms(head + sessions, feeds)
     except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
-        return ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
-    failures = gate_failures(gates, agreement, speedup)
-    if not baseline_on_provider:
-        warnings.append(f"FP32 does not run on {provider} ({ref_reason}): agreement measured "
-                        "against FP32 on CPU, speed not compared")
-    return ProviderProof(provider, usable=True, passed=not failures, reason="; ".join(failures),
-                         latency_ms=latency_ms, fp32_latency_ms=fp32_ms, speedup=speedup,
-                         cosine=agreement.cosine, max_abs_error=agreement.max_abs_error,
-                         detection_match=agreement.detection_match)
+        if len(sessions) == 1:
+            return {}, {0: _first_line(e)}
+        latencies, failed = {}, {}
+        for k, session in enumerate(sessions):  # which one was it?
+            one, why = _time_together([session], ref_session, feeds)
+            latencies.update((k, v) for v in one.values())
+            failed.update((k, v) for v in why.values())
+        return latencies, failed
+    fp32_ms = medians[0] if head else None
+    return {k: (m, fp32_ms) for k, m in enumerate(medians[len(head):])}, {}
 
 
 def open_session(path: Path, model: onnx.ModelProto | None, provider: str,
@@ -344,17 +423,17 @@ def adapt_feed(session, feed: Feed) -> Feed:
     return adapted
 
 
-def interleaved_latency_ms(session, ref_session, feeds: list[Feed]) -> tuple[float, float | None]:
-    """Median latency (ms) of ``session`` and of ``ref_session``, timed in alternate rounds.
+def interleaved_latencies_ms(sessions: list, feeds: list[Feed]) -> list[float]:
+    """Median latency (ms) of each session, timed in alternate rounds.
 
-    Timing noise between separate passes reached 30% on this kind of host; alternating the two
-    files round by round lets both see the same conditions, and swapping which runs first each
-    round (A B B A ...) cancels what running second costs or gains. A fast model also gets one
-    untimed run after each switch: otherwise it is timed with the other model's weights in the
-    cache (measured: an INT8 MLP read 0.39 ms interleaved, 0.19 ms with the extra run, 0.12 ms
-    alone), which would flatter a bloated variant and penalise a compact one.
+    Timing noise between separate passes reached 30% on this kind of host; alternating the
+    files round by round lets all see the same conditions, and reversing the order every other
+    round (A B C C B A ...) cancels what running first or last costs or gains. A fast model also
+    gets one untimed run after each switch: otherwise it is timed with the other model's weights
+    in the cache (measured: an INT8 MLP read 0.39 ms interleaved, 0.19 ms with the extra run,
+    0.12 ms alone), which would flatter a bloated variant and penalise a compact one. The budget
+    (``SPEED_BUDGET_S``, at least ``MIN_ROUNDS``) is for all the sessions together.
     """
-    sessions = [session] if ref_session is None else [ref_session, session]
     # inputs cast once per session: a dtype conversion is not the model's latency
     adapted = [[adapt_feed(s, feed) for feed in feeds] for s in sessions]
     slowest_warmup_ms = 0.0
@@ -378,8 +457,7 @@ def interleaved_latency_ms(session, ref_session, feeds: list[Feed]) -> tuple[flo
             sessions[k].run(None, feed)
             times[k].append((time.perf_counter() - t0) * 1000.0)
         rounds += 1
-    medians = [float(np.median(t)) for t in times]
-    return (medians[0], None) if ref_session is None else (medians[1], medians[0])
+    return [float(np.median(t)) for t in times]
 
 
 @dataclass(frozen=True)
