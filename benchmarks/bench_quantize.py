@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="an ONNX CNN (default: PP-OCRv4 det)")
     parser.add_argument("--generated", action="store_true",
                         help="use the generated YOLO-sized CNN even if rapidocr is installed")
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="channel multiplier of the generated CNN (2.25: a 12 MB file, "
+                        "the size of YOLOv8n)")
     parser.add_argument("--preset", default=None, help="preprocessing preset (default: ocr "
                         "for the OCR detector, yolo otherwise)")
     parser.add_argument("--size", type=int, default=640, help="input side in pixels")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
     try:
-        model_path, label = _find_model(args.model, work, generated=args.generated)
+        model_path, label = _find_model(args.model, work, generated=args.generated,
+                                        width=args.width)
         preset = args.preset or ("ocr" if "ocr" in label.lower() else "yolo")
         print(f"model: {label} ({model_path}), preset {preset}, input {args.size}px, "
               f"onnxruntime {ort.__version__}, cores {verify.cores_available()}")
@@ -173,7 +177,8 @@ def _write_pages(folder: Path, *, count: int, seed: int, text: bool, size: int) 
         write_png(folder / f"{i:03d}.png", page, filters=(1, 2, 4))
 
 
-def _find_model(given: Path | None, work: Path, *, generated: bool = False) -> tuple[Path, str]:
+def _find_model(given: Path | None, work: Path, *, generated: bool = False,
+                width: float = 1.0) -> tuple[Path, str]:
     if given:
         return given, given.stem
     spec = None if generated else importlib.util.find_spec("rapidocr_onnxruntime")
@@ -184,16 +189,17 @@ def _find_model(given: Path | None, work: Path, *, generated: bool = False) -> t
     print("using a generated YOLO-sized CNN (random weights; its accuracy numbers mean little)",
           file=sys.stderr)
     path = work / "generated-cnn.onnx"
-    path.write_bytes(generated_cnn())
-    return path, "generated YOLO-sized CNN"
+    path.write_bytes(generated_cnn(width=width))
+    return path, f"generated YOLO-sized CNN ({path.stat().st_size / 1e6:.1f} MB)"
 
 
-def generated_cnn(*, seed: int = 0) -> bytes:
-    """A YOLO-sized backbone (stride-2 3x3 convs with SiLU, 3 to 256 channels, a 1x1 head),
-    symbolic input size: what the benchmark falls back to without a real model."""
+def generated_cnn(*, seed: int = 0, width: float = 1.0) -> bytes:
+    """A YOLO-sized backbone (stride-2 3x3 convs with SiLU, 3 to 256 x ``width`` channels, a 1x1
+    head), symbolic input size: what the benchmark falls back to without a real model."""
     rng = np.random.default_rng(seed)
     nodes, inits, current, channels = [], [], "images", 3
-    for i, out in enumerate((16, 32, 32, 64, 64, 128, 128, 256)):
+    for i, base in enumerate((16, 32, 32, 64, 64, 128, 128, 256)):
+        out = max(1, round(base * width))
         stride = 2 if i in (0, 1, 3, 5, 7) else 1
         w = rng.normal(0, np.sqrt(2 / (channels * 9)), (out, channels, 3, 3)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"),
