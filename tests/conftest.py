@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from modeld.testing.hub import LocalHub
@@ -93,3 +94,18 @@ def workspace(tmp_path):
         yield ws
     finally:
         hub.stop()
+
+
+def calibrated_mlp_toml(folder_name: str = "cal") -> str:
+    """``mlp`` quantized with static_int8 from a calibration folder next to the catalog (speed
+    gate off: these tests are about what happens, not how fast the host is)."""
+    return entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
+                      quantize="static_int8").replace(
+        'method = "static_int8"',
+        f'method = "static_int8"\ncalibration = "{folder_name}"\nsamples = 4\nmin_speedup = 0')
+
+
+def write_mlp_calibration(folder, count: int = 4) -> None:
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        np.save(folder / f"{i}.npy", rng.standard_normal((1, 64)).astype(np.float32))

@@ -172,6 +172,7 @@ def cmd_sync(settings: Settings, args: argparse.Namespace, only: set[str] | None
         progress = _ProgressLine() if sys.stderr.isatty() else None
         reconciler = Reconciler(settings, store=store, catalog=keeper,
                                 on_change=(lambda: progress.update(reconciler)) if progress else None)
+        reconciler.forget_failures(only)      # an explicit sync retries what failed before
         asyncio.run(reconciler.converge(only, refresh=refresh))
         if progress:
             progress.clear()

@@ -310,8 +310,10 @@ class Reconciler:
             retry_at: float | None = time.monotonic() + delay
         else:
             delay, retry_at = None, None
-            if isinstance(action, Derive):
+            if isinstance(action, Derive) and self._source_unchanged(action):
                 # Persisted: the same inputs are not quantized again, even after a restart.
+                # (When the FP32 file vanished or changed under the job, its failure says nothing
+                # about these inputs: it stays in memory, and the pull that heals the file clears it.)
                 self.store.update_manifest(name, lambda m: m.with_failure(
                     action.derivation.key(), str(error)))
         self._failures[name] = _Failure(action.identity, error, attempts, retry_at)
@@ -320,6 +322,30 @@ class Reconciler:
         log.error("job_failed", model=name, job=_VERBS[type(action)], attempts=attempts,
                   retry_in_s=round(delay, 1) if delay else None,
                   **{k: v for k, v in error.fields().items() if k != "entry"})
+
+    def _source_unchanged(self, action: Derive) -> bool:
+        """The FP32 file a derive job read is still on disk, intact, with the digest it had."""
+        state = self.store.scan_model(action.name)
+        record = state.record(FP32_FILE) if state is not None else None
+        return (state is not None and record is not None and state.intact(FP32_FILE)
+                and record.sha256 == action.derivation.source_sha256)
+
+    def forget_failures(self, names: set[str] | None = None) -> list[str]:
+        """An operator's retry (SIGHUP, ``sync``): failed jobs run again, quantizations that
+        failed for the same inputs included (e.g. after the calibration folder was fixed).
+        Returns the models that had a failure."""
+        names = set(self.catalog.current.entries) if names is None else names
+        forgotten = set()
+        for name in names:
+            if self._failures.pop(name, None) is not None:
+                self._activity.pop(name, None)
+                forgotten.add(name)
+            if self.store.read_manifest(name).failures:
+                self.store.update_manifest(name, lambda m: replace(m, failures={}))
+                forgotten.add(name)
+        if forgotten:
+            log.info("failures_forgotten", models=sorted(forgotten))
+        return sorted(forgotten)
 
     def _forget_permanent_pull_failures(self) -> None:
         for name, failure in list(self._failures.items()):
@@ -355,7 +381,10 @@ class Reconciler:
             return JobSpec(f"{QUANTIZE}:quantize_model", s.quantize_timeout_s,
                            s.worker_memory_mb, f"{QUANTIZE}:QuantizeRequest"), request
         assert isinstance(action, Prove)
-        calibration = entry.quantize.calibration if entry.quantize else None
+        # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
+        # load and run) never reads it: a broken calibration folder must not un-serve FP32.
+        calibration = (entry.quantize.calibration if entry.quantize and action.reference_file
+                       else None)
         request = dict(model_dir=folder, file_name=action.file_name, variant=action.variant,
                        reference_file=action.reference_file, providers=providers,
                        gates=action.gates, calibration=calibration,

@@ -95,10 +95,13 @@ class Daemon:
         return 0
 
     async def _reload(self) -> None:
-        """SIGHUP / ``systemctl reload``: re-read the catalog, ask the hub again, re-plan."""
+        """SIGHUP / ``systemctl reload``: re-read the catalog, ask the hub again, retry what
+        failed, re-plan."""
         systemd.reloading("reloading catalog")
         log.info("reload", catalog=str(self.settings.catalog_path))
         passes = self.reconciler.passes
+        self.reconciler.catalog.reload()
+        self.reconciler.forget_failures()
         self.reconciler.wake(refresh=True)
         while self.reconciler.passes == passes and not self.stopping.is_set():
             await asyncio.sleep(0.01)

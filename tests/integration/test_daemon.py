@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import entry_toml
+from conftest import calibrated_mlp_toml, entry_toml, write_mlp_calibration
 from daemonfixtures import DaemonProcess, variant_is, wait_event
 
 MLP_QUANT = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
@@ -165,6 +165,25 @@ def test_sighup_sigterm_and_restart_after_kill9(workspace, daemon):
         assert restarted.stop() == 0
     assert no_temp_files(workspace.models) == []
     assert not restarted.socket.exists()
+
+
+def test_sighup_retries_a_quantization_that_failed_for_its_calibration(workspace, daemon):
+    """A failed quantization waits for an input to change; the calibration folder's files are
+    not an input, so fixing them takes an operator's `systemctl reload` (SIGHUP)."""
+    calibration = workspace.root / "cal"
+    calibration.mkdir()
+    workspace.write_catalog(calibrated_mlp_toml())
+    daemon.start()
+    with daemon.subscribe("mlp", prefer="int8") as sub:
+        wait_event(sub, variant_is("mlp", "fp32"), daemon=daemon)
+        deadline = time.monotonic() + 60
+        while not workspace.manifest("mlp")["failures"]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.1)
+        write_mlp_calibration(calibration)
+        daemon.signal(signal.SIGHUP)
+        wait_event(sub, variant_is("mlp", "int8"), daemon=daemon)
+    assert workspace.manifest("mlp")["failures"] == {}
 
 
 def test_second_daemon_on_the_same_store_refuses(workspace, daemon):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import entry_toml
+from conftest import calibrated_mlp_toml, entry_toml, write_mlp_calibration
 from modeld.testing.onnx_models import tiny_cnn
 
 
@@ -189,3 +189,23 @@ def test_bench_command_prints_every_variant(workspace):
     variants = {row.split("|")[1].strip() for row in rows[1:]}
     assert {"fp32", "int8"} <= variants
     assert "vs FP32" in rows[0]
+
+
+def test_sync_retries_a_quantization_that_failed_once_its_calibration_is_fixed(workspace):
+    """A permanent failure is remembered for the same inputs (no endless re-quantizing), but
+    the calibration folder's content is not one of them: an explicit sync tries again."""
+    calibration = workspace.root / "cal"
+    calibration.mkdir()
+    workspace.write_catalog(calibrated_mlp_toml())
+    failed = workspace.cli("sync")
+    assert failed.returncode == 1 and "holds no usable files" in failed.stderr, failed.stderr
+    assert list(workspace.manifest("mlp")["failures"].values()) != [], failed.stderr
+    assert not (workspace.models / "mlp" / "model-int8.onnx").exists()
+    # FP32's own proof never reads the calibration folder: it stays served
+    assert workspace.status()["models"]["mlp"]["served"]["variant"] == "fp32"
+    write_mlp_calibration(calibration)
+    fixed = workspace.cli("sync")
+    assert fixed.returncode == 0, fixed.stderr
+    manifest = workspace.manifest("mlp")
+    assert manifest["failures"] == {}
+    assert "model-int8.onnx" in manifest["files"] and "model-int8.onnx" in manifest["proofs"]

@@ -1,0 +1,87 @@
+"""Which failures are remembered across restarts, and how an operator retries them.
+
+A derive job that failed permanently is recorded in the manifest for exactly its inputs, so the
+same inputs are not quantized again and again. Real Store, manifests and catalog files; the
+reconciler's failure bookkeeping is called directly (no worker needed to fail)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import entry_toml
+from modeld.catalog import CatalogKeeper
+from modeld.errors import QuantizeError
+from modeld.manifest import FileRecord, Provenance
+from modeld.planning import Derive, config_derivation, desired_derivation
+from modeld.reconciler import Reconciler
+from modeld.settings import Settings
+from modeld.store import Store, sha256_file
+from modeld.variants import FP32, Gates, Proof, ProviderProof, proof_key
+
+
+def _setup(tmp_path):
+    catalog = tmp_path / "model_catalog.toml"
+    catalog.write_text(entry_toml("det", labels=None, quantize="dynamic_int8"))
+    settings = Settings(catalog_path=catalog, models_dir=tmp_path / "models",
+                        socket_path=tmp_path / "s.sock")
+    store = Store(settings.models_dir)
+    keeper = CatalogKeeper(catalog)
+    keeper.reload()
+    reconciler = Reconciler(settings, store=store, catalog=keeper)
+    folder = store.model_dir("det")
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"fp32 bytes")
+    st = (folder / "model.onnx").stat()
+    record = FileRecord("model.onnx", sha256_file(folder / "model.onnx"), st.st_size,
+                        st.st_mtime_ns, st.st_ino,
+                        provenance=Provenance("acme/detector", "det/model.onnx", None, "c" * 40, "e"))
+    entry = keeper.current.entries["det"]
+    (folder / "config.json").write_text("{}")
+    st = (folder / "config.json").stat()
+    config = FileRecord("config.json", sha256_file(folder / "config.json"), st.st_size,
+                        st.st_mtime_ns, st.st_ino, derivation=config_derivation(entry, record, None))
+    store.update_manifest("det", lambda m: m.with_file(record).with_file(config))
+    derivation = desired_derivation(entry, record, reconciler.context())
+    return reconciler, store, Derive("det", entry, derivation, "test")
+
+
+def test_a_failed_quantization_is_remembered_for_its_inputs(tmp_path):
+    reconciler, store, action = _setup(tmp_path)
+    reconciler._record_failure(action, QuantizeError("unsupported operator", entry="det"))
+    assert store.read_manifest("det").failures == {
+        action.derivation.key(): "det: unsupported operator"}
+    # the planner does not ask for the same quantization again
+    assert not any(isinstance(a, Derive) for a in _plan_with_fp32_proven(reconciler, store))
+
+
+def test_a_failure_while_the_source_vanished_is_not_remembered(tmp_path):
+    """The FP32 file deleted (or replaced) under a running quantization: the error says nothing
+    about these inputs, and a persisted failure would keep the re-pulled model from ever being
+    quantized again."""
+    reconciler, store, action = _setup(tmp_path)
+    (store.model_dir("det") / "model.onnx").unlink()
+    reconciler._record_failure(action, QuantizeError("No such file: model.onnx", entry="det"))
+    assert store.read_manifest("det").failures == {}
+    assert "det" in reconciler.failed_models()          # still shown until the next success
+
+
+def test_an_operator_retry_forgets_failures_in_memory_and_on_disk(tmp_path):
+    reconciler, store, action = _setup(tmp_path)
+    reconciler._record_failure(action, QuantizeError("calibration folder is empty", entry="det"))
+    assert not _plan_with_fp32_proven(reconciler, store)
+    assert reconciler.forget_failures() == ["det"]
+    assert store.read_manifest("det").failures == {} and reconciler.failed_models() == {}
+    assert reconciler.forget_failures() == []
+    assert [type(a) for a in _plan_with_fp32_proven(reconciler, store)] == [Derive]
+
+
+def _plan_with_fp32_proven(reconciler, store):
+    """The actions of one pass (not run), once FP32 carries a current proof."""
+    ctx = reconciler.context()
+    fp32 = store.read_manifest("det").files["model.onnx"]
+    key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=ctx.providers,
+                    gates=Gates(), onnxruntime=ctx.onnxruntime_version, simulated=ctx.simulated)
+    proof = Proof(variant=FP32, file_sha256=fp32.sha256, key=key, checker_ok=True,
+                  providers=(ProviderProof("CPUExecutionProvider", usable=True, passed=True),))
+    store.update_manifest("det", lambda m: m.with_proof("model.onnx", proof))
+    return asyncio.run(reconciler.reconcile(dispatch=False))
