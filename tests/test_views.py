@@ -23,6 +23,8 @@ def test_view_builder_keeps_unchanged_views_and_rebuilds_changed_ones():
     moving = builder.build(catalog, inventory, CTX, busy, frozenset({"a"}), "/m")
     assert moving["a"].state == "pending" and moving["a"].reason == "quantizing"
     assert moving["b"] is first["b"]
+    waiting = builder.build(catalog, inventory, CTX, {}, frozenset({"b"}), "/m")
+    assert (waiting["b"].state, waiting["b"].reason) == ("pending", "queued")   # no worker yet
 
     damaged = Inventory(models={"a": inventory.models["a"],
                                 "b": state(with_int8(b, pulled(b)), model_int8_onnx="damaged")})

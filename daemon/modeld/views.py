@@ -85,7 +85,7 @@ def model_view(entry: ModelEntry, state: ModelState | None, context: PlanContext
         view_state = "pending"
     else:
         view_state = "ready"
-    reason = _reason(entry, state, activity, offered)
+    reason = _reason(entry, state, activity, offered) or ("queued" if pending else "")
     return ModelView(name=entry.name, state=view_state, variants=offered, reason=reason,
                      detail=_detail(entry, state, activity))
 
