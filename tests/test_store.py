@@ -195,3 +195,34 @@ def test_a_vanished_folder_scans_to_nothing_and_back(store):
     store.model_dir("m").mkdir()
     state = store.scan_model("m")
     assert state is not None and state.files == {}
+
+
+def rot_in_place(path) -> None:
+    """Flip one byte and put size, mtime and inode back as they were: what bit rot looks like."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def test_the_scrub_finds_rot_that_scans_cannot_see(store):
+    publish(store, "m", "model.onnx", b"x" * 1000)
+    publish(store, "m", "labels.txt", b"a\n")
+    rot_in_place(store.model_dir("m") / "model.onnx")
+    assert store.scan_model("m").files["model.onnx"].status == OK      # the stat vouches for it
+    targets = store.scrub_targets("m")
+    assert sorted(record.name for _, record, _ in targets) == ["labels.txt", "model.onnx"]
+    for path, record, st in targets:
+        if sha256_file(path) != record.sha256:
+            store.mark_rotten("m", path, st)
+    state = store.scan_model("m")
+    assert state.files["model.onnx"].status == DAMAGED and "scrub" in state.files["model.onnx"].detail
+    assert state.files["labels.txt"].status == OK
+    assert store.scrub_targets("m") == [t for t in targets if t[1].name == "labels.txt"]
+    publish(store, "m", "model.onnx", b"x" * 1000)                     # healed: a new file
+    assert store.scan_model("m").files["model.onnx"].status == OK

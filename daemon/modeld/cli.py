@@ -99,7 +99,8 @@ def _numbers_from_env(env: dict[str, str]) -> dict[str, Any]:
     """Tunables for tests and operators: MODELD_RESYNC_INTERVAL_S=60 -> resync_interval_s=60.0."""
     out: dict[str, Any] = {}
     for name, kind in (("max_workers", int), ("debounce_step_ms", int), ("debounce_max_ms", int),
-                       ("resync_interval_s", float), ("pull_timeout_s", float),
+                       ("resync_interval_s", float), ("scrub_interval_s", float),
+                       ("pull_timeout_s", float),
                        ("pull_attempts", int), ("quantize_timeout_s", float),
                        ("verify_timeout_s", float), ("worker_memory_mb", int),
                        ("retry_backoff_base_s", float), ("retry_backoff_cap_s", float)):

@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import structlog
@@ -29,7 +30,7 @@ from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, Plan
                        providers_for)
 from .serving import ModelView
 from .settings import Settings
-from .store import Store
+from .store import Store, sha256_file
 from .views import Activity, ViewBuilder
 
 log = structlog.get_logger(__name__)
@@ -117,10 +118,17 @@ class Reconciler:
         self._ensure_loop_state()
         assert self._wake_event is not None
         next_refresh = time.monotonic() + self.settings.resync_interval_s
+        scrub_interval = self.settings.scrub_interval_s
+        next_scrub = time.monotonic() + scrub_interval
+        scrubbing: asyncio.Task | None = None
         while not stopping.is_set():
             if time.monotonic() >= next_refresh:
                 self.wake(refresh=True)
                 next_refresh = time.monotonic() + self.settings.resync_interval_s
+                if scrub_interval > 0 and time.monotonic() >= next_scrub and (
+                        scrubbing is None or scrubbing.done()):
+                    scrubbing = asyncio.get_running_loop().create_task(self.scrub(), name="scrub")
+                    next_scrub = time.monotonic() + scrub_interval
             await self.reconcile()
             waiter = asyncio.ensure_future(self._wake_event.wait())
             stopper = asyncio.ensure_future(stopping.wait())
@@ -129,6 +137,32 @@ class Reconciler:
                                return_when=asyncio.FIRST_COMPLETED)
             for f in (waiter, stopper):
                 f.cancel()
+
+    async def scrub(self) -> list[str]:
+        """Re-hash every intact recorded file, one at a time in a thread (the loop stays free).
+        Bit rot keeps a file's size and mtime, so scans, which trust the stat, cannot see it; a
+        file found changed is marked damaged and healed like any other. Returns those files."""
+        rotten = []
+        hashed = 0
+        for name in list(self.catalog.current.entries):
+            for path, record, st in self.store.scrub_targets(name):
+                try:
+                    digest = await asyncio.to_thread(sha256_file, Path(path))
+                    now = os.stat(path)
+                except OSError:
+                    continue                  # gone or unreadable: the scans say so
+                hashed += 1
+                # Files are only ever replaced whole (renamed over), never written in place: one
+                # replaced while it was read has a new stat, and is not rot.
+                if digest != record.sha256 and _stat_key(now) == _stat_key(st):
+                    self.store.mark_rotten(name, path, st)
+                    rotten.append(f"{name}/{record.name}")
+                    log.error("file_rotten", model=name, file=record.name,
+                              expected=record.sha256[:12], found=digest[:12])
+        log.info("scrubbed", files=hashed, damaged=len(rotten))
+        if rotten:
+            self.wake()
+        return rotten
 
     async def converge(self, names: set[str] | None = None, *, refresh: bool = True) -> None:
         """One-shot (``sync``/``pull``): work until nothing runnable is left; failures are final
@@ -359,7 +393,11 @@ class Reconciler:
         folder = str(self.store.model_dir(action.name))
         entry = action.entry  # type: ignore[union-attr]
         if isinstance(action, Pull):
-            known = dict(self.store.read_manifest(action.name).files)
+            # Only intact files are "known": the fetch worker trusts a known record's stat, and
+            # a damaged file (bit rot keeps the stat) must be downloaded again.
+            state = self.store.scan_model(action.name)
+            known = {n: r for n, r in (state.manifest.files.items() if state else ())
+                     if state.intact(n)}
             request = dict(name=action.name, model_dir=folder, repo=entry.repo,
                            filename=entry.filename, revision=entry.revision, labels=entry.labels,
                            task=entry.task, description=entry.description,
@@ -502,6 +540,10 @@ class Reconciler:
                             "entry_errors": [str(e) for e in self.catalog.current.errors]},
                 "summary": self.summary(), "workers": len(self._running),
                 "onnxruntime": self.ort_version}
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _hf_token() -> str | None:

@@ -35,6 +35,9 @@ class Settings:
     debounce_step_ms: int = 50
     debounce_max_ms: int = 500
     resync_interval_s: float = 300.0
+    #: re-hash every recorded file this often (bit rot keeps size and mtime: scans trust the
+    #: stat); checked at a resync, so it adds no wake-up of its own; 0 turns it off
+    scrub_interval_s: float = 86400.0
     pull_timeout_s: float = 1800.0
     pull_attempts: int = 5
     quantize_timeout_s: float = 900.0

@@ -95,6 +95,8 @@ class Store:
         #: states returns this very object, so the planner and the views can skip it
         self._states: dict[str, ModelState] = {}
         self._folders: dict[str, str] = {}
+        #: path -> stat key of a file whose content the scrub found changed under its old stat
+        self._rotten: dict[str, tuple[int, int, int]] = {}
         self.hash_count = 0   # how many files were hashed: the no-op benchmark asserts it stays 0
 
     # -- layout ---------------------------------------------------------------------------------
@@ -218,6 +220,9 @@ class Store:
             # Root can read a mode-000 file, but the nodes cannot: treat it as unreadable.
             return FileState(record.name, UNREADABLE, record, "file has no read permission")
         if record.stat_matches(st):
+            if self._rotten and self._rotten.get(path) == (st.st_size, st.st_mtime_ns, st.st_ino):
+                return FileState(record.name, DAMAGED, record,
+                                 "content changed under the same size and mtime (found by the scrub)")
             return FileState(record.name, OK, record)
         if st.st_size != record.size:
             return FileState(record.name, DAMAGED, record,
@@ -242,6 +247,34 @@ class Store:
                 self._hash_cache.clear()
             self._hash_cache[key] = cached
         return cached
+
+    def scrub_targets(self, name: str) -> list[tuple[str, FileRecord, os.stat_result]]:
+        """(path, record, stat) of each file of ``name`` that a scan calls intact: what the scrub
+        re-hashes (off the event loop: hashing reads whole files)."""
+        state = self.scan_model(name)
+        out = []
+        for file_name, file_state in (state.files.items() if state is not None else ()):
+            if file_state.ok and file_state.record is not None:
+                path = f"{self._folder(name)}/{file_name}"
+                try:
+                    out.append((path, file_state.record, os.stat(path)))
+                except OSError:
+                    continue
+        return out
+
+    def mark_rotten(self, name: str, path: str, st: os.stat_result) -> None:
+        """The scrub found ``path`` (as it was at ``st``) not matching its record: scans call it
+        damaged until it is replaced."""
+        for known in list(self._rotten):          # forget files replaced since
+            try:
+                now = os.stat(known)
+            except OSError:
+                now = None
+            if now is None or (now.st_size, now.st_mtime_ns, now.st_ino) != self._rotten[known]:
+                del self._rotten[known]
+        self._rotten[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self._states.pop(name, None)
+        self._hash_cache = {k: v for k, v in self._hash_cache.items() if k[0] != path}
 
     def refresh_stats(self, state: ModelState) -> None:
         """Record the new stat triple of files whose content proved unchanged (saves re-hashing)."""

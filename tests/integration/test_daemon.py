@@ -13,6 +13,9 @@ import pytest
 
 from conftest import calibrated_mlp_toml, entry_toml, write_mlp_calibration
 from daemonfixtures import DaemonProcess, variant_is, wait_event
+from test_store import rot_in_place
+
+from modeld.store import sha256_file
 
 MLP_QUANT = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
                        quantize="dynamic_int8") + "allow_slower = true\n"
@@ -85,6 +88,35 @@ def test_quantize_flip_and_int8_heal(workspace, daemon):
         healed = wait_event(sub, variant_is("mlp", "int8"), timeout_s=120, daemon=daemon)
         assert healed["sha256"] == int8["sha256"]   # deterministic rebuild, proven again
         assert os.path.getsize(int8_path) > 100
+
+
+def test_the_scrub_heals_bit_rot_that_keeps_size_and_mtime(workspace):
+    """Rot is invisible to scans (they trust an unchanged stat): the periodic scrub re-hashes,
+    the node is moved off the rotten INT8, INT8 is rebuilt; a rotten FP32 is downloaded again."""
+    daemon = DaemonProcess(workspace, env={"MODELD_RESYNC_INTERVAL_S": "0.5",
+                                           "MODELD_SCRUB_INTERVAL_S": "0.5"})
+    workspace.write_catalog(MLP_QUANT)
+    daemon.start()
+    try:
+        with daemon.subscribe("mlp", prefer="int8", node="n1") as sub:
+            int8 = wait_event(sub, variant_is("mlp", "int8"), timeout_s=120, daemon=daemon)
+            rot_in_place(int8["path"])
+            wait_event(sub, variant_is("mlp", "fp32"), daemon=daemon)
+            healed = wait_event(sub, variant_is("mlp", "int8"), timeout_s=120, daemon=daemon)
+            assert healed["sha256"] == int8["sha256"]
+            gets = workspace.hub.log.count("GET")
+            rot_in_place(workspace.models / "mlp" / "model.onnx")
+            deadline = time.monotonic() + 60
+            while workspace.hub.log.count("GET") == gets:
+                assert time.monotonic() < deadline, daemon.log()
+                time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        while sha256_file(workspace.models / "mlp" / "model.onnx") != \
+                workspace.manifest("mlp")["files"]["model.onnx"]["sha256"]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.1)
+    finally:
+        assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete", "replace", "chmod000"])
