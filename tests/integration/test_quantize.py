@@ -532,36 +532,67 @@ def test_auto_skips_the_measured_selection_when_quantizing_everything_agrees(cnn
     assert not any(e["event"].startswith("selection_") for e in logs)
 
 
+class _Feeds:
+    """A calibration data reader over a list of feeds."""
+
+    def __init__(self, feeds):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def _outlier_selection(tmp_path: Path, *, seed: int, samples: int):
+    """(reference file, feeds, build) for ``refine_selection`` on the outlier net: ``build``
+    quantizes the nodes it is given, per tensor, calibrated on the feeds."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(seed)
+    reference = tmp_path / "ref.onnx"
+    onnx.save(_outlier_net(), str(reference))
+    feeds = [{"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(samples)]
+    built = tmp_path / "q.onnx"
+
+    def build(chosen):
+        quantize_static(str(reference), str(built), _Feeds(feeds), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=list(chosen))
+        return built
+
+    return reference, feeds, build
+
+
 def test_measured_selection_leaves_the_sensitive_node_in_fp32(tmp_path):
     """The probe must find the conv with the outlier and keep it in FP32 while the benign
     ones are quantized."""
     from modeld.workers.selection import refine_selection
 
-    rng = np.random.default_rng(1)
-    reference = tmp_path / "ref.onnx"
-    onnx.save(_outlier_net(), str(reference))
-    feeds = [{"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    class Reader:
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    built = tmp_path / "q.onnx"
-
-    def build(chosen):
-        quantize_static(str(reference), str(built), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=list(chosen))
-        return built
-
+    reference, feeds, build = _outlier_selection(tmp_path, seed=1, samples=3)
     work = {"good1": 1.0, "bad": 1.0, "good2": 1.0}
     refined = refine_selection(build, reference, work, feeds, min_cosine=0.99)
     assert refined is not None and "bad" not in refined.nodes and refined.nodes
     assert refined.cosine >= 0.997 and refined.probed == 3
+
+
+def test_a_build_identical_to_one_measured_is_not_run_again(tmp_path, monkeypatch):
+    """An op-type group the quantizer leaves alone yields the same file as the selection
+    without it: its probe and the round that adds it reuse the measured cosine."""
+    from modeld.workers import selection
+
+    reference, feeds, build = _outlier_selection(tmp_path, seed=2, samples=2)
+    loaded: list[str] = []
+    real_session = selection.cpu_session
+    monkeypatch.setattr(selection, "cpu_session", lambda path: loaded.append(
+        hashlib.sha256(Path(path).read_bytes()).hexdigest()) or real_session(path))
+    refined = selection.refine_selection(build, reference, {"good1": 1.0, "bad": 1.0,
+                                                            "good2": 1.0}, feeds,
+                                         min_cosine=0.99, groups={"Nothing": ("no_such_node",)})
+    assert refined is not None and "no_such_node" in refined.nodes
+    base = hashlib.sha256(build(tuple(n for n in refined.nodes if n != "no_such_node"))
+                          .read_bytes()).hexdigest()
+    # loaded once on all feeds (the round), once on the probes' feed (the groups' baseline);
+    # not for the group's probe, nor for the round that adds it
+    assert loaded.count(base) == 2
 
 
 def test_strided_minmax_calibration_gives_the_same_ranges(tmp_path, mlp_dir):
