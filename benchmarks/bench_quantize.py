@@ -3,8 +3,9 @@ each one would serve measured against FP32 on held-out inputs, in interleaved ro
 process (timing noise between separate passes reached 30% on this kind of host).
 
 Not a test: the numbers depend on the host; they are printed as ratios and written to
-``bench-results/bench_quantize.json``. The target: with ``auto``, the served variant of a
-YOLO-class or OCR-detector CNN is >= 1.3x faster than FP32 at cosine >= 0.99.
+``bench-results/bench_quantize.json`` (and as rows for ``run_all``). The targets: with ``auto``,
+the served variant of a YOLO-class or OCR-detector CNN is >= 1.3x faster than FP32 at cosine
+>= 0.99; the ``auto`` job of a 12 MB CNN takes < 30 s (``--generated --width 2.25``).
 
 Model, in order: ``--model PATH``; the PP-OCRv4 text detector shipped inside the PyPI package
 ``rapidocr-onnxruntime`` (a real trained CNN; bench only, not a dependency: ``pip install
@@ -32,6 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from common import Results, Row
 from modeld.testing.images import text_like_image, write_png
 from modeld.variants import Gates
 from modeld.workers import verify
@@ -41,6 +43,8 @@ from modeld.workers.quantize import QuantizeRequest, quantize_model
 CPU = "CPUExecutionProvider"
 TARGET_SPEEDUP = 1.3
 TARGET_COSINE = 0.99
+#: the auto job's wall time, for a 12 MB CNN (``--generated --width 2.25``)
+TARGET_SECONDS = 30.0
 OCR_DET = "models/ch_PP-OCRv4_det_infer.onnx"
 
 
@@ -74,7 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten {args.out}")
-    return 0
+    results = Results()
+    results.add(*_rows(report, args.samples))
+    return results.finish()
+
+
+def _rows(report: dict, samples: int) -> list[Row]:
+    """The report's rows for ``run_all``: the served variant's speed and agreement on held-out
+    inputs, and how long the ``auto`` job took (the 30 s target is for a 12 MB CNN)."""
+    rows = []
+    for r in report["results"]:
+        name = f"quantize {r['method']}"
+        if r["method"] == "auto":
+            ok = report["target_met"]
+            rows.append(Row(name, f"served vs FP32 on held-out inputs ({report['model']})",
+                            f"{r['held_out_speedup']:.2f}x at cosine {r['held_out_cosine']:.4f}",
+                            f">= {TARGET_SPEEDUP:.2f}x at cosine >= {TARGET_COSINE}", ok,
+                            note=f"{r['recipe']}, served={r['served']}"))
+            rows.append(Row(name, f"job wall time ({report['model_mb']:.1f} MB, {samples} "
+                            "calibration samples)", f"{r['seconds']:.1f} s",
+                            f"< {TARGET_SECONDS:.0f} s", r["seconds"] < TARGET_SECONDS))
+        else:
+            rows.append(Row(name, "held-out vs FP32", f"{r['held_out_speedup']:.2f}x at cosine "
+                            f"{r['held_out_cosine']:.4f}, {r['seconds']:.1f} s",
+                            note=f"served={r['served']}"))
+    return rows
 
 
 def _run(model_path: Path, label: str, preset: str, work: Path, args) -> dict:
@@ -122,7 +150,8 @@ def _run(model_path: Path, label: str, preset: str, work: Path, args) -> dict:
                and auto["held_out_cosine"] >= TARGET_COSINE)
     print(f"\ntarget (auto served, >= {TARGET_SPEEDUP}x, cosine >= {TARGET_COSINE} on held-out "
           f"inputs): {'MET' if met else 'MISSED'}")
-    return {"model": label, "preset": preset, "input_size": args.size, "rounds": args.rounds,
+    return {"model": label, "model_mb": model_path.stat().st_size / 1e6, "preset": preset,
+            "input_size": args.size, "rounds": args.rounds,
             "onnxruntime": ort.__version__, "cores": verify.cores_available(),
             "target_met": met, "results": results}
 

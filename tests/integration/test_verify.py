@@ -282,7 +282,8 @@ def test_files_proven_together_get_their_own_proofs_and_one_timing_loop(model_di
     loops = []
     real = verify.interleaved_latencies_ms
     monkeypatch.setattr(verify, "interleaved_latencies_ms",
-                        lambda sessions, feeds: loops.append(len(sessions)) or real(sessions, feeds))
+                        lambda sessions, feeds: loops.append(len(sessions))
+                        or real(sessions, feeds))
     proofs = verify.prove_files([(int8_file, "int8"), (bad, "int8"), (broken, "int8")],
                                 reference=model_dir / "model.onnx", providers=(CPU,),
                                 gates=LENIENT, feeds=None, simulated={}, model_dir=model_dir,
@@ -293,7 +294,8 @@ def test_files_proven_together_get_their_own_proofs_and_one_timing_loop(model_di
     assert refused.latency_ms is None and refused.speedup is None
     assert not proofs[2].checker_ok and not unreadable.usable
     assert loops == [2]  # FP32 and the one file that agrees, timed together
-    assert [p.file_sha256 for p in proofs] == [verify._sha256_of(f) for f in (int8_file, bad, broken)]
+    assert [p.file_sha256 for p in proofs] == [verify._sha256_of(f)
+                                               for f in (int8_file, bad, broken)]
     # timed by default, as a single prove_file always is
     both = verify.prove_files([(int8_file, "int8"), (bad, "int8")],
                               reference=model_dir / "model.onnx", providers=(CPU,),

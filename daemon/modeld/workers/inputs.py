@@ -429,7 +429,8 @@ def _unfilter_wavefront(scanlines: np.ndarray, bpp: int) -> np.ndarray:
         left = diag[t, 1:].astype(np.int16)            # (y, x - 1): diagonal t - 1
         above = diag[t, :-1].astype(np.int16)          # (y - 1, x): diagonal t - 1
         corner = diag[t - 1, :-1].astype(np.int16) if t else np.zeros_like(left)
-        pa, pb, pc = np.abs(above - corner), np.abs(left - corner), np.abs(left + above - 2 * corner)
+        pa, pb = np.abs(above - corner), np.abs(left - corner)
+        pc = np.abs(left + above - 2 * corner)
         best = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, above, corner))
         pred = np.where(paeth, best, np.where(average, (left + above) >> 1,
                                               np.where(up, above, np.where(sub, left, 0))))

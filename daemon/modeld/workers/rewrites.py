@@ -173,7 +173,8 @@ def fold_scale_into_next_conv(graph: onnx.GraphProto) -> int:
         shift = None
         if add is not None:
             shift_name = next((i for i in add.input if i != mul.output[0]), None)
-            shift = _scalar(shift_name, weights) if list(add.input).count(mul.output[0]) == 1 else None
+            once = list(add.input).count(mul.output[0]) == 1
+            shift = _scalar(shift_name, weights) if once else None
             if shift is None:
                 continue
         conv = _sole_consumer((add or mul).output[0], consumers, outputs, "Conv")
@@ -185,7 +186,8 @@ def fold_scale_into_next_conv(graph: onnx.GraphProto) -> int:
         padded = _padded(conv)
         bias = (numpy_helper.to_array(weights[conv.input[2]]) if len(conv.input) > 2
                 else np.zeros(w.shape[0], np.float32))
-        new_inputs = [_add_initializer(graph, taken, f"{conv.name}_scaled_w", w * np.float32(scale))]
+        new_inputs = [_add_initializer(graph, taken, f"{conv.name}_scaled_w",
+                                       w * np.float32(scale))]
         if shift is not None and not padded:
             new_bias = bias + np.float32(shift) * w.reshape(w.shape[0], -1).sum(axis=1)
             new_inputs.append(_add_initializer(graph, taken, f"{conv.name}_shifted_b", new_bias))
