@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrat
 from servefixtures import (LineClient, ServerThread, serving, view,  # noqa: E402
                            write_variant, yolo_files)
 
+from common import Results, Row, latency_rows  # noqa: E402
 from modeld.client import HotSession  # noqa: E402
 from modeld.testing.onnx_models import tiny_cnn  # noqa: E402
 
@@ -41,7 +43,7 @@ def percentiles(values: list[float]) -> str:
             f"max={ordered[-1] * 1e3:.2f}ms")
 
 
-def bench_fanout(folder: Path, subscribers: int, rounds: int) -> None:
+def bench_fanout(folder: Path, subscribers: int, rounds: int, results: Results) -> None:
     files = yolo_files(folder / "models")
     views = [[view("yolo", files["fp32"])], [view("yolo", files["fp32"], files["int8"])]]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -81,11 +83,17 @@ def bench_fanout(folder: Path, subscribers: int, rounds: int) -> None:
         print(f"fanout subscribers={subscribers} rounds={rounds} "
               f"last_subscriber {percentiles(last_s)} first_subscriber {percentiles(first_s)} "
               f"median_last_over_first={ratio:.1f}")
+        rows = latency_rows(f"fan-out to {subscribers}", "publish -> last subscriber has it",
+                            last_s, 0.050)
+        rows[1] = replace(rows[1], note=(
+            f"one Server.publish of a changed view, raw Unix-socket subscribers in one process; "
+            f"the last subscriber waits a median {ratio:.1f}x the first"))
+        results.add(*rows)
         for c in clients:
             c.close()
 
 
-def bench_hot_swap(folder: Path, seconds: float, swap_every_s: float) -> None:
+def bench_hot_swap(folder: Path, seconds: float, swap_every_s: float, results: Results) -> None:
     fp32 = write_variant(folder / "swap", "fp32", tiny_cnn(seed=0, input_size=64, channels=16))
     int8 = write_variant(folder / "swap", "int8", tiny_cnn(seed=1, input_size=64, channels=16),
                          providers={"CPUExecutionProvider": {"speedup": 1.5}})
@@ -103,6 +111,16 @@ def bench_hot_swap(folder: Path, seconds: float, swap_every_s: float) -> None:
           f"throughput_ratio={s_calls / max(q_calls, 1):.2f} "
           f"p50_ratio={statistics.median(s_lat) / statistics.median(q_lat):.2f} "
           f"p99_ratio={_p99(s_lat) / _p99(q_lat):.2f}")
+    failures = q_fail + s_fail
+    results.add(Row("hot swap under load", f"inference calls failed during {swaps} swaps",
+                    f"{failures} of {q_calls + s_calls}", "0", failures == 0,
+                    note=(f"a HotSession in a tight loop for {seconds:.0f} s while its variant is "
+                          f"swapped every {swap_every_s * 1e3:.0f} ms, against {seconds:.0f} s "
+                          f"without swaps")),
+                Row("hot swap under load", "throughput with swaps / without",
+                    f"{s_calls / max(q_calls, 1):.2f}x"),
+                Row("hot swap under load", "call p99 with swaps / without",
+                    f"{_p99(s_lat) / _p99(q_lat):.2f}x"))
 
 
 def _p99(values: list[float]) -> float:
@@ -150,11 +168,12 @@ def main() -> int:
     # Per-connection info logs would measure the console, not the fan-out.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     # Short socket paths: sockaddr_un holds 107 bytes.
+    results = Results()
     with tempfile.TemporaryDirectory(prefix="modeld-bench-", dir="/tmp") as tmp:
         print(f"host cpus={os.cpu_count()} python={sys.version.split()[0]}")
-        bench_fanout(Path(tmp), args.subscribers, args.rounds)
-        bench_hot_swap(Path(tmp), args.seconds, args.swap_every_ms / 1000)
-    return 0
+        bench_fanout(Path(tmp), args.subscribers, args.rounds, results)
+        bench_hot_swap(Path(tmp), args.seconds, args.swap_every_ms / 1000, results)
+    return results.finish()
 
 
 if __name__ == "__main__":
