@@ -275,3 +275,31 @@ def test_model_inputs_skip_initializers(tmp_path, mlp):
     assert [(s.name, s.dtype, s.shape) for s in specs] == [("input", np.dtype(np.float32), ("N", 64))]
     with pytest.raises(CalibrationError, match="count must be >= 1"):
         sample_inputs(mlp, calibration=None, preset=None, input_size=None, count=0)
+
+
+# ---- held-out samples -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("files", [1, 2, 5, 16, 60])
+def test_variants_are_proven_on_samples_they_were_not_calibrated_on(tmp_path, mlp, files):
+    """A calibration folder is split: calibration never sees the held-out files, the agreement
+    check only sees them (both deterministic). A single file has to serve as both."""
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    for i in range(files):
+        np.save(folder / f"sample-{i}.npy", np.full((1, 64), float(i), np.float32))
+
+    def ids(split, count=100, seed=0):
+        feeds, synthetic = sample_inputs(mlp, calibration=str(folder), preset=None,
+                                         input_size=None, count=count, seed=seed, split=split)
+        assert not synthetic
+        return {int(next(iter(f.values()))[0, 0]) for f in feeds}
+
+    calibration, holdout = ids("calibration"), ids("holdout")
+    assert calibration | holdout == set(range(files)) == ids("all")
+    if files == 1:
+        assert calibration == holdout == {0}
+    else:
+        assert calibration.isdisjoint(holdout)
+        assert 1 <= len(holdout) <= max(1, min(8, files // 5))
+    assert ids("holdout", count=2, seed=7) <= holdout
+    assert ids("calibration", count=3, seed=7) <= calibration

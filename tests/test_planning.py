@@ -210,3 +210,13 @@ def test_planner_remembers_unchanged_models_and_replans_changed_ones():
         plan(_catalog_of(a2, b), inventory, newer_runtime)
     healed = Inventory(models={"a": state(with_int8(a2, pulled(a2))), "b": state(mb)})
     assert planner.plan(_catalog_of(a2, b), healed, CTX) == []
+
+
+def test_a_new_recipes_version_makes_derived_variants_stale(monkeypatch):
+    """The daemon's own quantization code is an input, like the onnxruntime version."""
+    import modeld.planning as planning
+    m = with_int8(EQ, pulled(EQ))
+    assert plan_model(EQ, state(m), CTX) is None
+    monkeypatch.setattr(planning, "RECIPES_VERSION", "next")
+    action = plan_model(EQ, state(m), CTX)
+    assert isinstance(action, Derive) and action.derivation.params["recipes"] == "next"

@@ -14,8 +14,8 @@ from typing import Mapping, Union
 from .catalog import Catalog, ModelEntry
 from .manifest import FileRecord, Manifest
 from .store import UNREADABLE, Inventory, ModelState
-from .variants import (FILE_VARIANTS, FP32, METHODS, VARIANT_FILES, Derivation, Gates,
-                       proof_key)
+from .variants import (FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, VARIANT_FILES,
+                       Derivation, Gates, proof_key)
 
 FP32_FILE = VARIANT_FILES[FP32]
 LABELS_FILE = "labels.txt"
@@ -242,7 +242,7 @@ def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext
     # The preset and input size shape the calibration and agreement inputs: inputs too.
     params = dict(spec.params) | {"calibration": spec.calibration,
                                   "preprocessing_preset": entry.preprocessing_preset,
-                                  "input_size": entry.input_size}
+                                  "input_size": entry.input_size, "recipes": RECIPES_VERSION}
     if METHODS.get(spec.method) is None:
         # auto chooses among candidates by the gates and the providers: they are inputs too
         params |= {"gates": spec.gates.to_dict(), "providers": list(providers_for(entry, context))}

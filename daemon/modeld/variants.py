@@ -25,6 +25,12 @@ METHODS: Mapping[str, str | None] = {"dynamic_int8": INT8, "static_int8": INT8, 
 
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 
+#: The daemon's own quantization code is an input of every derived file, like the onnxruntime
+#: version: bump this when a change of recipes, graph rewrites or sample choice changes what a
+#: derivation produces, and every derived variant is rebuilt (and proven) once after the upgrade.
+#: 2: graph rewrites before quantizing; calibration and proof samples split (held-out proofs).
+RECIPES_VERSION = "2"
+
 
 @dataclass(frozen=True)
 class Gates:

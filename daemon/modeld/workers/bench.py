@@ -58,7 +58,7 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
         feeds, synthetic = sample_inputs(fp32, calibration=request.calibration,
                                          preset=request.preprocessing_preset,
                                          input_size=request.input_size, count=request.samples,
-                                         seed=request.seed)
+                                         seed=request.seed, split="holdout")
     except CalibrationError:
         raise  # the entry's calibration settings are wrong: the user must fix them
     except Exception:  # noqa: BLE001 - an unreadable FP32 file: its proof row says why

@@ -9,6 +9,7 @@ and other formats only when Pillow happens to be installed (it is not a dependen
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from ..errors import QuantizeError
 DEFAULT_IMAGE_SIZE = 64
 IMAGE_SUFFIXES = (".png", ".ppm", ".pgm", ".pnm", ".jpg", ".jpeg", ".bmp", ".webp")
 TENSOR_SUFFIXES = (".npy", ".npz")
+#: share of a calibration folder proven on and never calibrated on (``held_out``)
+HOLDOUT_SHARE = 0.2
+HOLDOUT_MAX = 8
 
 
 class CalibrationError(QuantizeError, ValueError):
@@ -101,7 +105,7 @@ def model_inputs(model_path: str | Path) -> list[InputSpec]:
 
 
 def sample_inputs(model_path: str | Path, *, calibration: str | None, preset: str | None,
-                  input_size: int | None, count: int, seed: int = 0
+                  input_size: int | None, count: int, seed: int = 0, split: str = "all"
                   ) -> tuple[list[dict[str, np.ndarray]], bool]:
     """Inputs for calibration and agreement checks.
 
@@ -109,6 +113,8 @@ def sample_inputs(model_path: str | Path, *, calibration: str | None, preset: st
     ``.npy`` tensors or ``.npz`` feeds keyed by input name), resized and normalised by ``preset``;
     else seeded synthetic inputs from the model's signature (batch 1; symbolic image sides ->
     ``input_size``, the preset's size or 64; other symbolic dims -> ``input_size`` or 1).
+    ``split``: "calibration" or "holdout" draw from the two disjoint parts of a folder (see
+    ``held_out``), so a variant is proven on samples it was not calibrated on; "all" from every file.
     Returns ``(feeds, synthetic_fallback)``.
     """
     if count < 1:
@@ -124,10 +130,26 @@ def sample_inputs(model_path: str | Path, *, calibration: str | None, preset: st
     if calibration is None:
         return [_synthetic_feed(specs, chosen, input_size, rng) for _ in range(count)], True
     files = _calibration_files(Path(calibration))
+    if split != "all":
+        held = held_out(files)
+        files = held if split == "holdout" else [f for f in files if f not in held] or files
     if len(files) > count:  # a seeded spread over the folder, in a stable order
         picks = sorted(rng.choice(len(files), size=count, replace=False))
         files = [files[i] for i in picks]
     return [_feed_from_file(f, specs, chosen, input_size) for f in files], False
+
+
+def held_out(files: list[Path]) -> list[Path]:
+    """The files of a calibration folder kept for agreement checks and never calibrated on:
+    HOLDOUT_SHARE of them, at least one, at most HOLDOUT_MAX, chosen by a hash of the name (the
+    same files whatever is added later, unless they are displaced by a lower hash). A folder of one
+    file is both."""
+    if len(files) < 2:
+        return list(files)
+    count = max(1, min(HOLDOUT_MAX, int(len(files) * HOLDOUT_SHARE)))
+    ranked = sorted(files, key=lambda f: hashlib.sha256(f.name.encode("utf-8", "surrogateescape"))
+                    .hexdigest())
+    return sorted(ranked[:count])
 
 
 def _calibration_files(folder: Path) -> list[Path]:

@@ -403,7 +403,8 @@ def _calibration_feeds(request: QuantizeRequest, model: Path, samples: int,
                        warnings: list[str]) -> list[dict[str, np.ndarray]]:
     feeds, synthetic = sample_inputs(model, calibration=request.calibration,
                                      preset=request.preprocessing_preset,
-                                     input_size=request.input_size, count=samples, seed=0)
+                                     input_size=request.input_size, count=samples, seed=0,
+                                     split="calibration")
     if synthetic:
         warnings.append("no calibration data: calibrated on synthetic inputs; set 'calibration' "
                         "to a folder of real samples for a trustworthy INT8 model")
@@ -417,7 +418,7 @@ def _calibration_feeds(request: QuantizeRequest, model: Path, samples: int,
 def _agreement_feeds(request: QuantizeRequest, source: Path) -> list[dict[str, np.ndarray]]:
     feeds, _ = sample_inputs(source, calibration=request.calibration,
                              preset=request.preprocessing_preset, input_size=request.input_size,
-                             count=AGREEMENT_SAMPLES, seed=AGREEMENT_SEED)
+                             count=AGREEMENT_SAMPLES, seed=AGREEMENT_SEED, split="holdout")
     return feeds
 
 

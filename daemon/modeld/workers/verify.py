@@ -80,7 +80,7 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
         feeds, synthetic = sample_inputs(reference or path, calibration=request.calibration,
                                          preset=request.preprocessing_preset,
                                          input_size=request.input_size, count=request.samples,
-                                         seed=request.seed)
+                                         seed=request.seed, split="holdout")
     except CalibrationError:
         raise  # the entry's calibration settings are wrong: the user must fix them
     except Exception:  # noqa: BLE001 - an unreadable model: prove_file says why, or raises
