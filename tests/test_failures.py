@@ -85,3 +85,17 @@ def _plan_with_fp32_proven(reconciler, store):
                   providers=(ProviderProof("CPUExecutionProvider", usable=True, passed=True),))
     store.update_manifest("det", lambda m: m.with_proof("model.onnx", proof))
     return asyncio.run(reconciler.reconcile(dispatch=False))
+
+
+def test_a_file_that_vanishes_under_a_worker_is_retried_not_final(tmp_path):
+    """Planning saw every input before the job: a FileNotFoundError in a worker is a race
+    (a file deleted or renamed over meanwhile), retried with backoff, never a permanent error."""
+    from modeld.errors import FileVanishedError, PermanentError, TemporaryError
+    from modeld.jobs import _to_modeld_error
+    try:
+        (tmp_path / "labels.txt").read_text()
+    except FileNotFoundError as e:
+        error = _to_modeld_error(e)
+    assert isinstance(error, FileVanishedError) and isinstance(error, TemporaryError)
+    assert "labels.txt" in str(error) and "\n" not in str(error)
+    assert isinstance(_to_modeld_error(PermissionError(13, "denied")), PermanentError)

@@ -133,6 +133,11 @@ class IntegrityError(TemporaryError):
     """A file's content does not match its expected digest or size."""
 
 
+class FileVanishedError(TemporaryError):
+    """A file the job was reading disappeared under it (deleted, or renamed over); the next scan
+    sees what changed, and the job is retried."""
+
+
 class DiskFullError(TemporaryError):
     """Not enough free space for the write; retried once space returns."""
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import (DiskFullError, ModeldError, PermanentError, TemporaryError,
-                     WorkerCrashedError, WorkerTimeoutError)
+from .errors import (DiskFullError, FileVanishedError, ModeldError, PermanentError,
+                     TemporaryError, WorkerCrashedError, WorkerTimeoutError)
 
 _CTX = mp.get_context("spawn")
 _PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
@@ -120,6 +120,10 @@ def _to_modeld_error(e: BaseException) -> ModeldError:
         return WorkerCrashedError("worker ran out of memory", hint="raise worker_memory_mb")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFullError(f"no space left on device: {e}", hint="free disk space")
+    if isinstance(e, FileNotFoundError):
+        # Planning saw every input before the job started: one missing now vanished under it.
+        return FileVanishedError(f"a file vanished during the job: {e.filename or e}",
+                                 hint="nothing to do: it is retried once the scan has seen why")
     text = str(e).strip().splitlines()[0][:500] if str(e).strip() else ""
     return PermanentError(f"{type(e).__name__}: {text}" if text else type(e).__name__)
 
