@@ -303,3 +303,17 @@ def test_variants_are_proven_on_samples_they_were_not_calibrated_on(tmp_path, ml
         assert 1 <= len(holdout) <= max(1, min(8, files // 5))
     assert ids("holdout", count=2, seed=7) <= holdout
     assert ids("calibration", count=3, seed=7) <= calibration
+
+
+def test_synthetic_inputs_for_an_ocr_model_are_text_like_pages(cnn):
+    """Without calibration data an OCR detector gets pages of dark strokes on light paper (it
+    answers ~0 to colour fields, which would prove nothing); other presets get colour fields."""
+    feeds, synthetic = sample_inputs(cnn, calibration=None, preset="ocr", input_size=32, count=2)
+    assert synthetic
+    page = feeds[0]["images"][0]                     # CHW, (x/255 - 0.5) / 0.5
+    assert page.shape == (3, 32, 32)
+    assert np.median(page) > 0.5                     # mostly light paper
+    assert (page < -0.3).mean() > 0.02               # with dark ink on it
+    assert not np.array_equal(feeds[0]["images"], feeds[1]["images"])
+    colour, _ = sample_inputs(cnn, calibration=None, preset="yolo", input_size=32, count=1)
+    assert np.median(colour[0]["images"]) < 0.75      # colour fields, not paper (in [0, 1])

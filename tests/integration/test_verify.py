@@ -451,12 +451,20 @@ def test_feature_maps_are_not_treated_as_detections():
 
 # ---- agreement arithmetic (pure numpy) ----------------------------------------------------------
 
-def test_outputs_that_are_both_zero_agree_with_a_warning():
+def test_outputs_that_are_both_zero_prove_nothing():
+    """A detector on inputs with nothing to detect: two ~0 maps. Their angle says nothing, so a
+    ~0 output is left out with a warning, and when every output is ~0 there is no proof."""
     ref = [[np.full((1, 1, 8, 8), 1e-7, np.float32)]]
     var = [[np.full((1, 1, 8, 8), -3e-7, np.float32)]]
     agreement = verify.compare_outputs(ref, var, names=["maps"])
-    assert agreement.cosine == 1.0 and agreement.max_abs_error == pytest.approx(4e-7)
+    assert agreement.max_abs_error == pytest.approx(4e-7)
     assert agreement.notes and "'maps' is ~0" in agreement.notes[0]
+    assert "cannot be measured" in agreement.problem
+    assert verify.gate_failures(Gates(), agreement, 2.0) == [agreement.problem]
+    logits = np.linspace(-1, 1, 10, dtype=np.float32).reshape(1, 10)
+    partly = verify.compare_outputs([[ref[0][0], logits]], [[var[0][0], logits * 1.01]],
+                                    names=["maps", "logits"])
+    assert partly.problem == "" and partly.cosine == pytest.approx(1.0) and partly.notes
     fires = [[np.where(np.arange(64).reshape(1, 1, 8, 8) % 7 == 0, 1.0, 0.0)]]
     disagreement = verify.compare_outputs(ref, fires)   # the variant sees what FP32 does not
     assert disagreement.cosine < 0.5 and disagreement.max_abs_error == pytest.approx(1.0)

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from ..errors import QuantizeError
+from .pages import text_like_image
 
 #: batch and spatial size used when neither the model nor the caller fixes a dimension
 DEFAULT_IMAGE_SIZE = 64
@@ -201,8 +202,12 @@ def _concrete_shape(spec: InputSpec, preset: Preset | None, input_size: int | No
 def _synthetic_image(spec: InputSpec, shape: tuple[int, ...], preset: Preset | None,
                      rng: np.random.Generator) -> np.ndarray:
     """Smooth random pictures (blocks of colour plus grain): closer to real activation ranges
-    than white noise, so a calibration on them is less wrong."""
+    than white noise, so a calibration on them is less wrong. For the OCR preset, text-like
+    pages: a text detector maps colour fields to ~0, which proves nothing."""
     height, width = (shape[2], shape[3]) if spec.image_layout == "NCHW" else (shape[1], shape[2])
+    if preset is not None and preset.name == "ocr":
+        rgb = text_like_image(height, width, seed=int(rng.integers(0, 2**31)))
+        return _to_input(rgb, spec, shape, preset, letterbox_ok=False)
     coarse = rng.uniform(0, 255, (max(1, height // 8), max(1, width // 8), 3))
     img = _resize_bilinear(coarse, height, width) + rng.normal(0, 12, (height, width, 3))
     rgb = np.clip(img, 0, 255).astype(np.uint8)

@@ -480,6 +480,7 @@ def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
                     task: str | None = None, names: list[str] | None = None) -> Agreement:
     """Worst per-output cosine (flattened over all feeds, float64) and the largest abs error."""
     worst_cos, max_abs, notes = 1.0, 0.0, []
+    compared, negligible = 0, 0
     n_outputs = len(reference[0]) if reference else 0
     for o in range(n_outputs):
         name = names[o] if names and o < len(names) else str(o)
@@ -504,8 +505,16 @@ def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
             # noise vectors says nothing, the absolute error says they agree
             notes.append(f"FP32 output {name!r} is ~0 on these inputs: agreement on it is weak "
                          "evidence (give calibration data)")
+            negligible += 1
             continue
+        compared += 1
         worst_cos = min(worst_cos, cosine_similarity(ref, var))
+    if negligible and not compared:
+        # e.g. a detector on inputs without anything to detect: nothing was proven
+        return Agreement(0.0, max_abs, None,
+                         "FP32's outputs are ~0 on every sample input, so agreement cannot be "
+                         "measured: give calibration data the model responds to",
+                         notes=tuple(notes))
     detection = None
     for o in range(n_outputs):  # the first output shaped like a detection head, if any
         if isinstance(reference[0][o], np.ndarray) and detector_layout(
