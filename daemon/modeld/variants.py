@@ -28,7 +28,7 @@ DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 #: The daemon's own quantization code is an input of every derived file, like the onnxruntime
 #: version: bump this when a change of recipes, graph rewrites or sample choice changes what a
 #: derivation produces, and every derived variant is rebuilt (and proven) once after the upgrade.
-#: 2: graph rewrites before quantizing; calibration and proof samples split (held-out proofs).
+#: 2: graph rewrites before quantizing; held-out proof samples; text-like synthetic OCR pages.
 RECIPES_VERSION = "2"
 
 
