@@ -226,3 +226,17 @@ def test_the_scrub_finds_rot_that_scans_cannot_see(store):
     assert store.scrub_targets("m") == [t for t in targets if t[1].name == "labels.txt"]
     publish(store, "m", "model.onnx", b"x" * 1000)                     # healed: a new file
     assert store.scan_model("m").files["model.onnx"].status == OK
+
+
+def test_rejections_round_trip_and_go_with_the_file_they_name(store):
+    record = publish(store, "m", "model-int8.onnx", b"int8 v1")
+    rejection = {"model": "m", "variant": "int8", "sha256": record.sha256,
+                 "provider": "CoreMLExecutionProvider", "node": "n1", "error": "ConvInteger",
+                 "at_unix_s": 1.5}
+    store.update_manifest("m", lambda m: m.with_rejection(rejection))
+    fresh = Store(store.root).read_manifest("m")
+    assert list(fresh.rejections.values()) == [rejection]
+    publish(store, "m", "labels.txt", b"a\n")                  # another file: kept
+    assert len(store.read_manifest("m").rejections) == 1
+    publish(store, "m", "model-int8.onnx", b"int8 v2")         # rebuilt: a new file, no rejection
+    assert store.read_manifest("m").rejections == {}

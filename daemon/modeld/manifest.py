@@ -2,7 +2,8 @@
 
 For every file: sha256, size, the stat triple that lets a re-scan trust it without hashing
 (size + mtime_ns + inode), and where it came from (Hub provenance, or the derivation of a variant).
-Proofs of variants and permanent failures live here too, so they survive a restart.
+Proofs of variants, permanent failures and nodes' rejections live here too, so they survive a
+restart.
 Pure data and JSON; ``store`` does the disk work, workers return ``FileRecord``s.
 """
 
@@ -70,11 +71,27 @@ class Manifest:
     proofs: Mapping[str, Proof] = field(default_factory=dict)
     #: derivation key -> message of a permanent failure (not retried until an input changes)
     failures: Mapping[str, str] = field(default_factory=dict)
+    #: "sha256:provider" -> a node's report that it could not load that file on that provider
+    #: (model, variant, sha256, provider, node, error, at_unix_s); kept while the file is
+    rejections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def with_file(self, record: FileRecord) -> "Manifest":
         proofs = {k: v for k, v in self.proofs.items()
                   if k != record.name or v.file_sha256 == record.sha256}
-        return replace(self, files={**self.files, record.name: record}, proofs=proofs)
+        return replace(self, files={**self.files, record.name: record},
+                       proofs=proofs)._rejections_of_current_files()
+
+    def with_rejection(self, rejection: Mapping[str, Any] | None, key: str = "") -> "Manifest":
+        """Add a node's rejection (None with ``key``: forget that one)."""
+        if rejection is None:
+            return replace(self, rejections={k: v for k, v in self.rejections.items() if k != key})
+        key = f"{rejection['sha256']}:{rejection['provider']}"
+        return replace(self, rejections={**self.rejections, key: dict(rejection)})
+
+    def _rejections_of_current_files(self) -> "Manifest":
+        shas = {r.sha256 for r in self.files.values()}
+        kept = {k: v for k, v in self.rejections.items() if v.get("sha256") in shas}
+        return self if len(kept) == len(self.rejections) else replace(self, rejections=kept)
 
     def without_file(self, name: str) -> "Manifest":
         return replace(self, files={k: v for k, v in self.files.items() if k != name},
@@ -93,7 +110,8 @@ class Manifest:
         doc = {"schema": SCHEMA_VERSION, "name": self.name,
                "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
                "proofs": {k: v.to_dict() for k, v in sorted(self.proofs.items())},
-               "failures": dict(sorted(self.failures.items()))}
+               "failures": dict(sorted(self.failures.items())),
+               "rejections": {k: dict(v) for k, v in sorted(self.rejections.items())}}
         return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
     @classmethod
@@ -104,4 +122,5 @@ class Manifest:
         return cls(name=doc["name"],
                    files={k: FileRecord.from_dict(v) for k, v in doc.get("files", {}).items()},
                    proofs={k: Proof.from_dict(v) for k, v in doc.get("proofs", {}).items()},
-                   failures=dict(doc.get("failures", {})))
+                   failures=dict(doc.get("failures", {})),
+                   rejections={k: dict(v) for k, v in doc.get("rejections", {}).items()})

@@ -366,20 +366,38 @@ class Reconciler:
 
     def forget_failures(self, names: set[str] | None = None) -> list[str]:
         """An operator's retry (SIGHUP, ``sync``): failed jobs run again, quantizations that
-        failed for the same inputs included (e.g. after the calibration folder was fixed).
-        Returns the models that had a failure."""
+        failed for the same inputs included (e.g. after the calibration folder was fixed), and
+        files nodes rejected are offered again. Returns the models that had any."""
         names = set(self.catalog.current.entries) if names is None else names
         forgotten = set()
         for name in names:
             if self._failures.pop(name, None) is not None:
                 self._activity.pop(name, None)
                 forgotten.add(name)
-            if self.store.read_manifest(name).failures:
-                self.store.update_manifest(name, lambda m: replace(m, failures={}))
+            manifest = self.store.read_manifest(name)
+            if manifest.failures or manifest.rejections:
+                self.store.update_manifest(name, lambda m: replace(m, failures={}, rejections={}))
                 forgotten.add(name)
         if forgotten:
             log.info("failures_forgotten", models=sorted(forgotten))
         return sorted(forgotten)
+
+    def record_rejection(self, *, model: str, variant: str, sha256: str, provider: str,
+                         node: str | None, error: str) -> None:
+        """A node could not load ``sha256`` on ``provider``: kept in the manifest while that
+        file is current, so a restarted daemon does not offer it again."""
+        if model not in self.catalog.current.entries:
+            return
+        rejection = {"model": model, "variant": variant, "sha256": sha256, "provider": provider,
+                     "node": node or "", "error": error, "at_unix_s": round(time.time(), 3)}
+        manifest = self.store.read_manifest(model)
+        if any(r.sha256 == sha256 for r in manifest.files.values()):
+            self.store.update_manifest(model, lambda m: m.with_rejection(rejection))
+
+    def rejections(self) -> list[dict[str, Any]]:
+        """The recorded rejections of the catalog's models (for the server at start-up)."""
+        return [dict(r) for name in self.catalog.current.entries
+                for r in self.store.read_manifest(name).rejections.values()]
 
     def _forget_permanent_pull_failures(self) -> None:
         for name, failure in list(self._failures.items()):

@@ -19,7 +19,7 @@ import structlog
 from . import systemd
 from .catalog import CatalogKeeper
 from .reconciler import Reconciler
-from .server import Server
+from .server import Rejection, Server
 from .settings import Settings
 from .store import Store
 from .watcher import Watcher
@@ -72,6 +72,9 @@ class Daemon:
                               max_ms=self.settings.debounce_max_ms)
             watcher.start()
             try:
+                self.catalog.reload()
+                self.server.restore_rejections(Rejection.from_record(r)
+                                               for r in self.reconciler.rejections())
                 await self.reconciler.reconcile()   # the first scan is served before READY
                 # What exists now lives as long as the daemon: keep the collector off it, so
                 # collections stay short (measured: the no-op pass p99 was GC pauses).
@@ -102,6 +105,7 @@ class Daemon:
         passes = self.reconciler.passes
         self.reconciler.catalog.reload()
         self.reconciler.forget_failures()
+        self.server.forget_rejections()
         self.reconciler.wake(refresh=True)
         while self.reconciler.passes == passes and not self.stopping.is_set():
             await asyncio.sleep(0.01)
@@ -126,6 +130,8 @@ class Daemon:
                       error: str) -> None:
         log.warning("node_rejected_variant", model=model, variant=variant, sha256=sha256[:12],
                     provider=provider, node=node, error=error)
+        self.reconciler.record_rejection(model=model, variant=variant, sha256=sha256,
+                                         provider=provider, node=node, error=error)
 
     def _status_extra(self) -> dict[str, Any]:
         return self.reconciler.status()

@@ -21,7 +21,7 @@ import struct
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import structlog
 
@@ -67,6 +67,14 @@ class Rejection:
     error: str
     generation: int
     at_unix_s: float
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Rejection":
+        """From a manifest's record (written by the reconciler; read back after a restart)."""
+        return cls(model=str(record.get("model", "")), variant=str(record.get("variant", "")),
+                   sha256=str(record.get("sha256", "")), provider=str(record.get("provider", "")),
+                   node=str(record.get("node", "")), error=str(record.get("error", "")),
+                   generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0))
 
 
 class Server:
@@ -290,6 +298,24 @@ class Server:
         for other in list(self._clients):
             if ack.model in other.subscriptions:
                 self._refresh(other, ack.model)
+
+    def restore_rejections(self, rejections: Iterable[Rejection]) -> None:
+        """Rejections recorded before a restart: nodes are not offered those files again."""
+        for rejection in rejections:
+            self._rejected.setdefault((rejection.sha256, rejection.provider), rejection)
+        self._rejected_keys = frozenset(self._rejected)
+
+    def forget_rejections(self) -> int:
+        """An operator's retry (SIGHUP): every file is offered again; returns how many."""
+        count = len(self._rejected)
+        self._rejected.clear()
+        self._rejected_keys = frozenset()
+        for name in list(self._views):
+            self._bump(name)
+        for client in list(self._clients):
+            for model in client.subscriptions:
+                self._refresh(client, model)
+        return count
 
     # --- status ------------------------------------------------------------------------------
 

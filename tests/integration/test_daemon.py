@@ -218,6 +218,34 @@ def test_sighup_retries_a_quantization_that_failed_for_its_calibration(workspace
     assert workspace.manifest("mlp")["failures"] == {}
 
 
+def test_a_nodes_rejection_survives_a_restart_until_a_reload(workspace):
+    """A node that cannot load the INT8 file (a runtime without its kernels) nacks it: no node on
+    that provider is offered it again, after a daemon restart too; `systemctl reload` retries."""
+    workspace.write_catalog(MLP_QUANT)
+    daemon = DaemonProcess(workspace).start()
+    try:
+        with daemon.subscribe("mlp", prefer="int8", node="n1") as sub:
+            int8 = wait_event(sub, variant_is("mlp", "int8"), timeout_s=120, daemon=daemon)
+            sub.ack("mlp", int8["generation"], ok=False, error="ConvInteger: not implemented")
+            wait_event(sub, variant_is("mlp", "fp32"), daemon=daemon)
+        rejections = workspace.manifest("mlp")["rejections"]
+        assert [r["sha256"] for r in rejections.values()] == [int8["sha256"]]
+    finally:
+        assert daemon.stop() == 0
+    restarted = DaemonProcess(workspace).start()
+    try:
+        with restarted.subscribe("mlp", prefer="int8", node="n2") as sub:
+            first = wait_event(sub, lambda e: e.get("event") == "variant", daemon=restarted)
+            assert first["variant"] == "fp32"
+            assert restarted.status()["rejected"][0]["error"] == "ConvInteger: not implemented"
+            restarted.signal(signal.SIGHUP)
+            again = wait_event(sub, variant_is("mlp", "int8"), daemon=restarted)
+            assert again["sha256"] == int8["sha256"]
+        assert workspace.manifest("mlp")["rejections"] == {}
+    finally:
+        assert restarted.stop() == 0
+
+
 def test_second_daemon_on_the_same_store_refuses(workspace, daemon):
     workspace.write_catalog("")
     daemon.start()
