@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import Results, Row
 from modeld.benchtable import format_table
 from modeld.store import sha256_file
 from modeld.testing import onnx_models
@@ -109,7 +110,8 @@ def speed_spread(model_dir: Path, preset: str | None, input_size: int | None,
 
 
 def bench(label: str, model_bytes: bytes, *, preset: str | None, input_size: int | None,
-          calibration: Path | None, candidates: bool, repeat: int, workdir: Path) -> None:
+          calibration: Path | None, candidates: bool, repeat: int, workdir: Path,
+          results: Results) -> None:
     print(f"\n== {label}")
     model_dir = workdir / label
     model_dir.mkdir()
@@ -130,6 +132,11 @@ def bench(label: str, model_bytes: bytes, *, preset: str | None, input_size: int
         speed = f"speed {r['speedup']:.2f}x" if r["speedup"] is not None else "speed -"
         cos = f"cosine {r['cosine']:.4f}" if r["cosine"] is not None else "cosine -"
         print(f"  ratio {label} {r['recipe']}: {ratio}, {speed}, {cos}")
+        served = "served" if r.get("passed") else f"refused: {r.get('why')}"
+        results.add(Row(f"variants of {label}", f"{r['variant']} ({r['recipe']}) vs FP32",
+                        f"{speed.removeprefix('speed ')}, {cos}, {ratio}",
+                        note=f"{served}; stock recipe, no target (the gates decide: "
+                             f"cosine >= {GATES.min_cosine}, faster than FP32)"))
     speed_spread(model_dir, preset, input_size, calibration, repeat)
 
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="prove the INT8 variant this many times to show measurement spread")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="bench-variants-"))
+    results = Results()
     # other processes on the same cores move every number: say how busy the host was
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     try:
@@ -153,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pages = text_pages(workdir / "pages", 8, side=args.input_size)
             bench("ppocr_det", det.read_bytes(), preset="ocr", input_size=args.input_size,
-                  calibration=pages, candidates=args.candidates, repeat=args.repeat, workdir=workdir)
+                  calibration=pages, candidates=args.candidates, repeat=args.repeat, workdir=workdir,
+                  results=results)
         mlp = onnx_models.matmul_mlp(features=512, hidden=2048, outputs=256)
         bench("matmul_mlp", mlp, preset=None, input_size=None, calibration=None, candidates=args.candidates,
-              repeat=args.repeat, workdir=workdir)
+              repeat=args.repeat, workdir=workdir, results=results)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    return 0
+    return results.finish()
 
 
 if __name__ == "__main__":
