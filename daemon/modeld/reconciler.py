@@ -118,17 +118,15 @@ class Reconciler:
         self._ensure_loop_state()
         assert self._wake_event is not None
         next_refresh = time.monotonic() + self.settings.resync_interval_s
-        scrub_interval = self.settings.scrub_interval_s
-        next_scrub = time.monotonic() + scrub_interval
+        if self.store.scrubbed_at() is None:
+            self.store.mark_scrubbed()   # a new store: its files were just hashed; start the clock
         scrubbing: asyncio.Task | None = None
         while not stopping.is_set():
             if time.monotonic() >= next_refresh:
                 self.wake(refresh=True)
                 next_refresh = time.monotonic() + self.settings.resync_interval_s
-                if scrub_interval > 0 and time.monotonic() >= next_scrub and (
-                        scrubbing is None or scrubbing.done()):
+                if self.scrub_due() and (scrubbing is None or scrubbing.done()):
                     scrubbing = asyncio.get_running_loop().create_task(self.scrub(), name="scrub")
-                    next_scrub = time.monotonic() + scrub_interval
             await self.reconcile()
             waiter = asyncio.ensure_future(self._wake_event.wait())
             stopper = asyncio.ensure_future(stopping.wait())
@@ -137,6 +135,12 @@ class Reconciler:
                                return_when=asyncio.FIRST_COMPLETED)
             for f in (waiter, stopper):
                 f.cancel()
+
+    def scrub_due(self) -> bool:
+        """Whether a scrub is due (wall clock, from the store's stamp: it outlives restarts)."""
+        interval = self.settings.scrub_interval_s
+        last = self.store.scrubbed_at()
+        return interval > 0 and (last is None or time.time() >= last + interval)
 
     async def scrub(self) -> list[str]:
         """Re-hash every intact recorded file, one at a time in a thread (the loop stays free).
@@ -159,6 +163,7 @@ class Reconciler:
                     rotten.append(f"{name}/{record.name}")
                     log.error("file_rotten", model=name, file=record.name,
                               expected=record.sha256[:12], found=digest[:12])
+        self.store.mark_scrubbed()
         log.info("scrubbed", files=hashed, damaged=len(rotten))
         if rotten:
             self.wake()

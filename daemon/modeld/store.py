@@ -28,6 +28,9 @@ from .manifest import MANIFEST_NAME, FileRecord, Manifest
 log = structlog.get_logger(__name__)
 
 LOCK_NAME = ".modeld.lock"
+#: its mtime is when the scrub last went through every file (the schedule outlives restarts:
+#: a robot that is switched off every night still gets scrubbed)
+SCRUB_STAMP_NAME = ".modeld.scrubbed"
 
 OK, MISSING, DAMAGED, UNREADABLE = "ok", "missing", "damaged", "unreadable"
 _REGULAR_READABLE = stat.S_IFREG | stat.S_IRUSR
@@ -261,6 +264,22 @@ class Store:
                 except OSError:
                     continue
         return out
+
+    def scrubbed_at(self) -> float | None:
+        """Wall-clock time of the last complete scrub (None: never)."""
+        try:
+            return os.stat(self.root / SCRUB_STAMP_NAME).st_mtime
+        except OSError:
+            return None
+
+    def mark_scrubbed(self, at_s: float | None = None) -> None:
+        stamp = self.root / SCRUB_STAMP_NAME
+        try:
+            stamp.touch()
+            if at_s is not None:
+                os.utime(stamp, (at_s, at_s))
+        except OSError as e:   # a read-only or full disk: scrubbing again later costs only time
+            log.warning("scrub_stamp_unwritable", path=str(stamp), error=str(e))
 
     def mark_rotten(self, name: str, path: str, st: os.stat_result) -> None:
         """The scrub found ``path`` (as it was at ``st``) not matching its record: scans call it

@@ -23,6 +23,7 @@ from .atomic import is_temp_name
 from .errors import CatalogError, StoreError
 from .manifest import MANIFEST_NAME
 from .settings import Settings
+from .store import SCRUB_STAMP_NAME
 
 log = structlog.get_logger(__name__)
 
@@ -145,7 +146,7 @@ class _EventSorter(ev.FileSystemEventHandler):
         parts = relative.split(os.sep)
         if any(is_temp_name(part) for part in parts):
             return WakeReason()
-        if parts == [_LOCK_NAME]:
+        if parts == [_LOCK_NAME] or parts == [SCRUB_STAMP_NAME]:
             return WakeReason()
         if parts[-1] == MANIFEST_NAME and event.event_type != ev.EVENT_TYPE_DELETED:
             return WakeReason()   # the daemon's own manifest writes (a deleted one is damage)
@@ -253,7 +254,7 @@ class Watcher:
         self._root_missing = False
         # whatever appeared before the new watch was set is reported now, as a hint
         present = frozenset(n for n in os.listdir(self.models_dir)
-                            if not is_temp_name(n) and n != _LOCK_NAME)
+                            if not is_temp_name(n) and n not in (_LOCK_NAME, SCRUB_STAMP_NAME))
         log.info("models_dir_watched_again", models=str(self.models_dir), entries=len(present))
         self._queue(WakeReason(models=present, rescan=True))
 
