@@ -30,7 +30,7 @@ from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, Plan
                        providers_for)
 from .serving import ModelView
 from .settings import Settings
-from .store import Store, sha256_file
+from .store import Store, sha256_file, stat_key
 from .views import Activity, ViewBuilder
 
 log = structlog.get_logger(__name__)
@@ -158,7 +158,7 @@ class Reconciler:
                 hashed += 1
                 # Files are only ever replaced whole (renamed over), never written in place: one
                 # replaced while it was read has a new stat, and is not rot.
-                if digest != record.sha256 and _stat_key(now) == _stat_key(st):
+                if digest != record.sha256 and stat_key(now) == stat_key(st):
                     self.store.mark_rotten(name, path, st)
                     rotten.append(f"{name}/{record.name}")
                     log.error("file_rotten", model=name, file=record.name,
@@ -563,10 +563,6 @@ class Reconciler:
                             "entry_errors": [str(e) for e in self.catalog.current.errors]},
                 "summary": self.summary(), "workers": len(self._running),
                 "onnxruntime": self.ort_version}
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _hf_token() -> str | None:

@@ -76,6 +76,12 @@ class Inventory:
         return self.models.get(name)
 
 
+def stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    """What identifies a file's bytes without reading them: size, mtime_ns, inode. Files are only
+    ever replaced whole (renamed over), so a new content always comes with a new key."""
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -133,7 +139,7 @@ class Store:
         except FileNotFoundError:
             self._manifest_cache.pop(name, None)
             return Manifest(name=name)
-        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        key = stat_key(st)
         cached = self._manifest_cache.get(name)
         if cached and cached[0] == key:
             return cached[1]
@@ -152,7 +158,7 @@ class Store:
         path = folder / MANIFEST_NAME
         write_atomic(path, manifest.to_json())
         st = path.stat()
-        self._manifest_cache[manifest.name] = ((st.st_size, st.st_mtime_ns, st.st_ino), manifest)
+        self._manifest_cache[manifest.name] = (stat_key(st), manifest)
 
     def update_manifest(self, name: str, change: Callable[[Manifest], Manifest]) -> Manifest:
         manifest = change(self.read_manifest(name))
@@ -223,7 +229,7 @@ class Store:
             # Root can read a mode-000 file, but the nodes cannot: treat it as unreadable.
             return FileState(record.name, UNREADABLE, record, "file has no read permission")
         if record.stat_matches(st):
-            if self._rotten and self._rotten.get(path) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            if self._rotten and self._rotten.get(path) == stat_key(st):
                 return FileState(record.name, DAMAGED, record,
                                  "content changed under the same size and mtime (found by the scrub)")
             return FileState(record.name, OK, record)
@@ -241,7 +247,7 @@ class Store:
 
     def digest(self, path: Path, st: os.stat_result | None = None) -> str:
         st = st or path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        key = (str(path), *stat_key(st))
         cached = self._hash_cache.get(key)
         if cached is None:
             self.hash_count += 1
@@ -289,9 +295,9 @@ class Store:
                 now = os.stat(known)
             except OSError:
                 now = None
-            if now is None or (now.st_size, now.st_mtime_ns, now.st_ino) != self._rotten[known]:
+            if now is None or stat_key(now) != self._rotten[known]:
                 del self._rotten[known]
-        self._rotten[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        self._rotten[path] = stat_key(st)
         self._states.pop(name, None)
         self._hash_cache = {k: v for k, v in self._hash_cache.items() if k[0] != path}
 
