@@ -214,8 +214,14 @@ def parts(head: Head | None, index: int, output: np.ndarray) -> list[tuple[str, 
         score = [slice(None)] * 3
         box[axis], score[axis] = slice(0, 4), slice(4, None)
         return [("box coordinates", tuple(box)), ("class scores", tuple(score))]
-    if len(shape) >= 3 and 1 < shape[1] <= MAX_PARTS:
+    if head is not None and head.kind == DETECTION and index in head.outputs:
+        return [("", (slice(None),))]          # split heads: scores and boxes are outputs
+    if len(shape) == 4 and 1 < shape[1] <= MAX_PARTS:
         return [(f"channel {c}", (slice(None), c)) for c in range(shape[1])]
+    if len(shape) == 3:  # [B, A, B']: the shorter axis separates the quantities
+        axis = 1 if shape[1] <= shape[2] else 2
+        if 1 < shape[axis] <= MAX_PARTS:
+            return [(f"channel {c}", (slice(None),) * axis + (c,)) for c in range(shape[axis])]
     return [("", (slice(None),))]
 
 
