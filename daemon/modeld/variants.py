@@ -153,7 +153,7 @@ class Proof:
         p = self.on(provider)
         check = next((c for c in (p.checks if p else ()) if c.value is not None
                       and c.gate != "min_speedup"), None)
-        measured = f"{check.metric} {check.value:.3f} on " if check else ""
+        measured = f"{check.metric} {check.value:.4g} on " if check else ""
         if self.synthetic:
             return f"{measured}{self.samples} synthetic samples (weak: no calibration folder)"
         return f"{measured}{self.samples} held-out samples"
