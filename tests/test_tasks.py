@@ -157,3 +157,17 @@ def test_parts_split_yolo_heads_by_quantity_and_maps_by_channel():
     var = [[np.stack([np.ones((8, 8)), -np.linspace(0, 1, 64).reshape(8, 8)])[None]]]
     part = tasks.part_agreement(ref, var, ["maps"], None)
     assert part.worst_part == "maps channel 1" and part.worst_cosine == pytest.approx(-1.0)
+
+
+def test_end_to_end_detections_are_read_as_they_are():
+    """[1, K, 6]: x1 y1 x2 y2 score class after the model's own NMS (YOLOv10-style exports)."""
+    rows = np.zeros((1, 300, 6), np.float32)
+    rows[0, :3] = [[10, 10, 50, 50, 0.9, 2], [60, 60, 90, 120, 0.6, 0], [0, 0, 5, 5, 0.1, 1]]
+    head = tasks.head_for(None, None, [rows])
+    assert head is not None and head.layout == "nms"
+    assert len(tasks.detections(head, [rows]).classes) == 2
+    moved = rows.copy()
+    moved[0, 1, :4] += 40
+    assert tasks.measure(head, [[rows]], [[moved]], GATES).value == pytest.approx(0.5)
+    names = [n for n, _ in tasks.parts(head, 0, rows)]
+    assert names == ["box corners", "scores", "classes"]

@@ -55,8 +55,9 @@ class Head:
 
     kind: str                          # DETECTION | CLASSIFICATION | MASK
     outputs: tuple[int, ...]           # indices of the outputs the task reads
-    #: DETECTION: "CN" ([1, 4+C, N]), "NC" ([1, N, 4+C]) or "split" (score/box output pairs,
-    #: ``outputs`` = score0, box0, score1, box1 ...); MASK: "binary" or "classes"
+    #: DETECTION: "CN" ([1, 4+C, N]), "NC" ([1, N, 4+C]), "split" (score/box output pairs,
+    #: ``outputs`` = score0, box0, score1, box1 ...) or "nms" ([1, K, 6] final detections);
+    #: MASK: "binary" or "classes"
     layout: str = ""
     threshold: float = MASK_THRESHOLD  # MASK "binary"
     logits: bool = False               # scores/maps are logits (sigmoid applied before reading)
@@ -106,6 +107,9 @@ def head_for(task: str | None, preset: str | None, outputs: Sequence[np.ndarray]
             scores = np.concatenate([_squeeze(outputs[s]).ravel() for s, _ in pairs])
             return Head(DETECTION, flat, "split", logits=_are_logits(scores))
         for i, o in arrays:
+            if _is_nms_output(o):
+                return Head(DETECTION, (i,), "nms")
+        for i, o in arrays:
             layout = detector_layout(o.shape, forced=hint == DETECTION)
             if layout:
                 rows = _rows(o, layout)[:, 4:]
@@ -145,6 +149,16 @@ def detector_layout(shape: Sequence[int], forced: bool = False) -> str | None:
     if b >= 5 and (a >= 8 * b or (forced and a > b)):
         return "NC"
     return None
+
+
+def _is_nms_output(o: np.ndarray) -> bool:
+    """[1, K, 6] rows of x1 y1 x2 y2 score class, as end-to-end exports give them (YOLOv10,
+    Ultralytics ``nms=True``): whole-number classes, scores in [0, 1]."""
+    if o.ndim != 3 or o.shape[0] != 1 or o.shape[2] != 6 or not 1 <= o.shape[1] <= 10_000:
+        return False
+    classes, scores = o[0, :, 5], o[0, :, 4]
+    return bool(np.all(classes == np.round(classes)) and np.all(classes >= 0)
+                and np.all((scores >= 0) & (scores <= 1)))
 
 
 def _score_box_pairs(arrays: list[tuple[int, np.ndarray]]) -> list[tuple[int, int]]:
@@ -207,6 +221,10 @@ def parts(head: Head | None, index: int, output: np.ndarray) -> list[tuple[str, 
     """(name, slice) of each part of output ``index``: box coordinates vs class scores of a YOLO
     head; each channel of a map or of an [1, C, N] tensor; the whole output otherwise."""
     shape = output.shape
+    if head is not None and head.kind == DETECTION and head.layout == "nms" \
+            and head.outputs == (index,):
+        return [("box corners", (..., slice(0, 4))), ("scores", (..., slice(4, 5))),
+                ("classes", (..., slice(5, 6)))]
     if head is not None and head.kind == DETECTION and head.layout in ("CN", "NC") \
             and head.outputs == (index,):
         axis = 1 if head.layout == "CN" else 2
@@ -341,6 +359,11 @@ def detections(head: Head, outputs: Sequence[np.ndarray],
                input_hw: tuple[int, int] | None = None) -> Detections:
     """What a node would report for one sample: decoded boxes over ``SCORE_THRESHOLD``,
     class-aware NMS, at most ``MAX_DETECTIONS``."""
+    if head.layout == "nms":
+        rows = outputs[head.outputs[0]][0].astype(np.float64)
+        boxes = _split_boxes(rows[:, :4], input_hw)
+        keep = np.flatnonzero(rows[:, 4] >= SCORE_THRESHOLD)[:MAX_DETECTIONS]
+        return Detections(boxes[keep], rows[keep, 4], rows[keep, 5].astype(np.int64))
     if head.layout in ("CN", "NC"):
         rows = _rows(outputs[head.outputs[0]], head.layout).astype(np.float64)
         scores = rows[:, 4:]
