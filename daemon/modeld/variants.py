@@ -153,7 +153,8 @@ class Proof:
         p = self.on(provider)
         check = next((c for c in (p.checks if p else ()) if c.value is not None
                       and c.gate != "min_speedup"), None)
-        measured = f"{check.metric} {check.value:.4g} on " if check else ""
+        digits = (4 if "cosine" in check.metric else 3) if check else 0
+        measured = f"{check.metric} {check.value:.{digits}f} on " if check else ""
         if self.synthetic:
             return f"{measured}{self.samples} synthetic samples (weak: no calibration folder)"
         return f"{measured}{self.samples} held-out samples"
