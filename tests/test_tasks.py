@@ -171,3 +171,29 @@ def test_end_to_end_detections_are_read_as_they_are():
     assert tasks.measure(head, [[rows]], [[moved]], GATES).value == pytest.approx(0.5)
     names = [n for n, _ in tasks.parts(head, 0, rows)]
     assert names == ["box corners", "scores", "classes"]
+
+
+def test_segmentation_and_pose_heads_read_only_their_class_scores():
+    """YOLOv8-seg: [1, 4+C+32, N] with unbounded mask coefficients after the C sigmoid scores;
+    -pose: [1, 4+1+51, N] with keypoint pixels after the person score."""
+    rng = np.random.default_rng(2)
+    head = _yolo_head(BOXES, CLASSES, n=400)                # 3 classes
+    coefficients = rng.normal(0, 3, (1, 32, head.shape[2])).astype(np.float32)
+    seg = np.concatenate([head, coefficients], axis=1)
+    found = tasks.head_for(None, None, [seg, np.ones((1, 32, 16, 16), np.float32)])
+    assert found.layout == "CN" and found.classes == 3 and not found.logits
+    assert len(tasks.detections(found, [seg]).classes) == 4
+    assert [n for n, _ in tasks.parts(found, 0, seg)] == ["box coordinates", "class scores",
+                                                          "extras"]
+    moved = seg.copy()
+    moved[0, 7:] += 5                                        # extras only: detections agree
+    assert tasks.measure(found, [[seg]], [[moved]], GATES).value == 1.0
+    raw = head.copy()
+    raw[0, 4:] = np.log(raw[0, 4:] / (1 - raw[0, 4:]))      # logits: no Sigmoid in the graph
+    logits = tasks.head_for(None, None, [raw])
+    assert logits.logits and logits.classes is None
+    assert len(tasks.detections(logits, [raw]).classes) == 4
+    person = _yolo_head(BOXES, [0, 0, 0, 0], n=600, n_classes=1)
+    keypoints = rng.uniform(0, 320, (1, 51, 600)).astype(np.float32)
+    pose = tasks.head_for("pose", None, [np.concatenate([person, keypoints], axis=1)])
+    assert pose.kind == tasks.DETECTION and pose.classes == 1

@@ -61,6 +61,9 @@ class Head:
     layout: str = ""
     threshold: float = MASK_THRESHOLD  # MASK "binary"
     logits: bool = False               # scores/maps are logits (sigmoid applied before reading)
+    #: "CN"/"NC": how many class-score rows follow the 4 box rows (None: all of them); the rest
+    #: are per-detection extras (mask coefficients of a -seg head, keypoints of a -pose head)
+    classes: int | None = None
 
     @property
     def gate(self) -> str:
@@ -112,8 +115,10 @@ def head_for(task: str | None, preset: str | None, outputs: Sequence[np.ndarray]
         for i, o in arrays:
             layout = detector_layout(o.shape, forced=hint == DETECTION)
             if layout:
-                rows = _rows(o, layout)[:, 4:]
-                return Head(DETECTION, (i,), layout, logits=_are_logits(rows))
+                classes = _probability_columns(_rows(o, layout)[:, 4:])
+                if classes == 0:  # raw logits (no Sigmoid in the graph)
+                    return Head(DETECTION, (i,), layout, logits=True)
+                return Head(DETECTION, (i,), layout, classes=classes)
     if hint in ("", MASK):
         for i, o in arrays:
             if not _is_map(o):
@@ -210,6 +215,14 @@ def _is_map(o: np.ndarray) -> bool:
         and o.shape[2] <= 4 * o.shape[1]
 
 
+def _probability_columns(scores: np.ndarray) -> int:
+    """How many leading columns of ``scores`` [N, K] hold probabilities (all in [0, 1]): YOLOv8
+    heads put sigmoid class scores first and unbounded extras (mask coefficients, keypoint
+    coordinates) after them."""
+    inside = (scores >= -1e-3).all(axis=0) & (scores <= 1 + 1e-3).all(axis=0)
+    return int(np.argmin(inside)) if not inside.all() else scores.shape[1]
+
+
 def _are_logits(values: np.ndarray) -> bool:
     return bool(values.size) and (float(np.min(values)) < -1e-3 or float(np.max(values)) > 1 + 1e-3)
 
@@ -228,10 +241,14 @@ def parts(head: Head | None, index: int, output: np.ndarray) -> list[tuple[str, 
     if head is not None and head.kind == DETECTION and head.layout in ("CN", "NC") \
             and head.outputs == (index,):
         axis = 1 if head.layout == "CN" else 2
-        box = [slice(None)] * 3
-        score = [slice(None)] * 3
-        box[axis], score[axis] = slice(0, 4), slice(4, None)
-        return [("box coordinates", tuple(box)), ("class scores", tuple(score))]
+        end = 4 + head.classes if head.classes is not None else shape[axis]
+
+        def along(start: int, stop: int) -> tuple:
+            index = [slice(None)] * 3
+            index[axis] = slice(start, stop)
+            return tuple(index)
+        out = [("box coordinates", along(0, 4)), ("class scores", along(4, end))]
+        return out + ([("extras", along(end, shape[axis]))] if end < shape[axis] else [])
     if head is not None and head.kind == DETECTION and index in head.outputs:
         return [("", (slice(None),))]          # split heads: scores and boxes are outputs
     if len(shape) == 4 and 1 < shape[1] <= MAX_PARTS:
@@ -366,7 +383,7 @@ def detections(head: Head, outputs: Sequence[np.ndarray],
         return Detections(boxes[keep], rows[keep, 4], rows[keep, 5].astype(np.int64))
     if head.layout in ("CN", "NC"):
         rows = _rows(outputs[head.outputs[0]], head.layout).astype(np.float64)
-        scores = rows[:, 4:]
+        scores = rows[:, 4:4 + head.classes] if head.classes is not None else rows[:, 4:]
         cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
     else:
