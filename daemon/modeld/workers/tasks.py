@@ -78,7 +78,7 @@ class Head:
 # ---------------------------------------------------------------------------------------------
 # which task
 
-def _hint(task: str | None, preset: str | None) -> str:
+def hint_of(task: str | None, preset: str | None) -> str:
     """The kind the catalog names, or "" (free text: "object-detection", "text-detection" ...)."""
     text = (task or "").lower()
     if "text" in text and "detect" in text:
@@ -89,9 +89,7 @@ def _hint(task: str | None, preset: str | None) -> str:
         return MASK
     if "classif" in text or "recogni" in text or "orientation" in text or preset == "imagenet":
         return CLASSIFICATION
-    if preset == "ocr" and not text:
-        return ""                      # det, rec and cls share the preset: shapes decide
-    return ""
+    return ""                          # e.g. preset "ocr" alone (det, rec, cls): shapes decide
 
 
 def head_for(task: str | None, preset: str | None, outputs: Sequence[np.ndarray]) -> Head | None:
@@ -99,7 +97,7 @@ def head_for(task: str | None, preset: str | None, outputs: Sequence[np.ndarray]
     None if nothing task-shaped is recognised (then only the per-part agreement applies)."""
     arrays = [(i, o) for i, o in enumerate(outputs) if isinstance(o, np.ndarray)
               and o.dtype.kind in "fc" and o.size]
-    hint = _hint(task, preset)
+    hint = hint_of(task, preset)
     ocr = preset == "ocr" or "text" in (task or "").lower()
     threshold = OCR_MASK_THRESHOLD if ocr else MASK_THRESHOLD
     if hint in ("", DETECTION):

@@ -179,7 +179,8 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
         on_provider, kind = _prove_on(provider, [models[i] for i in pending], reference,
                                       ref_model, feeds, gates, simulated, task, preset,
                                       [warnings[i] for i in pending], time_refused)
-        evidence.setdefault("task", kind) if kind else None
+        if kind:
+            evidence.setdefault("task", kind)
         for i, result in zip(pending, on_provider):
             results[i].append(result)
     for i in pending:
@@ -546,7 +547,7 @@ def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
                          notes=tuple(notes))
     if head is None and reference:
         head = tasks.head_for(task, preset, reference[0])
-    if head is None and tasks._hint(task, preset):
+    if head is None and tasks.hint_of(task, preset):
         notes.append(f"task {task or preset!r}: no output is shaped like its head, so the "
                      "variant is judged by the per-part agreement only")
     part = tasks.part_agreement(reference, variant, names, head)
