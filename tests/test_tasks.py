@@ -143,6 +143,9 @@ def test_mask_iou_at_the_models_threshold():
 def test_feature_maps_and_embeddings_have_no_task():
     assert tasks.head_for(None, None, [np.ones((1, 4, 8, 8), np.float32)]) is None
     assert tasks.head_for(None, None, [np.ones((1, 512), np.float32)]) is None
+    assert tasks.head_for("face-recognition", None, [np.ones((1, 512), np.float32)]) is None
+    ctc = tasks.head_for("text-recognition", "ocr", [np.ones((1, 40, 97), np.float32)])
+    assert ctc.kind == tasks.CLASSIFICATION
     assert tasks.detector_layout((1, 6, 20)) is None
     assert tasks.detector_layout((1, 6, 20), forced=True) == "CN"
 

@@ -87,7 +87,10 @@ def hint_of(task: str | None, preset: str | None) -> str:
         return DETECTION
     if "segment" in text or "mask" in text or "matting" in text:
         return MASK
-    if "classif" in text or "recogni" in text or "orientation" in text or preset == "imagenet":
+    # "recognition" alone may be a face embedding, whose argmax means nothing: only text
+    # recognition (one class per position) is judged on top-1
+    if "classif" in text or "orientation" in text or preset == "imagenet" or (
+            "recogni" in text and ("text" in text or "ocr" in text)):
         return CLASSIFICATION
     return ""                          # e.g. preset "ocr" alone (det, rec, cls): shapes decide
 
