@@ -134,7 +134,7 @@ def head_for(task: str | None, preset: str | None, outputs: Sequence[np.ndarray]
                 return Head(MASK, (i,), "binary", threshold=threshold)
     if hint == CLASSIFICATION:
         for i, o in arrays:
-            if o.ndim >= 2 and o.shape[-1] >= 2 and not _is_map(o):
+            if o.ndim >= 2 and o.shape[-1] >= 2 and o.ndim <= 3:
                 return Head(CLASSIFICATION, (i,))
     if hint == "":
         for i, o in arrays:  # softmax rows: a classifier, whatever the catalog says
