@@ -200,3 +200,4 @@ def test_segmentation_and_pose_heads_read_only_their_class_scores():
     keypoints = rng.uniform(0, 320, (1, 51, 600)).astype(np.float32)
     pose = tasks.head_for("pose", None, [np.concatenate([person, keypoints], axis=1)])
     assert pose.kind == tasks.DETECTION and pose.classes == 1
+

@@ -21,7 +21,7 @@ from modeld.errors import StoreError
 from modeld.jobs import JobRunner, JobSpec
 from modeld.testing import onnx_models
 from modeld.variants import Gates, Proof
-from modeld.workers import verify
+from modeld.workers import tasks, verify
 from modeld.workers.verify import ProveRequest, prove_file
 
 CPU = "CPUExecutionProvider"
@@ -446,3 +446,11 @@ def test_shape_and_nan_mismatches_fail_outright():
     assert "NaN/Inf" in nan.problem
     failures = verify.gate_failures(Gates(), nan, speedup=2.0)
     assert failures == [nan.problem]
+
+
+def test_outputs_the_decoder_cannot_read_fail_the_task_instead_of_the_worker():
+    broken = tasks.Head(tasks.DETECTION, (0,), "split")      # a split head with no pairs
+    ref = [[np.random.default_rng(3).random((1, 64, 7)).astype(np.float32)]]
+    check = verify.compare_outputs(ref, ref, head=broken).task
+    assert check.gate == "min_detection_f1" and check.value is None and not check.passed
+    assert "could not be decoded" in check.failure()
