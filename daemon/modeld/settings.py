@@ -84,6 +84,8 @@ class SettingsFileError(UsageError):
 
 
 def _path(value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
     if not isinstance(value, str) or not value:
         raise ValueError("expected a path (a string)")
     return Path(value)

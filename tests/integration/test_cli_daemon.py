@@ -44,8 +44,8 @@ def robot(tmp_path_factory):
     sock_dir = tempfile.mkdtemp(prefix="modeld16-", dir="/tmp")
     os.chmod(sock_dir, 0o755)
     sock = os.path.join(sock_dir, "modeld.sock")
-    daemon = DaemonProcess(ws, env={"MODELD_SOCKET": sock, "MODELD_SOCKET_MODE": "0666"})
-    daemon.socket = sock
+    daemon = DaemonProcess(ws, env={"MODELD_SOCKET_MODE": "0666"})
+    daemon.socket = daemon.env["MODELD_SOCKET"] = sock
     daemon.start()
     ws.socket = sock
     try:
