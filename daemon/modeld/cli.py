@@ -296,8 +296,8 @@ def _converge(settings: Settings, args: argparse.Namespace, display: ProgressDis
         doc, code = _converge_folder(settings, display, command, only)
     if _json(args):
         _print_json(doc)
-        return code
-    print(reports.format_status(doc))
+    else:
+        print(reports.format_status(doc))
     for error in doc["catalog"].get("entry_errors") or () if only is None else ():
         _say(str(error))
     for name, error in sorted((doc.get("failed") or {}).items()):

@@ -10,6 +10,7 @@ written over it.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ def human_bytes(n: float) -> str:
 class _Rate:
     first_at: float
     first_bytes: int
+    last_at: float = 0.0
+    last_bytes: int = 0
 
 
 class ProgressDisplay:
@@ -57,6 +60,9 @@ class ProgressDisplay:
         if enabled is None:
             enabled = bool(getattr(self._out, "isatty", lambda: False)())
         self.enabled = enabled
+        #: the line never wraps (a wrapped line cannot be redrawn in place)
+        self.width = (shutil.get_terminal_size((MAX_LINE_CHARS, 24)).columns - 1 if enabled
+                      else 240)
         self._busy: dict[str, tuple[str, str, float | None]] = {}
         self._rates: dict[str, _Rate] = {}
         self._shown = ""
@@ -69,7 +75,19 @@ class ProgressDisplay:
             self._rates.pop(model, None)
         else:
             self._busy[model] = (action, detail, fraction)
+            self._track(model, detail)
         self._draw()
+
+    def _track(self, model: str, detail: str) -> None:
+        """Remember when a download started moving bytes: its rate is measured from there."""
+        _, done, _total = parse_bytes(detail)
+        rate = self._rates.get(model)
+        if done is None:
+            self._rates.pop(model, None)
+        elif rate is None or done < rate.first_bytes:
+            self._rates[model] = _Rate(self._clock(), done)
+        else:
+            rate.last_at, rate.last_bytes = self._clock(), done
 
     def models(self) -> list[str]:
         """The models shown as busy."""
@@ -78,7 +96,7 @@ class ProgressDisplay:
     def line(self) -> str:
         """The text the bar shows now (for tests and for plain logs)."""
         parts = [self._part(m, *state) for m, state in sorted(self._busy.items())]
-        return " | ".join(parts)[:MAX_LINE_CHARS]
+        return " | ".join(parts)[:self.width]
 
     def _part(self, model: str, action: str, detail: str, fraction: float | None) -> str:
         text, done, total = parse_bytes(detail)
@@ -92,17 +110,14 @@ class ProgressDisplay:
         return f"{action} {model}{bar}{step}"
 
     def _speed(self, model: str, done: int, total: int) -> str:
-        now = self._clock()
         rate = self._rates.get(model)
-        if rate is None or done < rate.first_bytes:
-            self._rates[model] = _Rate(now, done)
+        if rate is None:
             return ""
-        elapsed = now - rate.first_at
-        if elapsed <= 0.2 or done == rate.first_bytes:
+        elapsed = rate.last_at - rate.first_at
+        if elapsed <= 0.2 or rate.last_bytes <= rate.first_bytes:
             return ""
-        per_s = (done - rate.first_bytes) / elapsed
-        eta_s = (total - done) / per_s if per_s > 0 else None
-        eta = f", ETA {_duration(eta_s)}" if eta_s is not None else ""
+        per_s = (rate.last_bytes - rate.first_bytes) / elapsed
+        eta = f", ETA {_duration((total - done) / per_s)}"
         return f" at {human_bytes(per_s)}/s{eta}"
 
     def _draw(self) -> None:

@@ -266,3 +266,15 @@ def test_cli_says_refused_in_one_line():
     from modeld.adminclient import AdminRefusedError
     err = AdminRefusedError("admin: status refused for uid 1 gid 1", hint="join the group")
     assert "\n" not in str(err) and "join the group" in str(err)
+
+
+def test_doctor_sees_the_daemon_and_an_open_socket(robot):
+    ws, daemon = robot
+    doc, result = cli_json(ws, "doctor")
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["daemon"]["level"] == "ok" and str(daemon.proc.pid) in checks["daemon"]["text"]
+    assert checks["socket"]["level"] == "warn" and "0666" in checks["socket"]["text"]
+    assert "socket_mode" in checks["socket"]["fix"]
+    text = cli(ws, "doctor").stdout.splitlines()
+    assert len(text) == len(checks) and all(line.split()[0] in ("ok", "warn", "fail")
+                                            for line in text)
