@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,7 +25,7 @@ import structlog
 from . import __version__, adminclient, logs, reports
 from .admin import BENCH_SAMPLES, bench_job, forget_proofs, require_entry
 from .benchtable import format_table, run_note
-from .catalog import CatalogKeeper
+from .catalog import Catalog, CatalogKeeper
 from .errors import CatalogError, ModeldError, StoreLockedError, UsageError
 from .jobs import JobRunner
 from .progress import ProgressDisplay
@@ -340,8 +341,8 @@ def _converge_folder(settings: Settings, display: ProgressDisplay, command: str,
     return doc, EXIT_FAILED if bad else EXIT_OK
 
 
-def _without_errors(catalog):
-    from dataclasses import replace
+def _without_errors(catalog: Catalog) -> Catalog:
+    """A ``pull``/``verify`` of one model does not report the other entries' errors."""
     return replace(catalog, errors=())
 
 
