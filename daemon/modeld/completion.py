@@ -1,6 +1,6 @@
 """Bash completion, generated from the CLI's own parser (one source for commands and options).
 
-``mecha10-modeld completion bash > /etc/bash_completion.d/mecha10-modeld``. Model names are
+``mecha10-modeld completion bash > /usr/share/bash-completion/completions/mecha10-modeld``. Model names are
 completed from ``mecha10-modeld list --json`` at the time of the <TAB>.
 """
 
