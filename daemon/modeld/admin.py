@@ -142,7 +142,7 @@ class AdminService:
         self.keeper: CatalogKeeper = reconciler.catalog
         self._server_status = server_status
         self._forget_rejections = forget_rejections or (lambda: 0)
-        self._jobs = jobs or JobRunner()
+        self._jobs = jobs or reconciler.jobs   # stopped with the reconciler's on shutdown
         self.started_at_unix_s = time.time()
         self._started_monotonic = time.monotonic()
         self._tasks: set[asyncio.Task] = set()

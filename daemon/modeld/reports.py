@@ -51,11 +51,15 @@ def _evidence(view: ModelView, choice: Choice) -> dict[str, Any]:
     if pp is not None:
         latency, fp32, ratio = ratio_of({"variant": choice.variant, "latency_ms": pp.latency_ms,
                                          "fp32_latency_ms": pp.fp32_latency_ms})
+        # Proofs that record their task check and samples (issue 10) say so; older ones do not.
+        task = getattr(pp, "task_check", None)
+        evidence = proof.evidence(choice.provider) if hasattr(proof, "evidence") else ""
         out.update(latency_ms=latency, fp32_latency_ms=fp32,
                    vs_fp32=None if ratio is None else round(ratio, 2),
                    cosine=pp.cosine, max_abs_error=pp.max_abs_error,
-                   detection_match=pp.detection_match,
-                   samples=getattr(pp, "samples", None) or getattr(proof, "samples", None),
+                   detection_match=getattr(pp, "detection_match", None),
+                   task_metric=getattr(task, "metric", None), task_value=getattr(task, "value", None),
+                   samples=getattr(proof, "samples", None), evidence=evidence,
                    warnings=list(proof.warnings))
     return out
 
@@ -233,7 +237,11 @@ def _ms(value: float | None) -> str:
 
 
 def _agreement(e: Mapping[str, Any]) -> str:
+    if e.get("evidence"):
+        return str(e["evidence"])
     parts = []
+    if e.get("task_metric") and e.get("task_value") is not None:
+        parts.append(f"{e['task_metric']} {e['task_value']:.3f}")
     if e.get("detection_match") is not None:
         parts.append(f"detections {e['detection_match']:.0%}")
     if e.get("cosine") is not None:

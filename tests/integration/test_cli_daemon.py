@@ -145,7 +145,10 @@ def test_sync_and_verify_go_through_the_daemon(robot):
         assert verified.returncode == 0, verified.stderr
         assert doc["models"]["mlp"]["served"]["variant"] == "int8"
         # proven again (a new record), and the node was never left without a file meanwhile
-        sub.close()
+        seen = []
+        while (event := sub.next_event(timeout_s=0.5)) is not None:
+            seen.append(event)
+        assert not [e for e in seen if e.get("event") in ("unavailable", "removed")], seen
     after = ws.manifest("mlp")["proofs"]
     assert set(after) == set(before)
     assert all(not p["key"].startswith("stale:") for p in after.values())
