@@ -373,6 +373,7 @@ def cmd_remove(settings: Settings, args: argparse.Namespace, display: ProgressDi
     if _json(args):
         _print_json(doc)
     else:
+        print(reports.mode_line(doc["mode"]))
         print(f"removed {args.name}")
     if doc["still_in_catalog"]:
         _say(f"{args.name} is still in {settings.catalog_path}: the daemon will pull it again "
