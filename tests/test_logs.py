@@ -95,12 +95,26 @@ def test_verbosity_lowers_the_threshold(log_file):
 
 def test_standard_library_loggers_are_routed_the_same_way(log_file):
     logs.configure("info", stream=log_file)
-    logging.getLogger("some.library").warning("disk %s nearly full", "/var")
+    logging.getLogger("some.library").error("disk %s full", "/var")
     logging.getLogger("some.library").debug("dropped")
     logging.getLogger("watchdog.observers").info("dropped: watchdog is quiet below info... ")
     events = [json.loads(line) for line in lines_of(log_file)]
-    assert events[0]["event"] == "disk /var nearly full" and events[0]["level"] == "warning"
+    assert events[0]["event"] == "disk /var full" and events[0]["level"] == "error"
     assert len(events) == 2   # the watchdog info line passes, debug does not
+
+
+@pytest.mark.parametrize("name", ["httpx", "onnxruntime.quantization", "root"])
+def test_third_party_chatter_is_debug(log_file, name):
+    """httpx's request lines, onnxruntime's notes, a sympy fallback: debug, not info/warning."""
+    logger = logging.getLogger(None if name == "root" else name)
+    logs.configure("info", stream=log_file)
+    logger.info('HTTP Request: HEAD http://hub/x "HTTP/1.1 200 OK"')
+    logger.warning("Unable to determine if x <= y, treat as equal")
+    assert lines_of(log_file) == []
+    logs.configure("debug", stream=log_file)
+    logger.warning("Unable to determine if x <= y, treat as equal")
+    [event] = [json.loads(line) for line in lines_of(log_file)]
+    assert event["level"] == "debug"
 
 
 def test_reconfiguring_does_not_duplicate_handlers(log_file):

@@ -10,8 +10,32 @@ from typing import Any, Iterable, Mapping, Sequence
 
 Row = Mapping[str, Any]
 
-HEADERS = ("variant", "provider", "size", "latency", "vs FP32", "agreement", "served", "why")
+HEADERS = ("variant", "provider", "size", "latency", "FP32 same run", "vs FP32", "agreement",
+           "served", "why")
 WHY_CHARS = 120
+
+
+def ratio_of(row: Row) -> tuple[float | None, float | None, float | None]:
+    """(latency, FP32 latency, ratio) as printed: milliseconds rounded to 2 decimals, the ratio
+    computed from those two printed numbers (FP32 timed interleaved with the row's file, in one
+    run), so a reader can check it. FP32's own row is its own reference (1.00x)."""
+    latency = _rounded(row.get("latency_ms"))
+    fp32 = _rounded(row.get("fp32_latency_ms"))
+    if row.get("variant") == "fp32" and fp32 is None:
+        fp32 = latency
+    ratio = fp32 / latency if latency and fp32 is not None else None
+    return latency, fp32, ratio
+
+
+def _rounded(value: Any) -> float | None:
+    return None if value is None else round(float(value), 2)
+
+
+def run_note(samples: int | None) -> str:
+    """What the latencies are, and the run's size."""
+    size = f" on {samples} held-out samples" if samples else ""
+    return (f"note: latency is the median over interleaved rounds{size}; each row's FP32 was "
+            "timed in the same rounds, and vs FP32 = FP32 same run / latency")
 
 
 def format_table(rows: Iterable[Row]) -> str:
@@ -49,9 +73,10 @@ def table_cells(rows: Iterable[Row]) -> tuple[tuple[str, ...], list[list[str]]]:
     with_provider = len({r.get("provider") for r in rows}) > 1
     body = []
     for r in rows:
+        latency, fp32, ratio = ratio_of(r)
         cells = [_variant(r), _provider(r.get("provider")), _size(r.get("size_bytes"), fp32_size),
-                 _number(r.get("latency_ms"), "{:.2f} ms"), _number(r.get("speedup"), "{:.2f}x"),
-                 _agreement(r), _served(r), _why(r.get("why"))]
+                 _number(latency, "{:.2f} ms"), _number(fp32, "{:.2f} ms"),
+                 _number(ratio, "{:.2f}x"), _agreement(r), _served(r), _why(r.get("why"))]
         body.append(cells if with_provider else cells[:1] + cells[2:])
     headers = HEADERS if with_provider else HEADERS[:1] + HEADERS[2:]
     return headers, body

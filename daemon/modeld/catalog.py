@@ -24,6 +24,7 @@ from tomlkit.exceptions import ParseError, TOMLKitError
 
 from .catalog_blocks import BlockMemo
 from .errors import CatalogError
+from .tomlwords import explain as explain_toml_error
 from .variants import METHODS, Gates
 
 log = structlog.get_logger(__name__)
@@ -409,11 +410,15 @@ def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
         # by benchmarks/bench_daemon.py); tomlkit is asked only about text tomllib refuses, for
         # its line-and-column messages.
         return tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, RecursionError, ValueError):
-        pass
+    except tomllib.TOMLDecodeError as e:
+        refused: Exception | None = e
+    except (RecursionError, ValueError):
+        refused = None
     try:
         return tomlkit.parse(text).unwrap()
     except ParseError as e:
+        if refused is not None:   # tomllib's message and position, in a person's words
+            raise where.error(None, _one_line(str(explain_toml_error(text, refused)))) from e
         reason = str(e).rsplit(" at line ", 1)[0]
         raise where.error(None, f"TOML syntax error at line {e.line} column {e.col}: "
                                 f"{_one_line(reason)}") from e

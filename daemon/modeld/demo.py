@@ -281,9 +281,16 @@ class Demo:
     def wait_settled(self, model: str, since: float) -> None:
         deadline = time.monotonic() + self.timeout_s
         seen_busy = False
+        last_step = ""
         while time.monotonic() < deadline:
-            state = client.status(socket_path=self.socket)["models"].get(model, {}).get("state")
+            info = client.status(socket_path=self.socket)["models"].get(model, {})
+            state = info.get("state")
             seen_busy = seen_busy or state == "pending"
+            activity = (info.get("detail") or {}).get("activity") or {}
+            step = f"{activity.get('action') or ''}: {activity.get('detail') or ''}".strip(": ")
+            if step and step != last_step:   # a long step says what it is doing, not silence
+                self.say("", f"{model}: {step} ({time.monotonic() - since:.0f} s)")
+                last_step = step
             if seen_busy and state in ("ready", "error"):
                 took = time.monotonic() - since
                 self.say("", f"{model}: candidates built and proven in {took:.1f} s")

@@ -14,6 +14,7 @@ import errno
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -103,7 +104,9 @@ def _child_main(conn, spec: JobSpec, request: Any) -> None:
     try:
         if spec.request_type:
             request = _resolve(spec.request_type)(**request)
-        result = _resolve(spec.target)(request, Progress(conn))
+        target = _resolve(spec.target)
+        _quiet_onnxruntime()
+        result = target(request, Progress(conn))
         if dataclasses.is_dataclass(result) and type(result).__module__.startswith(WORKER_PACKAGE):
             result = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
         conn.send(("ok", result))
@@ -111,6 +114,19 @@ def _child_main(conn, spec: JobSpec, request: Any) -> None:
         conn.send(("error", _to_modeld_error(e)))
     finally:
         conn.close()
+
+
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's own C++ warnings (graph optimiser notes, "removing initializer...") go to
+    stderr, past the log: below debug they are noise to an operator (the proofs say what
+    matters). Only touched when the worker module already imported it."""
+    ort = sys.modules.get("onnxruntime")
+    if ort is None or os.environ.get("MODELD_LOG_LEVEL", "") == "debug":
+        return
+    try:
+        ort.set_default_logger_severity(3)   # errors only
+    except Exception:  # noqa: BLE001 - a quieter log must never stop the job
+        pass
 
 
 def _to_modeld_error(e: BaseException) -> ModeldError:

@@ -104,12 +104,33 @@ def configure(level: str | int = "info", *, stream: TextIO | None = None, mode: 
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_modeld", False)]:
         root.removeHandler(old)
+    handler.addFilter(ThirdPartyDemoter(numeric))
     handler._modeld = True  # type: ignore[attr-defined]  # ours: replaced on reconfigure
     root.addHandler(handler)
     root.setLevel(numeric)
     # watchdog reports every inotify event at debug level: noise even when we debug
     logging.getLogger("watchdog").setLevel(max(numeric, logging.INFO))
     return mode
+
+
+class ThirdPartyDemoter(logging.Filter):
+    """Standard-library records of other packages below ERROR become debug: httpx's request
+    lines, onnxruntime's quantization notes, a sympy fallback are noise to an operator on every
+    job (the daemon's own events say what matters). Errors pass as they are."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.level <= logging.DEBUG
+
+
+#: standard-library loggers whose records keep their level (the rest: ThirdPartyDemoter)
+OWN_LOGGERS = frozenset({"modeld", "watchdog"})
 
 
 def _colors(stream: TextIO) -> bool:

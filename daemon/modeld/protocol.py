@@ -120,7 +120,20 @@ class Ping:
     pass
 
 
-Request = Subscribe | Ack | Status | Ping
+@dataclass(frozen=True)
+class Admin:
+    """An operator's command (the CLI on a running daemon): allowed to the socket's owner and
+    group only (docs/protocol.md, "Admin"). ``args`` are checked by the daemon's admin module."""
+
+    command: str
+    args: Mapping[str, Any]
+    id: str = ""
+
+
+ADMIN_COMMANDS = ("status", "list", "nodes", "pull", "sync", "verify", "bench", "remove")
+
+Request = Subscribe | Ack | Status | Ping | Admin
+_OPS = "subscribe, ack, status, ping, admin"
 
 
 def parse_request(obj: Mapping[str, Any]) -> Request:
@@ -134,9 +147,38 @@ def parse_request(obj: Mapping[str, Any]) -> Request:
         return Status()
     if op == "ping":
         return Ping()
+    if op == "admin":
+        return _parse_admin(obj)
     if op is None:
-        raise ProtocolError('missing "op" (one of subscribe, ack, status, ping)')
-    raise ProtocolError(f'unknown op {str(op)[:40]!r} (one of subscribe, ack, status, ping)')
+        raise ProtocolError(f'missing "op" (one of {_OPS})')
+    raise ProtocolError(f'unknown op {str(op)[:40]!r} (one of {_OPS})')
+
+
+def _parse_admin(obj: Mapping[str, Any]) -> Admin:
+    command = obj.get("command")
+    if command not in ADMIN_COMMANDS:
+        raise ProtocolError(f'admin: "command" must be one of {", ".join(ADMIN_COMMANDS)}, '
+                            f'got {str(command)[:40]!r}')
+    name = obj.get("name")
+    if name is not None and (not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS):
+        raise ProtocolError('admin: "name" must be a model name')
+    request_id = obj.get("id") or ""
+    if not isinstance(request_id, str) or len(request_id) > MAX_NAME_CHARS:
+        raise ProtocolError('admin: "id" must be a short string')
+    args = {"name": name, "candidates": obj.get("candidates") is True}
+    return Admin(command=command, args=args, id=request_id)
+
+
+def admin_request(command: str, *, name: str | None = None, candidates: bool = False,
+                  request_id: str = "") -> dict[str, Any]:
+    msg: dict[str, Any] = {"op": "admin", "command": command}
+    if name is not None:
+        msg["name"] = name
+    if candidates:
+        msg["candidates"] = True
+    if request_id:
+        msg["id"] = request_id
+    return msg
 
 
 def _parse_subscribe(obj: Mapping[str, Any]) -> Subscribe:

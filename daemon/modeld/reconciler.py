@@ -387,6 +387,14 @@ class Reconciler:
             log.info("failures_forgotten", models=sorted(forgotten))
         return sorted(forgotten)
 
+    def retry(self, names: set[str] | None = None, *, refresh: bool = True) -> None:
+        """An operator's pull/sync/verify on the running daemon (``modeld.admin``): what failed
+        for these models runs again, ``refresh`` asks the hub again, and a pass is due."""
+        self.forget_failures(names)
+        if refresh:
+            self._refresh_due.update(self.catalog.current.entries if names is None else names)
+        self.wake()
+
     def record_rejection(self, *, model: str, variant: str, sha256: str, provider: str,
                          node: str | None, error: str) -> None:
         """A node could not load ``sha256`` on ``provider``: kept in the manifest while that

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from . import systemd
+from .admin import AdminService
 from .catalog import CatalogKeeper
 from .reconciler import Reconciler
 from .server import Rejection, Server
@@ -40,11 +41,14 @@ class Daemon:
         self.catalog = CatalogKeeper(settings.catalog_path)
         self.server = Server(socket_path=settings.socket_path, socket_mode=settings.socket_mode,
                              socket_group=settings.socket_group, max_clients=settings.max_clients,
-                             on_rejection=self._on_rejection, status_extra=self._status_extra)
+                             on_rejection=self._on_rejection, status_extra=self._status_extra,
+                             on_admin=lambda *a: self.admin.handle(*a))
         self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
                                      publish=self.server.publish, on_change=self._on_change,
                                      backoff_base_s=settings.retry_backoff_base_s,
                                      backoff_cap_s=settings.retry_backoff_cap_s)
+        self.admin = AdminService(settings, reconciler=self.reconciler,
+                                  server_status=self.server.status)
         self.stopping = asyncio.Event()
         self._status_task: asyncio.Task | None = None
         self._last_status = ""
@@ -134,5 +138,6 @@ class Daemon:
                                          provider=provider, node=node, error=error)
 
     def _status_extra(self) -> dict[str, Any]:
-        return self.reconciler.status()
+        return {**self.reconciler.status(),
+                "up_since_unix_s": round(self.admin.started_at_unix_s, 3)}
 

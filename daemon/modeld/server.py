@@ -28,7 +28,7 @@ import structlog
 from . import __version__
 from .atomic import TEMP_PREFIX
 from .errors import PermanentError
-from .protocol import (Ack, Ping, ProtocolError, Status, Subscribe, decode, encode,
+from .protocol import (Ack, Admin, Ping, ProtocolError, Status, Subscribe, decode, encode,
                        error_event, hello_event, parse_request, pong_event, removed_event,
                        unavailable_event, variant_event, PROTOCOL_VERSION, DAEMON_NAME)
 from .serving import Choice, ModelView, Unavailable, choose
@@ -77,6 +77,16 @@ class Rejection:
                    generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class AdminPeer:
+    """Who sent an admin request: the connection and its peer credentials (SO_PEERCRED)."""
+
+    client: int
+    pid: int | None
+    uid: int | None
+    gid: int | None
+
+
 class Server:
     """Serves ``ModelView``s to subscribed nodes over a Unix socket (docs/protocol.md).
 
@@ -91,6 +101,7 @@ class Server:
                  max_line_bytes: int = 65536, queue_limit: int = 256,
                  on_rejection: Callable[..., None] | None = None,
                  status_extra: Callable[[], dict] | None = None,
+                 on_admin: Callable[..., None] | None = None,
                  write_timeout_s: float = 10.0) -> None:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
@@ -101,6 +112,9 @@ class Server:
         self.write_timeout_s = write_timeout_s
         self._on_rejection = on_rejection
         self._status_extra = status_extra
+        #: ``on_admin(request, peer, send)``: operators' commands (the runner wires modeld.admin);
+        #: ``peer`` is an ``AdminPeer``, ``send`` queues an event on that connection
+        self._on_admin = on_admin
         self._views: dict[str, ModelView] = {}
         self._published = False
         self._generations: dict[str, int] = {}
@@ -244,6 +258,17 @@ class Server:
             client.send(self.status())
         elif isinstance(request, Ping):
             client.send(pong_event())
+        elif isinstance(request, Admin):
+            if self._on_admin is None:
+                client.send(error_event("admin: not available on this daemon", id=request.id))
+                return
+            peer = AdminPeer(client=client.id, pid=client.pid, uid=client.uid, gid=client.gid)
+            try:
+                self._on_admin(request, peer, client.send)
+            except Exception as e:  # a faulty handler must not break the socket server
+                log.error("on_admin_failed", command=request.command, error=repr(e))
+                client.send(error_event(f"admin: internal error: {type(e).__name__}",
+                                        id=request.id))
 
     def _subscribe(self, client: "_Client", request: Subscribe) -> None:
         total = len(set(client.subscriptions) | set(request.models))
@@ -375,7 +400,7 @@ class Server:
                          self.write_timeout_s)
         client.task = asyncio.current_task()
         self._clients.add(client)
-        log.info("client_connected", client=client.id, pid=pid, uid=uid, gid=gid)
+        log.debug("client_connected", client=client.id, pid=pid, uid=uid, gid=gid)
         client.send(hello_event(__version__, max_line_bytes=self.max_line_bytes,
                                 pid=os.getpid()))
         writer_task = asyncio.create_task(client.write_loop())
@@ -411,7 +436,7 @@ class Server:
             client.abort()
             writer_task.cancel()
             await asyncio.gather(writer_task, return_exceptions=True)
-            log.info("client_disconnected", client=client.id, node=client.node, pid=pid)
+            log.debug("client_disconnected", client=client.id, node=client.node, pid=pid)
 
 
 class _Client:

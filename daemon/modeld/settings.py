@@ -1,5 +1,9 @@
 """The daemon's settings: one frozen dataclass, built once by the CLI from argv and environment.
 
+Layers, each over the one before: built-in defaults (the paths the installed unit uses), the
+settings file (``/etc/mecha10/modeld.toml``, or ``$MODELD_CONFIG``), environment variables,
+command-line flags. The daemon and the CLI read the same file, so a bare ``mecha10-modeld
+status`` finds what the service uses. ``SETTINGS_KEYS`` is the one table of what may be set.
 Units are in the names. Nothing reads the environment after start-up except huggingface_hub
 (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``), which the fetch worker passes on explicitly.
 """
@@ -7,14 +11,19 @@ Units are in the names. Nothing reads the environment after start-up except hugg
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
+from .errors import UsageError
+from .tomlwords import explain
 from .variants import DEFAULT_PROVIDERS
 
-DEFAULT_CATALOG = Path("model_catalog.toml")
-DEFAULT_MODELS = Path("models")
+DEFAULT_CONFIG = Path("/etc/mecha10/modeld.toml")
+CONFIG_ENV = "MODELD_CONFIG"
+DEFAULT_CATALOG = Path("/etc/mecha10/model_catalog.toml")
+DEFAULT_MODELS = Path("/var/lib/mecha10-modeld/models")
 DEFAULT_SOCKET = Path("/run/mecha10-modeld/modeld.sock")
 
 
@@ -68,3 +77,133 @@ def parse_simulated(spec: str | None) -> dict[str, tuple[str, ...]]:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class SettingsFileError(UsageError):
+    """The settings file cannot be read, does not parse, or sets an unknown or bad value."""
+
+
+def _path(value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a path (a string)")
+    return Path(value)
+
+
+def _providers(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise ValueError("expected a list of provider names")
+    out = tuple(p.strip() for p in items if p.strip())
+    if not out:
+        raise ValueError("expected at least one provider")
+    return out
+
+
+def _text(value: Any) -> str | None:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value or None
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, str):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("expected an octal mode such as \"0660\"")
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    raise ValueError("expected true or false")
+
+
+def _number(kind: type) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}")
+        return kind(value)
+    return parse
+
+
+#: settings-file key -> (Settings field, environment variable, parser); CLI flags name the
+#: same fields (``--catalog`` -> ``catalog_path``)
+SETTINGS_KEYS: Mapping[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "catalog": ("catalog_path", "MODELD_CATALOG", _path),
+    "models": ("models_dir", "MODELD_MODELS", _path),
+    "socket": ("socket_path", "MODELD_SOCKET", _path),
+    "providers": ("providers", "MODELD_PROVIDERS", _providers),
+    "socket_group": ("socket_group", "MODELD_SOCKET_GROUP", _text),
+    "socket_mode": ("socket_mode", "MODELD_SOCKET_MODE", _mode),
+    "hub_endpoint": ("hub_endpoint", "HF_ENDPOINT", _text),
+    "hub_offline": ("hub_offline", "HF_HUB_OFFLINE", _flag),
+    **{name: (name, f"MODELD_{name.upper()}", _number(kind)) for name, kind in (
+        ("max_workers", int), ("max_clients", int), ("debounce_step_ms", int),
+        ("debounce_max_ms", int), ("resync_interval_s", float), ("scrub_interval_s", float),
+        ("pull_timeout_s", float), ("pull_attempts", int), ("quantize_timeout_s", float),
+        ("verify_timeout_s", float), ("worker_memory_mb", int), ("retry_backoff_base_s", float),
+        ("retry_backoff_cap_s", float))},
+}
+#: keys the file may hold that are not Settings fields (the CLI reads them)
+OTHER_FILE_KEYS = ("log_level",)
+_PATH_FIELDS = frozenset({"catalog_path", "models_dir", "socket_path"})
+
+
+def config_path(env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The settings file and whether it was asked for explicitly ($MODELD_CONFIG)."""
+    given = env.get(CONFIG_ENV)
+    return (Path(given), True) if given else (DEFAULT_CONFIG, False)
+
+
+def read_settings_file(path: Path, *, required: bool) -> dict[str, Any]:
+    """The file's values by settings-file key (raw, unparsed); {} when it is absent and not
+    required. Relative paths in it are resolved against the file's folder."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise SettingsFileError(f"settings file {path} does not exist",
+                                    hint=f"create it or unset {CONFIG_ENV}") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsFileError(f"cannot read settings file {path}: {getattr(e, 'strerror', e) or e}"
+                                ) from e
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsFileError(f"{path}: {explain(text, e)}") from e
+    known = (*SETTINGS_KEYS, *OTHER_FILE_KEYS)
+    for key in raw:
+        if key not in known:
+            raise SettingsFileError(f"{path}: unknown key {key!r}",
+                                    hint=f"known keys: {', '.join(known)}")
+    out = dict(raw)
+    for key in ("catalog", "models", "socket"):
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = str(Path(path).absolute().parent / out[key])
+    return out
+
+
+def layered_values(*, flags: Mapping[str, Any], env: Mapping[str, str],
+                   file_values: Mapping[str, Any], file_name: str = "settings file"
+                   ) -> dict[str, Any]:
+    """Settings fields from the file, then the environment over it, then flags over both.
+    ``flags`` are by settings-file key (``catalog``, ``providers``...), already typed or text."""
+    out: dict[str, Any] = {}
+    for key, (attr, var, parse) in SETTINGS_KEYS.items():
+        for source, value in ((file_name, file_values.get(key)), (f"${var}", env.get(var) or None),
+                              (f"--{key.replace('_', '-')}", flags.get(key))):
+            if value is None:
+                continue
+            try:
+                out[attr] = parse(value)
+            except (ValueError, TypeError) as e:
+                raise SettingsFileError(f"{source}: {key} = {value!r} is not valid: {e}") from e
+    for attr in _PATH_FIELDS & out.keys():
+        out[attr] = Path(out[attr]).absolute()
+    return out

@@ -86,7 +86,8 @@ def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model
 
     fractions = [f for f, _ in progress.calls if f is not None]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert any(detail == "downloading model.onnx" for _, detail in progress.calls)
+    assert any(detail.startswith("downloading model.onnx [") and detail.endswith(" bytes]")
+               for _, detail in progress.calls)
 
 
 def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):  # noqa: F811

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from modeld.settings import DEFAULT_CONFIG, read_settings_file
 from systemdfixtures import (SHIPPED_SERVICE, SHIPPED_SOCKET, parse_unit,
                              remove_run_systemd_leftovers, rewrite_command, sandboxed_user_unit,
                              user_manager, user_unit_from)  # noqa: F401 - fixture
@@ -22,6 +23,7 @@ from systemdfixtures import (SHIPPED_SERVICE, SHIPPED_SOCKET, parse_unit,
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+SHIPPED_SETTINGS = SHIPPED_SERVICE.with_name("modeld.toml")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,8 +52,24 @@ def test_service_promises():
     assert s["KillMode"] == ["mixed"] and s["TimeoutStopSec"] == ["30"]
     assert s["MemoryDenyWriteExecute"] == ["yes"] and s["ProtectSystem"] == ["strict"]
     assert s["ReadWritePaths"] == ["/var/lib/mecha10-modeld"]
-    models_arg = rewrite_command(s["ExecStart"][0], program="x", options={})
-    assert "--models /var/lib/mecha10-modeld/models" in models_arg
+    # no flags: paths come from the settings file every command reads (issue 16)
+    assert s["ExecStart"] == ["/usr/local/bin/mecha10-modeld run"]
+
+
+def test_shipped_settings_file_agrees_with_the_units():
+    """systemd/modeld.toml (installed as /etc/mecha10/modeld.toml) names the folder the service
+    may write, the socket the .socket unit listens on, and is what the README installs."""
+    values = read_settings_file(SHIPPED_SETTINGS, required=True)
+    service, sock = settings(SHIPPED_SERVICE), settings(SHIPPED_SOCKET)
+    assert Path(values["models"]).is_relative_to(service["ReadWritePaths"][0])
+    assert [values["socket"]] == sock["ListenStream"]
+    assert values["catalog"] == "/etc/mecha10/model_catalog.toml"
+    assert str(DEFAULT_CONFIG) == "/etc/mecha10/modeld.toml"
+    readme = (SHIPPED_SERVICE.parents[1] / "README.md").read_text()
+    for step in ("install -D -m 0644 systemd/modeld.toml /etc/mecha10/modeld.toml",
+                 "python3-venv", "python3-dev", "usermod -aG mecha10",
+                 "/opt/mecha10-modeld/bin/pip install '.[systemd]'"):
+        assert step in readme and step in SHIPPED_SERVICE.read_text(), step
 
 
 def test_socket_promises():
@@ -126,7 +144,9 @@ def test_security_exposure_at_most_2(tmp_path):
 # -- the converter --------------------------------------------------------------------------
 
 def test_user_unit_is_derived_not_copied():
-    text = user_unit_from(SHIPPED_SERVICE.read_text(), program="/venv/bin/mecha10-modeld",
+    shipped = SHIPPED_SERVICE.read_text().replace(
+        "mecha10-modeld run\n", "mecha10-modeld run --catalog /c.toml --models /m\n")
+    text = user_unit_from(shipped, program="/venv/bin/mecha10-modeld",
                           exec_options={"--catalog": "/t/cat.toml", "--models": "/t/models"},
                           replace={"ReadWritePaths": "/t"},
                           add=[("Service", "Environment", "HF_ENDPOINT=http://127.0.0.1:1")])

@@ -78,8 +78,10 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
         rows.extend(rows_from_proof(proof, recipe=path.name, file=path.name,
                                     size_bytes=path.stat().st_size))
     if request.candidates:
-        progress(len(files) / (len(files) + 1), "building auto candidates")
-        rows.extend(_candidate_rows(request, fp32))
+        start = len(files) / (len(files) + 1)
+        progress(start, "building auto candidates")
+        rows.extend(_candidate_rows(request, fp32, lambda fraction, detail: progress(
+            start + (1 - start) * (fraction or 0.0), f"candidates: {detail}")))
     for row in rows:
         row["synthetic_inputs"] = synthetic
         if synthetic and row["variant"] != FP32 and SYNTHETIC_WARNING not in row["warnings"]:
@@ -109,7 +111,8 @@ def rows_from_proof(proof: Proof, *, recipe: str, file: str | None,
     return out
 
 
-def _candidate_rows(request: BenchRequest, fp32: Path) -> list[dict[str, Any]]:
+def _candidate_rows(request: BenchRequest, fp32: Path, progress: ProgressFn
+                    ) -> list[dict[str, Any]]:
     """Build quantize's ``auto`` candidates in a scratch copy of the folder and report them all."""
     try:
         from . import quantize
@@ -127,7 +130,7 @@ def _candidate_rows(request: BenchRequest, fp32: Path) -> list[dict[str, Any]]:
             preprocessing_preset=request.preprocessing_preset, input_size=request.input_size,
             providers=request.providers, gates=request.gates or Gates(),
             simulated=request.simulated, task=request.task),
-            lambda fraction, detail: None)
+            progress)
         provider = request.providers[0] if request.providers else ""
         return [_candidate_row(c, provider, result.warnings) for c in result.candidates]
     finally:

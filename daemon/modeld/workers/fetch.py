@@ -43,6 +43,7 @@ from ..atomic import (WORK_PREFIX, publish_file, remove_leftovers, temp_path_for
 from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                       HubUnavailableError, IntegrityError, ModeldError, StoreError)
 from ..manifest import FileRecord, Provenance
+from ..progress import bytes_detail
 from ..store import sha256_file
 from .describe import NotAnOnnxModel, describe_model
 
@@ -445,7 +446,8 @@ def _download_all(request: FetchRequest, model_dir: Path, remotes: list[_Remote]
             _check_free_space(request, model_dir, remote)
 
             def report(done: int, base: int = done_before, name: str = remote.local_name) -> None:
-                progress(0.05 + 0.9 * min(1.0, (base + done) / total), f"downloading {name}")
+                progress(0.05 + 0.9 * min(1.0, (base + done) / total),
+                         bytes_detail(f"downloading {name}", base + done, total))
 
             staged[remote.local_name] = _retrying(
                 request, remote.local_name,

@@ -322,7 +322,8 @@ def _preprocess(source: Path, scratch: Path, warnings: list[str]) -> Path:
         first_error = _one_line(first)
     try:
         quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
-        log.info("preprocess_fallback", step="skip_symbolic_shape", reason=first_error)
+        # debug: it happens on every job without sympy, and the result is as good (issue 16)
+        log.debug("preprocess_fallback", step="skip_symbolic_shape", reason=first_error)
         return _simplified(out)
     except Exception as second:  # noqa: BLE001
         second_error = _one_line(second)
