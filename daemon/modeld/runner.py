@@ -18,6 +18,7 @@ import structlog
 
 from . import systemd
 from .catalog import CatalogKeeper
+from .errors import ModeldError, StoreUnavailableError
 from .reconciler import Reconciler
 from .server import Rejection, Server
 from .settings import Settings
@@ -52,7 +53,13 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
+        try:
+            self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
+        except StoreUnavailableError as e:
+            # models/ is a file, unreadable...: the daemon still serves status and says why,
+            # and takes the lock once models/ is a folder again (issue 11)
+            log.error("store_unavailable", **e.fields())
+            self.reconciler.lock_later = True
         try:
             removed = self.store.clean_leftovers()
             if removed:
@@ -104,7 +111,10 @@ class Daemon:
         log.info("reload", catalog=str(self.settings.catalog_path))
         passes = self.reconciler.passes
         self.reconciler.catalog.reload()
-        self.reconciler.forget_failures()
+        try:
+            self.reconciler.forget_failures()
+        except (ModeldError, OSError) as e:   # an unreadable store: the next pass says why
+            log.warning("reload_incomplete", error=str(e))
         self.server.forget_rejections()
         self.reconciler.wake(refresh=True)
         while self.reconciler.passes == passes and not self.stopping.is_set():
@@ -127,11 +137,12 @@ class Daemon:
         self._last_status_at = time.monotonic()
 
     def _on_rejection(self, model: str, variant: str, sha256: str, provider: str, node: str | None,
-                      error: str) -> None:
+                      error: str, revision: str = "") -> None:
         log.warning("node_rejected_variant", model=model, variant=variant, sha256=sha256[:12],
                     provider=provider, node=node, error=error)
         self.reconciler.record_rejection(model=model, variant=variant, sha256=sha256,
-                                         provider=provider, node=node, error=error)
+                                         provider=provider, node=node, error=error,
+                                         revision=revision)
 
     def _status_extra(self) -> dict[str, Any]:
         return self.reconciler.status()

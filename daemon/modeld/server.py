@@ -57,7 +57,10 @@ class SocketInUseError(SocketPathError):
 
 @dataclasses.dataclass(frozen=True)
 class Rejection:
-    """A node nacked this file on this provider: no node on that provider is offered it again."""
+    """A node nacked this file on this provider. Evidence, not a verdict (issue 11): only that
+    node is not offered the file again; the daemon proves the file again itself, and only its
+    own proof takes a file from every node. ``revision`` names the published copy (its inode):
+    a re-published copy (a heal) is offered again."""
 
     model: str
     variant: str
@@ -67,6 +70,11 @@ class Rejection:
     error: str
     generation: int
     at_unix_s: float
+    revision: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.node, self.sha256, self.provider)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Rejection":
@@ -74,7 +82,8 @@ class Rejection:
         return cls(model=str(record.get("model", "")), variant=str(record.get("variant", "")),
                    sha256=str(record.get("sha256", "")), provider=str(record.get("provider", "")),
                    node=str(record.get("node", "")), error=str(record.get("error", "")),
-                   generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0))
+                   generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0),
+                   revision=str(record.get("revision", "")))
 
 
 class Server:
@@ -106,8 +115,9 @@ class Server:
         self._generations: dict[str, int] = {}
         # Seeded from the wall clock so generations keep increasing across daemon restarts.
         self._last_generation = _now_ms()
-        self._rejected: dict[tuple[str, str], Rejection] = {}
-        self._rejected_keys: frozenset[tuple[str, str]] = frozenset()
+        #: (node, sha256, provider) -> the node's rejection; per node, never for every node
+        self._rejected: dict[tuple[str, str, str], Rejection] = {}
+        self._rejected_by_node: dict[str, frozenset[tuple[str, str]]] = {}
         self._clients: set[_Client] = set()
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
@@ -176,6 +186,8 @@ class Server:
         gone = set(old) - set(new)
         for name in gone:
             self._generations.pop(name, None)
+        if self._rejected and touched:
+            self._drop_healed(touched)
         if first:
             touched |= {m for c in self._clients for m in c.subscriptions}
         for client in list(self._clients):
@@ -213,7 +225,8 @@ class Server:
             return (unavailable_event(model=model, reason=reason, generation=0),
                     ("unknown", reason), None)
         providers, prefer = client.subscriptions[model]
-        result = choose(view, providers, prefer, self._rejected_keys)
+        result = choose(view, providers, prefer,
+                        self._rejected_by_node.get(client.node_key, frozenset()))
         generation = self._generations[model]
         if isinstance(result, Unavailable):
             return (unavailable_event(model=model, reason=result.reason, generation=generation),
@@ -253,6 +266,8 @@ class Server:
                                     f"per connection"))
             return
         client.node = request.node or client.node
+        if client.node:
+            client.node_key = client.node
         log.info("subscribed", client=client.id, node=client.node, models=list(request.models),
                  providers=list(request.providers), prefer=request.prefer)
         for model in request.models:
@@ -274,42 +289,78 @@ class Server:
         self._reject(client, ack, choice)
 
     def _reject(self, client: "_Client", ack: Ack, choice: Choice) -> None:
-        key = (choice.sha256, choice.provider)
+        """A node's nack: that node (all its connections) is moved to its next choice; nobody
+        else is. The daemon is told (``on_rejection``) and decides about the file itself."""
+        node = client.node_key
+        key = (node, choice.sha256, choice.provider)
         if key not in self._rejected:
+            view = self._views.get(ack.model)
+            served = next((v for v in view.variants if v.sha256 == choice.sha256), None) \
+                if view is not None else None
             rejection = Rejection(model=ack.model, variant=choice.variant, sha256=choice.sha256,
-                                  provider=choice.provider, node=client.node,
-                                  error=ack.error or "rejected by the node",
-                                  generation=ack.generation, at_unix_s=time.time())
-            self._rejected[key] = rejection
-            self._rejected_keys = frozenset(self._rejected)
-            log.warning("variant_rejected", client=client.id, node=client.node, model=ack.model,
+                                  provider=choice.provider, node=node,
+                                  error=(ack.error or "rejected by the node")[:500],
+                                  generation=ack.generation, at_unix_s=time.time(),
+                                  revision=served.revision if served is not None else "")
+            self._add_rejections([rejection])
+            log.warning("variant_rejected", client=client.id, node=node, model=ack.model,
                         variant=choice.variant, sha256=choice.sha256, provider=choice.provider,
-                        error=rejection.error)
+                        error=rejection.error, scope="this node")
             if self._on_rejection is not None:
                 try:
                     self._on_rejection(model=ack.model, variant=choice.variant,
                                        sha256=choice.sha256, provider=choice.provider,
-                                       node=client.node, error=rejection.error)
+                                       node=node if client.node else "", error=rejection.error,
+                                       revision=rejection.revision)
                 except Exception as e:  # a faulty callback must not break the socket server
                     log.error("on_rejection_failed", error=repr(e))
             if ack.model in self._views:
                 self._bump(ack.model)
-        # Every node on that provider that holds the file is moved to the next proven one.
         for other in list(self._clients):
-            if ack.model in other.subscriptions:
+            if other.node_key == node and ack.model in other.subscriptions:
                 self._refresh(other, ack.model)
 
-    def restore_rejections(self, rejections: Iterable[Rejection]) -> None:
-        """Rejections recorded before a restart: nodes are not offered those files again."""
+    def _add_rejections(self, rejections: Iterable[Rejection]) -> None:
+        nodes = set()
         for rejection in rejections:
-            self._rejected.setdefault((rejection.sha256, rejection.provider), rejection)
-        self._rejected_keys = frozenset(self._rejected)
+            self._rejected.setdefault(rejection.key, rejection)
+            nodes.add(rejection.node)
+        for node in nodes:
+            self._index_node(node)
+
+    def _index_node(self, node: str) -> None:
+        keys = frozenset((s, p) for (n, s, p) in self._rejected if n == node)
+        if keys:
+            self._rejected_by_node[node] = keys
+        else:
+            self._rejected_by_node.pop(node, None)
+
+    def _drop_healed(self, models: set[str]) -> None:
+        """A rejected file that was published again (a new copy: the daemon healed it) is
+        offered again: the node may have been right about the old copy."""
+        nodes = set()
+        for key, rejection in list(self._rejected.items()):
+            view = self._views.get(rejection.model)
+            if rejection.model not in models or view is None or not rejection.revision:
+                continue
+            current = next((v for v in view.variants if v.sha256 == rejection.sha256), None)
+            if current is not None and current.revision and current.revision != rejection.revision:
+                del self._rejected[key]
+                nodes.add(rejection.node)
+                log.info("rejection_dropped", model=rejection.model, node=rejection.node,
+                         sha256=rejection.sha256[:12], why="the file was published again")
+        for node in nodes:
+            self._index_node(node)
+
+    def restore_rejections(self, rejections: Iterable[Rejection]) -> None:
+        """Rejections recorded before a restart: those nodes are not offered those files again."""
+        self._add_rejections(rejections)
 
     def forget_rejections(self) -> int:
         """An operator's retry (SIGHUP): every file is offered again; returns how many."""
         count = len(self._rejected)
         self._rejected.clear()
-        self._rejected_keys = frozenset()
+        self._rejected_by_node.clear()
         for name in list(self._views):
             self._bump(name)
         for client in list(self._clients):
@@ -345,8 +396,8 @@ class Server:
                 "generation": self._generations.get(name), "detail": dict(view.detail),
                 "variants": [{"variant": v.variant, "path": v.path, "sha256": v.sha256,
                               "size": v.size, "proof": v.proof.to_dict() if v.proof else None,
-                              "rejected_on": sorted(p for (s, p) in self._rejected
-                                                    if s == v.sha256)}
+                              "rejected_on": sorted({p for (_, s, p) in self._rejected
+                                                     if s == v.sha256})}
                              for v in view.variants],
                 "subscribers": by_model.get(name, [])}
         core = {"event": "status", "protocol": PROTOCOL_VERSION, "daemon": DAEMON_NAME,
@@ -424,6 +475,8 @@ class _Client:
         self.writer = writer
         self.pid, self.uid, self.gid = pid, uid, gid
         self.node = ""
+        #: whom a nack speaks for: the node's name, or this one connection when it gave none
+        self.node_key = f"connection {client_id}"
         self.task: asyncio.Task | None = None
         self.subscriptions: dict[str, tuple[tuple[str, ...], str]] = {}
         self.sent_keys: dict[str, tuple] = {}

@@ -47,6 +47,12 @@ class Settings:
     #: retry_after_s, at most the cap (the cap wins: tests set it short)
     retry_backoff_base_s: float = 2.0
     retry_backoff_cap_s: float = 300.0
+    #: a node's nack makes the daemon hash and prove that file again, at most this often per
+    #: file whoever sends them (one client must not keep the workers busy)
+    recheck_interval_s: float = 600.0
+    #: a job that ran past its time limit this many times in a row for the same inputs fails
+    #: permanently (SIGHUP or `sync` retries it): it must not hold a worker slot forever
+    max_timeouts: int = 3
     hub_endpoint: str | None = None
     hub_offline: bool = False
 

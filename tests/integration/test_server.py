@@ -147,12 +147,12 @@ def test_nack_rolls_back_every_node_on_that_provider(server, sock_path, files, r
     # A node arriving later is never offered the rejected file.
     late = connect(sock_path, prefer="int8")
     event = late.read()
-    assert event["variant"] == "fp32" and "rejected by a node" in event["reason"]
+    assert event["variant"] == "fp32" and "rejected by this node" in event["reason"]
     # Nacking the last proven file leaves the model unavailable, with the reason.
     b.send({"op": "ack", "model": "yolo", "generation": back_b["generation"], "ok": False,
             "error": "out of memory"})
     gone = b.read()
-    assert gone["event"] == "unavailable" and "fp32 rejected by a node" in gone["reason"]
+    assert gone["event"] == "unavailable" and "fp32 rejected by this node" in gone["reason"]
 
 
 def test_socat_speaks_the_protocol(server, sock_path, files):
