@@ -103,7 +103,9 @@ def _numbers_from_env(env: dict[str, str]) -> dict[str, Any]:
                        ("pull_timeout_s", float),
                        ("pull_attempts", int), ("quantize_timeout_s", float),
                        ("verify_timeout_s", float), ("worker_memory_mb", int),
-                       ("retry_backoff_base_s", float), ("retry_backoff_cap_s", float)):
+                       ("retry_backoff_base_s", float), ("retry_backoff_cap_s", float),
+                       ("recheck_interval_s", float), ("max_timeouts", int),
+                       ("max_clients", int), ("catalog_parse_timeout_s", float)):
         raw = env.get(f"MODELD_{name.upper()}")
         if raw:
             try:

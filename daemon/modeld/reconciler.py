@@ -109,6 +109,7 @@ class Reconciler:
         #: the store's lock could not be taken at start-up (models/ not a folder): take it once
         #: it can be, before any job runs
         self.lock_later = False
+        self._catalog_job: asyncio.Future | None = None
         self.passes = 0
 
     # -- waking ---------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ class Reconciler:
         assert self._wake_event is not None
         self._wake_event.clear()
         self.passes += 1
-        self.catalog.reload()
+        await self.reload_catalog()
         self._log_catalog_error()
         catalog = self.catalog.current
         names = [n for n in catalog.entries if only is None or n in only]
@@ -254,6 +255,23 @@ class Reconciler:
             log.info("store_available", path=str(self.store.root))
             self.store_error = None
         return inventory
+
+    async def reload_catalog(self) -> None:
+        """Re-read the catalog in a thread: parsing hostile text can take seconds (tomlkit), and
+        the loop feeds the watchdog and the nodes. Past ``catalog_parse_timeout_s`` the pass goes
+        on with the current catalog, and the one after the parse ends sees its result."""
+        job = self._catalog_job
+        if job is not None and not job.done():
+            return   # still parsing (logged when it began to take long)
+        job = self._catalog_job = asyncio.ensure_future(asyncio.to_thread(self.catalog.reload))
+        done, _ = await asyncio.wait({job}, timeout=self.settings.catalog_parse_timeout_s)
+        if not done:
+            log.warning("catalog_parse_slow", path=str(self.settings.catalog_path),
+                        waited_s=self.settings.catalog_parse_timeout_s,
+                        kept=f"current catalog ({len(self.catalog.current.entries)} models)")
+            job.add_done_callback(lambda _: self.wake())
+        elif job.exception() is not None:   # a bug, not bad input (that is a CatalogError)
+            log.error("catalog_reload_failed", error=repr(job.exception()))
 
     def context(self, refresh: frozenset[str] = frozenset()) -> PlanContext:
         recheck = frozenset((n, f) for n, files in self._recheck.items() for f in files)

@@ -9,7 +9,9 @@ files removed on SIGTERM. Neither the server nor the reconciler knows of the oth
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import resource
 import signal
 import time
 from typing import Any
@@ -28,6 +30,42 @@ from .watcher import Watcher
 log = structlog.get_logger(__name__)
 
 STATUS_MIN_INTERVAL_S = 0.5
+#: descriptors kept for all but clients: models/ files, the watcher, workers' pipes, the
+#: catalog, the log (LimitNOFILE in the unit is max_clients + this)
+FD_RESERVE = 256
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def client_limit(wanted: int) -> int:
+    """``wanted`` clients if the descriptor limit leaves ``FD_RESERVE`` besides them (raising
+    the soft limit toward the hard one if needed), else fewer: idle connections must never
+    take the descriptors a model's files need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    fitted = max(1, soft - FD_RESERVE)
+    log.warning("max_clients_lowered", wanted=wanted, max_clients=fitted, nofile=soft,
+                hint=f"raise LimitNOFILE to {need}")
+    return fitted
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Out of descriptors on accept(): asyncio pauses accepting for a second by itself; say so
+    in one line rather than a traceback (issue 11)."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+        log.error("accept_failed", error=exc.strerror, errno=errno.errorcode.get(exc.errno or 0),
+                  retry_in_s=1)
+        return
+    loop.default_exception_handler(context)
 
 
 def run_daemon(settings: Settings) -> int:
@@ -40,7 +78,8 @@ class Daemon:
         self.store = Store(settings.models_dir)
         self.catalog = CatalogKeeper(settings.catalog_path)
         self.server = Server(socket_path=settings.socket_path, socket_mode=settings.socket_mode,
-                             socket_group=settings.socket_group, max_clients=settings.max_clients,
+                             socket_group=settings.socket_group,
+                             max_clients=client_limit(settings.max_clients),
                              on_rejection=self._on_rejection, status_extra=self._status_extra)
         self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
                                      publish=self.server.publish, on_change=self._on_change,
@@ -53,6 +92,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_loop_exception)
         try:
             self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
         except StoreUnavailableError as e:
@@ -110,7 +150,7 @@ class Daemon:
         systemd.reloading("reloading catalog")
         log.info("reload", catalog=str(self.settings.catalog_path))
         passes = self.reconciler.passes
-        self.reconciler.catalog.reload()
+        await self.reconciler.reload_catalog()
         try:
             self.reconciler.forget_failures()
         except (ModeldError, OSError) as e:   # an unreadable store: the next pass says why

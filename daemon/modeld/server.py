@@ -43,6 +43,12 @@ MAX_CONSECUTIVE_ERRORS = 16
 MAX_SUBSCRIPTIONS_PER_CLIENT = 1024
 #: generations of sent choices remembered per model and client, so a late ack still resolves
 ACK_HISTORY = 8
+#: bytes queued for one connection before it counts as not reading (its replies are dropped
+#: for a snapshot of its states; again before a drain: disconnected)
+MAX_CLIENT_OUTPUT_BYTES = 8 * 1024 * 1024
+#: bytes queued for all connections together past which no connection's next request is read
+#: until its own answers are written (pipelined `status` on many connections took 600 MB)
+MAX_PENDING_OUTPUT_BYTES = 64 * 1024 * 1024
 NOT_IN_CATALOG = "not in the catalog"
 NOT_LOADED_YET = "daemon starting: catalog not loaded yet"
 
@@ -100,13 +106,18 @@ class Server:
                  max_line_bytes: int = 65536, queue_limit: int = 256,
                  on_rejection: Callable[..., None] | None = None,
                  status_extra: Callable[[], dict] | None = None,
-                 write_timeout_s: float = 10.0) -> None:
+                 write_timeout_s: float = 10.0,
+                 max_client_output_bytes: int = MAX_CLIENT_OUTPUT_BYTES,
+                 max_pending_output_bytes: int = MAX_PENDING_OUTPUT_BYTES) -> None:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.max_clients = max_clients
         self.max_line_bytes = max_line_bytes
         self.queue_limit = queue_limit
+        self.max_client_output_bytes = max_client_output_bytes
+        self.max_pending_output_bytes = max_pending_output_bytes
+        self.output = _OutputBudget()
         self.write_timeout_s = write_timeout_s
         self._on_rejection = on_rejection
         self._status_extra = status_extra
@@ -423,7 +434,7 @@ class Server:
             await _refuse(writer, f"too many clients ({self.max_clients}); try again later")
             return
         client = _Client(next(self._ids), writer, pid, uid, gid, self.queue_limit,
-                         self.write_timeout_s)
+                         self.write_timeout_s, self.output, self.max_client_output_bytes)
         client.task = asyncio.current_task()
         self._clients.add(client)
         log.info("client_connected", client=client.id, pid=pid, uid=uid, gid=gid)
@@ -449,7 +460,9 @@ class Server:
                 self._handle_line(client, line)
                 if client.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     closing_error = f"{client.consecutive_errors} bad lines in a row; closing"
-                elif client.backlog >= self.queue_limit // 2:
+                elif (client.backlog >= self.queue_limit // 2
+                      or client.queued_bytes >= self.max_client_output_bytes // 2
+                      or (client.queued_bytes and self.output.total >= self.max_pending_output_bytes)):
                     # Pipelined requests: answer what is queued before reading more, so a
                     # burst of requests is slowed down rather than taken for a slow reader.
                     await client.flush(timeout_s=self.write_timeout_s)
@@ -465,12 +478,23 @@ class Server:
             log.info("client_disconnected", client=client.id, node=client.node, pid=pid)
 
 
+class _OutputBudget:
+    """Bytes queued for every connection together (one per server)."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
 class _Client:
-    """One connection: its subscriptions, what it was last sent, and a bounded outgoing queue."""
+    """One connection: its subscriptions, what it was last sent, and a bounded outgoing queue
+    (bounded in events and in bytes)."""
 
     def __init__(self, client_id: int, writer: asyncio.StreamWriter, pid: int | None,
                  uid: int | None, gid: int | None, queue_limit: int,
-                 write_timeout_s: float) -> None:
+                 write_timeout_s: float, budget: _OutputBudget | None = None,
+                 max_output_bytes: int = MAX_CLIENT_OUTPUT_BYTES) -> None:
         self.id = client_id
         self.writer = writer
         self.pid, self.uid, self.gid = pid, uid, gid
@@ -486,6 +510,9 @@ class _Client:
         self.consecutive_errors = 0
         self._queue: collections.deque[bytes] = collections.deque()
         self._queue_limit = queue_limit
+        self._budget = budget or _OutputBudget()
+        self._max_output_bytes = max_output_bytes
+        self.queued_bytes = 0
         self._write_timeout_s = write_timeout_s
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -501,23 +528,42 @@ class _Client:
             return
         # Room for one state per followed model on top of the limit: a large subscribe answers
         # all its models in one go, before the writer gets to run.
-        if len(self._queue) >= self._queue_limit + len(self.sent_events):
+        data = encode(event)
+        if (len(self._queue) >= self._queue_limit + len(self.sent_events)
+                or (self._queue and self.queued_bytes + len(data) > self._max_output_bytes)):
             if self._collapsed:
                 log.warning("client_too_slow", client=self.id, node=self.node, pid=self.pid,
-                            queued=len(self._queue))
+                            queued=len(self._queue), queued_bytes=self.queued_bytes)
                 self.abort()
                 return
             self._collapsed = True
-            self._queue.clear()
+            self._drop_queue()
             # The snapshot holds every current state; a state event is already part of it.
-            self._queue.extend(encode(e) for e in self.sent_events.values())
+            for snapshot in self.sent_events.values():
+                self._push(encode(snapshot))
             log.info("client_queue_collapsed", client=self.id, node=self.node,
                      snapshot=len(self._queue))
             if event.get("event") in ("variant", "unavailable", "removed"):
                 self._kick()
                 return
-        self._queue.append(encode(event))
+        self._push(data)
         self._kick()
+
+    def _push(self, data: bytes) -> None:
+        self._queue.append(data)
+        self.queued_bytes += len(data)
+        self._budget.total += len(data)
+
+    def _pop(self) -> bytes:
+        data = self._queue.popleft()
+        self.queued_bytes -= len(data)
+        self._budget.total -= len(data)
+        return data
+
+    def _drop_queue(self) -> None:
+        self._budget.total -= self.queued_bytes
+        self.queued_bytes = 0
+        self._queue.clear()
 
     def _kick(self) -> None:
         self._idle.clear()
@@ -533,7 +579,7 @@ class _Client:
                     continue
                 chunk = []
                 while self._queue and len(chunk) < 64:
-                    chunk.append(self._queue.popleft())
+                    chunk.append(self._pop())
                 self.writer.write(b"".join(chunk))
                 await asyncio.wait_for(self.writer.drain(), self._write_timeout_s)
                 self._collapsed = False
@@ -560,7 +606,7 @@ class _Client:
         if self._closed:
             return
         self._closed = True
-        self._queue.clear()
+        self._drop_queue()
         self._wakeup.set()
         if self.writer.transport is not None:
             self.writer.transport.abort()

@@ -53,6 +53,9 @@ class Settings:
     #: a job that ran past its time limit this many times in a row for the same inputs fails
     #: permanently (SIGHUP or `sync` retries it): it must not hold a worker slot forever
     max_timeouts: int = 3
+    #: the catalog is parsed in a thread; one that takes longer is reported (the last good
+    #: catalog stays) and the loop goes on (a 4 MiB catalog that fails to parse took 10 s)
+    catalog_parse_timeout_s: float = 2.0
     hub_endpoint: str | None = None
     hub_offline: bool = False
 
