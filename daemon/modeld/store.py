@@ -242,6 +242,8 @@ class Store:
             return self._broken(name, f"models/{name} is {describe_mode(folder_mode)}, not a "
                                       f"folder", misplaced=True)
         manifest, problem = self._load(name)
+        if not problem:
+            self._problems_logged.pop(name, None)   # healed: the same damage again is logged again
         previous = self._states.get(name)
         if previous is not None and previous.manifest is not manifest:
             previous = None
