@@ -57,15 +57,31 @@ def client_limit(wanted: int) -> int:
     return fitted
 
 
-def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Out of descriptors on accept(): asyncio pauses accepting for a second by itself; say so
-    in one line rather than a traceback (issue 11)."""
-    exc = context.get("exception")
-    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+class _LoopExceptions:
+    """The loop's exception handler. Out of descriptors on accept(), asyncio stops accepting
+    for a second, but (CPython 3.11) only after retrying accept() once per backlog slot, each
+    retry reported here: a thousand reports a second. One line, then one every
+    ``quiet_s`` with the count, never a traceback (issue 11)."""
+
+    __slots__ = ("quiet_s", "_last", "_suppressed")
+
+    def __init__(self, quiet_s: float = 10.0) -> None:
+        self.quiet_s = quiet_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < self.quiet_s:
+            self._suppressed += 1
+            return
         log.error("accept_failed", error=exc.strerror, errno=errno.errorcode.get(exc.errno or 0),
-                  retry_in_s=1)
-        return
-    loop.default_exception_handler(context)
+                  retry_in_s=1, since_last=self._suppressed)
+        self._last, self._suppressed = now, 0
 
 
 def run_daemon(settings: Settings) -> int:
@@ -92,7 +108,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_loop_exception)
+        loop.set_exception_handler(_LoopExceptions())
         try:
             self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
         except StoreUnavailableError as e:
