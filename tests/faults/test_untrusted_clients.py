@@ -94,11 +94,12 @@ def test_one_nodes_nack_moves_that_node_only_and_the_daemon_checks_for_itself(se
         told = _first_variant(liar, daemon)
         liar.ack("good", told["generation"], ok=False, error="I say this file is bad")
         gone = wait_event(liar, lambda e: e.get("event") == "unavailable", daemon=daemon)
-        assert "rejected by this node" in gone["reason"]
+        assert bystander.next_event(timeout_s=1) is None, "another node was moved"
         wait_until(lambda: log_events(daemon, "recheck_done", model="good"), 60,
                    "the daemon's own re-check", daemon)
         # the daemon's proof still passes: FP32 stays served to everyone else
         assert bystander.next_event(timeout_s=1) is None
+        assert "rejected by this node" in gone["reason"]
         with daemon.subscribe("good", node="newcomer") as newcomer:
             assert _first_variant(newcomer, daemon)["sha256"] == fp32["sha256"]
         status = daemon.status()
