@@ -9,7 +9,7 @@ import pytest
 from modeld.catalog import Catalog, parse_catalog
 from modeld.manifest import FileRecord, Manifest, Provenance
 from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Derive, PlanContext, Prove, Pull,
-                             Planner, RestoreMode, config_derivation, derived_proof_key,
+                             Planner, Quarantine, RestoreMode, config_derivation, derived_proof_key,
                              desired_derivation,
                              plan, plan_model, proof_key)
 from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
@@ -123,6 +123,19 @@ CASES = [
      replace(EQ, input_size=640), state(with_int8(EQ, pulled(EQ))), CTX, Pull, "config.json"),
     ("onnxruntime upgraded: stale derivation", EQ, state(with_int8(EQ, pulled(EQ))),
      replace(CTX, onnxruntime_version="2.0"), Prove, "FP32"),
+    # issue 11: untrusted on-disk state; a nack makes the daemon prove again for itself
+    ("model folder is not a folder: quarantine", E,
+     ModelState(name="det", manifest=Manifest(name="det"), problem="a symlink", misplaced=True),
+     CTX, Quarantine, "symlink"),
+    ("unreadable manifest: pull again, saying why", E,
+     ModelState(name="det", manifest=Manifest(name="det"), problem="manifest.json is list"),
+     CTX, Pull, "manifest.json is list"),
+    ("a nacked fp32 is proven again", E, state(pulled(E)),
+     replace(CTX, recheck=frozenset({("det", FP32_FILE)})), Prove, "node rejected"),
+    ("a nacked int8 is proven again", EQ, state(with_int8(EQ, pulled(EQ))),
+     replace(CTX, recheck=frozenset({("det", "model-int8.onnx")})), Prove, "node rejected"),
+    ("a nack of another model changes nothing", E, state(pulled(E)),
+     replace(CTX, recheck=frozenset({("other", FP32_FILE)})), None, ""),
     ("new upstream fp32: int8 stale", EQ, state(with_int8(EQ, pulled(EQ)).with_file(
         rec(FP32_FILE, "e" * 64, provenance=pulled(EQ).files[FP32_FILE].provenance))), CTX, Pull,
      "config.json out of date"),
@@ -220,3 +233,14 @@ def test_a_new_recipes_version_makes_derived_variants_stale(monkeypatch):
     monkeypatch.setattr(planning, "RECIPES_VERSION", "next")
     action = plan_model(EQ, state(m), CTX)
     assert isinstance(action, Derive) and action.derivation.params["recipes"] == "next"
+
+
+def test_a_recheck_is_planned_again_when_asked_and_only_then():
+    """The memo must not hide a re-check: same entry and state, a recheck in the context."""
+    planner = Planner()
+    catalog = _catalog_of(E)
+    inventory = Inventory(models={"det": state(pulled(E))})
+    assert planner.plan(catalog, inventory, CTX) == []
+    [action] = planner.plan(catalog, inventory, replace(CTX, recheck=frozenset({("det", FP32_FILE)})))
+    assert isinstance(action, Prove) and action.recheck
+    assert planner.plan(catalog, inventory, CTX) == []

@@ -11,7 +11,7 @@ import pytest
 
 from modeld.atomic import TEMP_PREFIX, WORK_PREFIX, temp_path_for, write_atomic
 from modeld.errors import DiskFullError, StoreError, StoreLockedError
-from modeld.manifest import FileRecord, Manifest, Provenance
+from modeld.manifest import MAX_REJECTIONS, FileRecord, Manifest, Provenance
 from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, Store, sha256_file
 
 
@@ -35,7 +35,7 @@ def test_manifest_round_trip(store):
     record = publish(store, "m", "model.onnx", b"abc")
     fresh = Store(store.root)
     assert fresh.read_manifest("m").files["model.onnx"] == record
-    assert Manifest.from_json(fresh.read_manifest("m").to_json()) == fresh.read_manifest("m")
+    assert Manifest.from_json(fresh.read_manifest("m").to_json(), name="m") == fresh.read_manifest("m")
 
 
 def test_unchanged_store_is_not_rehashed(store):
@@ -232,7 +232,7 @@ def test_rejections_round_trip_and_go_with_the_file_they_name(store):
     record = publish(store, "m", "model-int8.onnx", b"int8 v1")
     rejection = {"model": "m", "variant": "int8", "sha256": record.sha256,
                  "provider": "CoreMLExecutionProvider", "node": "n1", "error": "ConvInteger",
-                 "at_unix_s": 1.5}
+                 "revision": str(record.inode), "at_unix_s": 1.5}
     store.update_manifest("m", lambda m: m.with_rejection(rejection))
     fresh = Store(store.root).read_manifest("m")
     assert list(fresh.rejections.values()) == [rejection]
@@ -240,3 +240,25 @@ def test_rejections_round_trip_and_go_with_the_file_they_name(store):
     assert len(store.read_manifest("m").rejections) == 1
     publish(store, "m", "model-int8.onnx", b"int8 v2")         # rebuilt: a new file, no rejection
     assert store.read_manifest("m").rejections == {}
+
+
+def test_a_rejection_does_not_survive_a_heal_with_the_same_bytes(store):
+    """A re-published copy (same sha256, a new inode: a heal) is offered again (issue 11)."""
+    record = publish(store, "m", "model.onnx", b"fp32")
+    rejection = {"model": "m", "variant": "fp32", "sha256": record.sha256, "provider": "CPU",
+                 "node": "n1", "error": "bad", "revision": str(record.inode), "at_unix_s": 1.0}
+    store.update_manifest("m", lambda m: m.with_rejection(rejection))
+    assert len(store.read_manifest("m").rejections) == 1
+    healed = publish(store, "m", "model.onnx", b"fp32")
+    assert healed.sha256 == record.sha256 and healed.inode != record.inode
+    assert store.read_manifest("m").rejections == {}
+
+
+def test_rejections_are_bounded_per_model(store):
+    record = publish(store, "m", "model.onnx", b"fp32")
+    for i in range(200):
+        rejection = {"model": "m", "variant": "fp32", "sha256": record.sha256, "provider": "CPU",
+                     "node": f"n{i}", "error": "bad", "revision": "", "at_unix_s": float(i)}
+        store.update_manifest("m", lambda m: m.with_rejection(rejection))
+    kept = store.read_manifest("m").rejections
+    assert len(kept) == MAX_REJECTIONS and "n199|" + record.sha256 + ":CPU" in kept

@@ -142,6 +142,20 @@ class DiskFullError(TemporaryError):
     """Not enough free space for the write; retried once space returns."""
 
 
+class StoreWriteError(TemporaryError):
+    """The disk refused a write (read-only, I/O error); retried, the previous files keep serving."""
+
+
+class StoreUnavailableError(TemporaryError):
+    """models/ itself cannot be used (not a folder, unreadable): nothing is scanned or written
+    until it can; the daemon keeps running and says why."""
+
+
+class ManifestError(ModeldError, ValueError):
+    """A manifest.json that does not parse or has the wrong shape: that model's files are
+    verified again (or pulled again), the daemon goes on."""
+
+
 class StoreError(PermanentError):
     """A file in the store is unusable or unsafe (hostile path, unreadable, not a model)."""
 

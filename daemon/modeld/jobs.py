@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import (DiskFullError, FileVanishedError, ModeldError, PermanentError,
-                     TemporaryError, WorkerCrashedError, WorkerTimeoutError)
+                     StoreWriteError, TemporaryError, WorkerCrashedError, WorkerTimeoutError)
 
 _CTX = mp.get_context("spawn")
 _PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
@@ -136,6 +136,9 @@ def _to_modeld_error(e: BaseException) -> ModeldError:
         return WorkerCrashedError("worker ran out of memory", hint="raise worker_memory_mb")
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DiskFullError(f"no space left on device: {e}", hint="free disk space")
+    if isinstance(e, OSError) and e.errno in (errno.EIO, errno.EROFS):
+        return StoreWriteError(f"the disk refused a write: {e}",
+                               hint="check the disk; the previous files keep serving")
     if isinstance(e, FileNotFoundError):
         # Planning saw every input before the job started: one missing now vanished under it.
         return FileVanishedError(f"a file vanished during the job: {e.filename or e}",

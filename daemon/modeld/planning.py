@@ -21,6 +21,7 @@ FP32_FILE = VARIANT_FILES[FP32]
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.json"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+RECHECK_REASON = "a node rejected it: hashing and proving it again"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class PlanContext:
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: models whose upstream branch/tag should be asked again (resync, SIGHUP, `sync`)
     refresh: frozenset[str] = frozenset()
+    #: (model, file name) to prove again although its proof is current: a node rejected it, and
+    #: a nack is evidence, not a verdict (the daemon's own proof decides for every node)
+    recheck: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,11 @@ class Prove:
     reference_file: str | None   # FP32 file for derived variants
     gates: Gates
     reason: str
+    recheck: bool = False        # proven again after a node's rejection
 
     @property
     def identity(self) -> tuple:
-        return (self.name, "prove", self.file_name, self.key)
+        return (self.name, "prove", self.file_name, self.key, self.recheck)
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,19 @@ class RestoreMode:
         return (self.name, "restore-mode", self.file_name)
 
 
-Action = Union[Pull, Derive, Prove, RestoreMode]
+@dataclass(frozen=True)
+class Quarantine:
+    """models/<name> is not a real folder (a file, a symlink): move it aside, then pull."""
+
+    name: str
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "quarantine")
+
+
+Action = Union[Pull, Derive, Prove, RestoreMode, Quarantine]
 
 
 def plan(catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
@@ -104,7 +121,7 @@ class Planner:
     catalog costs identity checks, not planning."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[ModelEntry, ModelState | None, bool, Action | None]] = {}
+        self._memo: dict[str, tuple[ModelEntry, ModelState | None, tuple, Action | None]] = {}
         self._context: tuple | None = None
 
     def plan(self, catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
@@ -114,11 +131,13 @@ class Planner:
             self._memo.clear()
             self._context = fixed
         memo, refresh = self._memo, context.refresh
-        fresh: dict[str, tuple[ModelEntry, ModelState | None, bool, Action | None]] = {}
+        rechecked = {(name, f) for name, f in context.recheck}
+        fresh: dict[str, tuple[ModelEntry, ModelState | None, tuple, Action | None]] = {}
         actions = []
         for name, entry in catalog.entries.items():
             state = inventory.models.get(name)
-            asked = name in refresh
+            asked = (name in refresh, frozenset(f for n, f in rechecked if n == name)) \
+                if rechecked else (name in refresh,)
             known = memo.get(name)
             if known is not None and known[0] is entry and known[1] is state and known[2] == asked:
                 action = known[3]
@@ -134,6 +153,8 @@ class Planner:
 
 def plan_model(entry: ModelEntry, state: ModelState | None, context: PlanContext) -> Action | None:
     manifest = state.manifest if state else Manifest(name=entry.name)
+    if state is not None and state.misplaced:
+        return Quarantine(entry.name, state.problem)
     if state is not None:
         for file_state in state.files.values():
             if file_state.status == UNREADABLE and file_state.record is not None:
@@ -165,6 +186,9 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
     if fp32_proof is None or fp32_proof.key != fp32_key:
         return Prove(entry.name, entry, FP32_FILE, FP32, fp32_key, None, Gates(),
                      "FP32 not proven" if fp32_proof is None else "FP32 proof is stale")
+    if (entry.name, FP32_FILE) in context.recheck:
+        return Prove(entry.name, entry, FP32_FILE, FP32, fp32_key, None, Gates(),
+                     RECHECK_REASON, recheck=True)
 
     spec = entry.quantize
     if spec is None or not spec.enabled:
@@ -184,6 +208,9 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
         return Prove(entry.name, entry, record.name, variant_of(record), key, FP32_FILE,
                      spec.gates, f"{record.name} not proven" if proof is None else
                      f"{record.name} proof is stale")
+    if (entry.name, record.name) in context.recheck:
+        return Prove(entry.name, entry, record.name, variant_of(record), key, FP32_FILE,
+                     spec.gates, RECHECK_REASON, recheck=True)
     return None
 
 
@@ -191,6 +218,8 @@ def source_problem(entry: ModelEntry, state: ModelState | None) -> str:
     """Why the pulled files do not match the entry ('' when they do)."""
     if state is None:
         return "not pulled yet"
+    if state.problem and not state.manifest.files:
+        return state.problem
     fp32 = state.manifest.files.get(FP32_FILE)
     if fp32 is None or fp32.provenance is None:
         return "not pulled yet"

@@ -22,15 +22,16 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from .catalog import Catalog, CatalogKeeper
-from .errors import ModeldError, PermanentError, TemporaryError
+from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavailableError,
+                     TemporaryError, WorkerTimeoutError)
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
 from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
-                       Planner, Pull, RestoreMode, config_derivation, derived_proof_key,
-                       providers_for)
+                       Planner, Pull, Quarantine, RestoreMode, config_derivation,
+                       derived_proof_key, providers_for)
 from .serving import ModelView
 from .settings import Settings
-from .store import Store, sha256_file, stat_key
+from .store import Inventory, Store, sha256_file, stat_key
 from .views import Activity, ViewBuilder
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,10 @@ FETCH = "modeld.workers.fetch"
 QUANTIZE = "modeld.workers.quantize"
 VERIFY = "modeld.workers.verify"
 
-_VERBS = {Pull: "pulling", Derive: "quantizing", Prove: "proving", RestoreMode: "repairing"}
+_VERBS = {Pull: "pulling", Derive: "quantizing", Prove: "proving", RestoreMode: "repairing",
+          Quarantine: "repairing"}
+#: how many files' re-check times are remembered (the oldest are forgotten first)
+_RECHECK_MEMORY = 4096
 
 
 def runtime_versions() -> tuple[str, str]:
@@ -96,6 +100,16 @@ class Reconciler:
         self._catalog_error_logged: str | None = None
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
+        #: model -> files to prove again because a node rejected them (see record_rejection)
+        self._recheck: dict[str, set[str]] = {}
+        #: (model, sha256) -> monotonic time of its last re-check: at most one per interval
+        self._rechecked_at: dict[tuple[str, str], float] = {}
+        #: why nothing can be scanned now (models/ is not a folder), logged once
+        self.store_error: ModeldError | None = None
+        #: the store's lock could not be taken at start-up (models/ not a folder): take it once
+        #: it can be, before any job runs
+        self.lock_later = False
+        self._catalog_job: asyncio.Future | None = None
         self.passes = 0
 
     # -- waking ---------------------------------------------------------------------------------
@@ -200,18 +214,20 @@ class Reconciler:
         assert self._wake_event is not None
         self._wake_event.clear()
         self.passes += 1
-        self.catalog.reload()
+        await self.reload_catalog()
         self._log_catalog_error()
         catalog = self.catalog.current
         names = [n for n in catalog.entries if only is None or n in only]
-        inventory = self.store.scan(names)
-        if dispatch:
+        inventory = self._scan(names, dispatch)
+        if dispatch and self.store_error is None:
             for state in inventory.models.values():
                 self.store.refresh_stats(state)
         context = self.context(frozenset(self._refresh_due))
         actions = self._planner.plan(catalog, inventory, context)
         if only is not None:
             actions = [a for a in actions if a.name in only]
+        if self.store_error is not None:
+            actions = []   # nothing is pulled into a models/ that is not a folder
         self._cancel_obsolete(catalog, actions)
         if dispatch:
             self.pending = frozenset(a.name for a in actions if self._dispatch(action=a))
@@ -223,10 +239,46 @@ class Reconciler:
         self._on_change()
         return actions
 
+    def _scan(self, names: list[str], dispatch: bool) -> Inventory:
+        """The store's state; models/ itself unusable (a file, unreadable) is the daemon's
+        error, said once in the log and in every status, and nothing is done until it heals."""
+        try:
+            if dispatch and self.lock_later and not self.store.locked:
+                self.store.lock()   # models/ was not a folder at start-up
+            inventory = self.store.scan(names)
+        except (StoreUnavailableError, StoreLockedError) as e:
+            if self.store_error is None or str(self.store_error) != str(e):
+                log.error("store_unavailable", **e.fields())
+            self.store_error = e
+            return Inventory()
+        if self.store_error is not None:
+            log.info("store_available", path=str(self.store.root))
+            self.store_error = None
+        return inventory
+
+    async def reload_catalog(self) -> None:
+        """Re-read the catalog in a thread: parsing hostile text can take seconds (tomlkit), and
+        the loop feeds the watchdog and the nodes. Past ``catalog_parse_timeout_s`` the pass goes
+        on with the current catalog, and the one after the parse ends sees its result."""
+        job = self._catalog_job
+        if job is not None and not job.done():
+            return   # still parsing (logged when it began to take long)
+        job = self._catalog_job = asyncio.ensure_future(asyncio.to_thread(self.catalog.reload))
+        done, _ = await asyncio.wait({job}, timeout=self.settings.catalog_parse_timeout_s)
+        if not done:
+            log.warning("catalog_parse_slow", path=str(self.settings.catalog_path),
+                        waited_s=self.settings.catalog_parse_timeout_s,
+                        kept=f"current catalog ({len(self.catalog.current.entries)} models)")
+            job.add_done_callback(lambda _: self.wake())
+        elif job.exception() is not None:   # a bug, not bad input (that is a CatalogError)
+            log.error("catalog_reload_failed", error=repr(job.exception()))
+
     def context(self, refresh: frozenset[str] = frozenset()) -> PlanContext:
+        recheck = frozenset((n, f) for n, files in self._recheck.items() for f in files)
         return PlanContext(providers=self.settings.providers, onnx_version=self.onnx_version,
                            onnxruntime_version=self.ort_version,
-                           simulated=dict(self.settings.simulated_providers), refresh=refresh)
+                           simulated=dict(self.settings.simulated_providers), refresh=refresh,
+                           recheck=recheck)
 
     def _log_catalog_error(self) -> None:
         err = self.catalog.error
@@ -302,6 +354,8 @@ class Reconciler:
                 if isinstance(action, RestoreMode):
                     self.store.restore_mode(name, action.file_name)
                     result: Any = None
+                elif isinstance(action, Quarantine):
+                    result = self.store.quarantine(name)
                 else:
                     spec, request = self._job_for(action)
 
@@ -326,7 +380,20 @@ class Reconciler:
                                                         entry=name))
         finally:
             self._running.pop(name, None)
+            if isinstance(action, Prove) and action.recheck:
+                self._recheck.get(name, set()).discard(action.file_name)
+            self._tidy(name)
             self.wake()
+
+    def _tidy(self, name: str) -> None:
+        """The job is over, however it ended: its scratch goes (a killed worker left it)."""
+        try:
+            removed = self.store.tidy(name)
+        except (ModeldError, OSError) as e:
+            log.warning("tidy_failed", model=name, error=str(e))
+            return
+        if removed:
+            log.info("scratch_removed", model=name, files=removed[:10])
 
     def _attach_handle(self, name: str, handle: JobHandle) -> None:
         running = self._running.get(name)
@@ -342,6 +409,11 @@ class Reconciler:
         name = action.name
         previous = self._failures.get(name)
         attempts = previous.attempts + 1 if previous and previous.identity == action.identity else 1
+        if isinstance(error, WorkerTimeoutError) and attempts >= self.settings.max_timeouts:
+            # A proof or quantization that never ends would hold a worker slot forever.
+            error = PermanentError(f"{error.message}, {attempts} times in a row: given up",
+                                   entry=name, hint="fix the model or raise the timeout, then "
+                                   "`systemctl reload` (or `mecha10-modeld sync`) retries")
         if isinstance(error, TemporaryError):
             delay = min(self._backoff_cap_s, max(error.retry_after_s,
                                                  self._backoff_base_s * 2 ** (attempts - 1)))
@@ -353,8 +425,7 @@ class Reconciler:
                 # Persisted: the same inputs are not quantized again, even after a restart.
                 # (When the FP32 file vanished or changed under the job, its failure says nothing
                 # about these inputs: it stays in memory, and the pull that heals the file clears it.)
-                self.store.update_manifest(name, lambda m: m.with_failure(
-                    action.derivation.key(), str(error)))
+                self._write(name, lambda m: m.with_failure(action.derivation.key(), str(error)))
         self._failures[name] = _Failure(action.identity, error, attempts, retry_at)
         self._activity[name] = Activity(error=str(error), error_type=type(error).__name__,
                                         retry_in_s=round(delay, 1) if delay else None)
@@ -381,7 +452,7 @@ class Reconciler:
                 forgotten.add(name)
             manifest = self.store.read_manifest(name)
             if manifest.failures or manifest.rejections:
-                self.store.update_manifest(name, lambda m: replace(m, failures={}, rejections={}))
+                self._write(name, lambda m: replace(m, failures={}, rejections={}))
                 forgotten.add(name)
         if forgotten:
             log.info("failures_forgotten", models=sorted(forgotten))
@@ -395,17 +466,46 @@ class Reconciler:
             self._refresh_due.update(self.catalog.current.entries if names is None else names)
         self.wake()
 
+    def _write(self, name: str, change: Callable[[Manifest], Manifest]) -> bool:
+        """A manifest update that is not the outcome of a job (a failure, a rejection): a disk
+        that refuses it is logged, the daemon goes on (the fact stays in memory)."""
+        try:
+            self.store.update_manifest(name, change)
+            return True
+        except (ModeldError, OSError) as e:
+            log.warning("manifest_not_written", model=name, error=str(e))
+            return False
+
     def record_rejection(self, *, model: str, variant: str, sha256: str, provider: str,
-                         node: str | None, error: str) -> None:
-        """A node could not load ``sha256`` on ``provider``: kept in the manifest while that
-        file is current, so a restarted daemon does not offer it again."""
+                         node: str | None, error: str, revision: str = "") -> None:
+        """A node could not load ``sha256`` on ``provider``. Kept in the manifest for that node
+        (a named one) while that copy of the file is current, so a restarted daemon does not
+        offer it to that node again. And evidence to weigh: the file is hashed and proven again
+        in a worker, at most once per ``recheck_interval_s`` per file, whoever nacks it."""
         if model not in self.catalog.current.entries:
             return
-        rejection = {"model": model, "variant": variant, "sha256": sha256, "provider": provider,
-                     "node": node or "", "error": error, "at_unix_s": round(time.time(), 3)}
         manifest = self.store.read_manifest(model)
-        if any(r.sha256 == sha256 for r in manifest.files.values()):
-            self.store.update_manifest(model, lambda m: m.with_rejection(rejection))
+        file_name = next((n for n, r in sorted(manifest.files.items()) if r.sha256 == sha256), None)
+        if file_name is None:
+            return
+        if node:
+            rejection = {"model": model, "variant": variant, "sha256": sha256,
+                         "provider": provider, "node": node, "error": error,
+                         "revision": revision, "at_unix_s": round(time.time(), 3)}
+            self._write(model, lambda m: m.with_rejection(rejection))
+        now = time.monotonic()
+        last = self._rechecked_at.get((model, sha256))
+        if last is not None and now - last < self.settings.recheck_interval_s:
+            log.info("recheck_skipped", model=model, file=file_name,
+                     why=f"re-checked {now - last:.0f} s ago")
+            return
+        self._rechecked_at.pop((model, sha256), None)
+        self._rechecked_at[(model, sha256)] = now
+        while len(self._rechecked_at) > _RECHECK_MEMORY:
+            del self._rechecked_at[next(iter(self._rechecked_at))]
+        self._recheck.setdefault(model, set()).add(file_name)
+        log.info("recheck_requested", model=model, file=file_name, node=node, provider=provider)
+        self.wake()
 
     def rejections(self) -> list[dict[str, Any]]:
         """The recorded rejections of the catalog's models (for the server at start-up)."""
@@ -516,6 +616,9 @@ class Reconciler:
                  warnings=list(result.get("warnings", ())))
 
     def _apply_prove(self, action: Prove, proof: Any, seconds: float) -> None:
+        if action.recheck:
+            self._judge_recheck(action, proof)
+
         def change(m: Manifest) -> Manifest:
             record = m.files.get(action.file_name)
             if record is None or record.sha256 != proof.file_sha256:
@@ -527,6 +630,30 @@ class Reconciler:
         log.info("proven", model=action.name, file=action.file_name,
                  passed=[p.provider for p in proof.providers if p.passed], refused=refused,
                  checker_ok=proof.checker_ok, seconds=round(seconds, 2))
+
+    def _judge_recheck(self, action: Prove, proof: Any) -> None:
+        """A node rejected the file and the worker hashed and proved it again: bytes that are
+        not the recorded ones (under an unchanged stat) mean the node was right, and the file is
+        damaged for everyone (healed by the next pass); a proof that still passes leaves the
+        rejection to that node alone."""
+        record = self.store.read_manifest(action.name).files.get(action.file_name)
+        if record is None:
+            return
+        if proof.file_sha256 != record.sha256:
+            path = self.store.model_dir(action.name) / action.file_name
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return
+            if record.stat_matches(st):
+                self.store.mark_rotten(action.name, str(path), st)
+            log.error("recheck_found_damage", model=action.name, file=action.file_name,
+                      expected=record.sha256[:12], found=proof.file_sha256[:12])
+            return
+        log.info("recheck_done", model=action.name, file=action.file_name,
+                 passed=[p.provider for p in proof.providers if p.passed],
+                 verdict="the rejection stays with that node" if proof.passed_anywhere
+                 else "refused for every node")
 
     # -- reporting ------------------------------------------------------------------------------
     def _activity_now(self) -> dict[str, Activity]:
@@ -562,6 +689,8 @@ class Reconciler:
             parts.append(f"{len(failed)} failed ({', '.join(sorted(failed)[:3])})")
         err = self.catalog.error
         parts.append(f"catalog error: {err.message}" if err else "catalog ok")
+        if self.store_error is not None:
+            parts.append(f"models error: {self.store_error.message}")
         return ", ".join(parts)
 
     def status(self) -> dict[str, Any]:
@@ -569,6 +698,7 @@ class Reconciler:
         return {"catalog": {"path": str(self.settings.catalog_path), "ok": err is None,
                             "error": str(err) if err else None,
                             "entry_errors": [str(e) for e in self.catalog.current.errors]},
+                "store_error": str(self.store_error) if self.store_error else None,
                 "summary": self.summary(), "workers": len(self._running),
                 "onnxruntime": self.ort_version}
 

@@ -9,7 +9,9 @@ files removed on SIGTERM. Neither the server nor the reconciler knows of the oth
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import resource
 import signal
 import time
 from typing import Any
@@ -19,6 +21,7 @@ import structlog
 from . import systemd
 from .admin import AdminService
 from .catalog import CatalogKeeper
+from .errors import ModeldError, StoreUnavailableError
 from .reconciler import Reconciler
 from .server import Rejection, Server
 from .settings import Settings
@@ -28,6 +31,58 @@ from .watcher import Watcher
 log = structlog.get_logger(__name__)
 
 STATUS_MIN_INTERVAL_S = 0.5
+#: descriptors kept for all but clients: models/ files, the watcher, workers' pipes, the
+#: catalog, the log (LimitNOFILE in the unit is max_clients + this)
+FD_RESERVE = 256
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def client_limit(wanted: int) -> int:
+    """``wanted`` clients if the descriptor limit leaves ``FD_RESERVE`` besides them (raising
+    the soft limit toward the hard one if needed), else fewer: idle connections must never
+    take the descriptors a model's files need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    fitted = max(1, soft - FD_RESERVE)
+    log.warning("max_clients_lowered", wanted=wanted, max_clients=fitted, nofile=soft,
+                hint=f"raise LimitNOFILE to {need}")
+    return fitted
+
+
+class _LoopExceptions:
+    """The loop's exception handler. Out of descriptors on accept(), asyncio stops accepting
+    for a second, but (CPython 3.11) only after retrying accept() once per backlog slot, each
+    retry reported here: a thousand reports a second. One line, then one every
+    ``quiet_s`` with the count, never a traceback (issue 11)."""
+
+    __slots__ = ("quiet_s", "_last", "_suppressed")
+
+    def __init__(self, quiet_s: float = 10.0) -> None:
+        self.quiet_s = quiet_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._last < self.quiet_s:
+            self._suppressed += 1
+            return
+        log.error("accept_failed", error=exc.strerror, errno=errno.errorcode.get(exc.errno or 0),
+                  retry_in_s=1, since_last=self._suppressed)
+        self._last, self._suppressed = now, 0
 
 
 def run_daemon(settings: Settings) -> int:
@@ -40,7 +95,8 @@ class Daemon:
         self.store = Store(settings.models_dir)
         self.catalog = CatalogKeeper(settings.catalog_path)
         self.server = Server(socket_path=settings.socket_path, socket_mode=settings.socket_mode,
-                             socket_group=settings.socket_group, max_clients=settings.max_clients,
+                             socket_group=settings.socket_group,
+                             max_clients=client_limit(settings.max_clients),
                              on_rejection=self._on_rejection, status_extra=self._status_extra,
                              on_admin=lambda *a: self.admin.handle(*a))
         self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
@@ -56,7 +112,14 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
+        loop.set_exception_handler(_LoopExceptions())
+        try:
+            self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
+        except StoreUnavailableError as e:
+            # models/ is a file, unreadable...: the daemon still serves status and says why,
+            # and takes the lock once models/ is a folder again (issue 11)
+            log.error("store_unavailable", **e.fields())
+            self.reconciler.lock_later = True
         try:
             removed = self.store.clean_leftovers()
             if removed:
@@ -107,8 +170,11 @@ class Daemon:
         systemd.reloading("reloading catalog")
         log.info("reload", catalog=str(self.settings.catalog_path))
         passes = self.reconciler.passes
-        self.reconciler.catalog.reload()
-        self.reconciler.forget_failures()
+        await self.reconciler.reload_catalog()
+        try:
+            self.reconciler.forget_failures()
+        except (ModeldError, OSError) as e:   # an unreadable store: the next pass says why
+            log.warning("reload_incomplete", error=str(e))
         self.server.forget_rejections()
         self.reconciler.wake(refresh=True)
         while self.reconciler.passes == passes and not self.stopping.is_set():
@@ -131,11 +197,12 @@ class Daemon:
         self._last_status_at = time.monotonic()
 
     def _on_rejection(self, model: str, variant: str, sha256: str, provider: str, node: str | None,
-                      error: str) -> None:
+                      error: str, revision: str = "") -> None:
         log.warning("node_rejected_variant", model=model, variant=variant, sha256=sha256[:12],
                     provider=provider, node=node, error=error)
         self.reconciler.record_rejection(model=model, variant=variant, sha256=sha256,
-                                         provider=provider, node=node, error=error)
+                                         provider=provider, node=node, error=error,
+                                         revision=revision)
 
     def _status_extra(self) -> dict[str, Any]:
         return {**self.reconciler.status(),

@@ -43,6 +43,12 @@ MAX_CONSECUTIVE_ERRORS = 16
 MAX_SUBSCRIPTIONS_PER_CLIENT = 1024
 #: generations of sent choices remembered per model and client, so a late ack still resolves
 ACK_HISTORY = 8
+#: bytes queued for one connection before it counts as not reading (its replies are dropped
+#: for a snapshot of its states; again before a drain: disconnected)
+MAX_CLIENT_OUTPUT_BYTES = 8 * 1024 * 1024
+#: bytes queued for all connections together past which no connection's next request is read
+#: until its own answers are written (pipelined `status` on many connections took 600 MB)
+MAX_PENDING_OUTPUT_BYTES = 64 * 1024 * 1024
 NOT_IN_CATALOG = "not in the catalog"
 NOT_LOADED_YET = "daemon starting: catalog not loaded yet"
 
@@ -57,7 +63,10 @@ class SocketInUseError(SocketPathError):
 
 @dataclasses.dataclass(frozen=True)
 class Rejection:
-    """A node nacked this file on this provider: no node on that provider is offered it again."""
+    """A node nacked this file on this provider. Evidence, not a verdict (issue 11): only that
+    node is not offered the file again; the daemon proves the file again itself, and only its
+    own proof takes a file from every node. ``revision`` names the published copy (its inode):
+    a re-published copy (a heal) is offered again."""
 
     model: str
     variant: str
@@ -67,6 +76,11 @@ class Rejection:
     error: str
     generation: int
     at_unix_s: float
+    revision: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.node, self.sha256, self.provider)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Rejection":
@@ -74,7 +88,8 @@ class Rejection:
         return cls(model=str(record.get("model", "")), variant=str(record.get("variant", "")),
                    sha256=str(record.get("sha256", "")), provider=str(record.get("provider", "")),
                    node=str(record.get("node", "")), error=str(record.get("error", "")),
-                   generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0))
+                   generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0),
+                   revision=str(record.get("revision", "")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +117,18 @@ class Server:
                  on_rejection: Callable[..., None] | None = None,
                  status_extra: Callable[[], dict] | None = None,
                  on_admin: Callable[..., None] | None = None,
-                 write_timeout_s: float = 10.0) -> None:
+                 write_timeout_s: float = 10.0,
+                 max_client_output_bytes: int = MAX_CLIENT_OUTPUT_BYTES,
+                 max_pending_output_bytes: int = MAX_PENDING_OUTPUT_BYTES) -> None:
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.max_clients = max_clients
         self.max_line_bytes = max_line_bytes
         self.queue_limit = queue_limit
+        self.max_client_output_bytes = max_client_output_bytes
+        self.max_pending_output_bytes = max_pending_output_bytes
+        self.output = _OutputBudget()
         self.write_timeout_s = write_timeout_s
         self._on_rejection = on_rejection
         self._status_extra = status_extra
@@ -120,8 +140,9 @@ class Server:
         self._generations: dict[str, int] = {}
         # Seeded from the wall clock so generations keep increasing across daemon restarts.
         self._last_generation = _now_ms()
-        self._rejected: dict[tuple[str, str], Rejection] = {}
-        self._rejected_keys: frozenset[tuple[str, str]] = frozenset()
+        #: (node, sha256, provider) -> the node's rejection; per node, never for every node
+        self._rejected: dict[tuple[str, str, str], Rejection] = {}
+        self._rejected_by_node: dict[str, frozenset[tuple[str, str]]] = {}
         self._clients: set[_Client] = set()
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
@@ -190,6 +211,8 @@ class Server:
         gone = set(old) - set(new)
         for name in gone:
             self._generations.pop(name, None)
+        if self._rejected and touched:
+            self._drop_healed(touched)
         if first:
             touched |= {m for c in self._clients for m in c.subscriptions}
         for client in list(self._clients):
@@ -227,7 +250,8 @@ class Server:
             return (unavailable_event(model=model, reason=reason, generation=0),
                     ("unknown", reason), None)
         providers, prefer = client.subscriptions[model]
-        result = choose(view, providers, prefer, self._rejected_keys)
+        result = choose(view, providers, prefer,
+                        self._rejected_by_node.get(client.node_key, frozenset()))
         generation = self._generations[model]
         if isinstance(result, Unavailable):
             return (unavailable_event(model=model, reason=result.reason, generation=generation),
@@ -278,6 +302,8 @@ class Server:
                                     f"per connection"))
             return
         client.node = request.node or client.node
+        if client.node:
+            client.node_key = client.node
         log.info("subscribed", client=client.id, node=client.node, models=list(request.models),
                  providers=list(request.providers), prefer=request.prefer)
         for model in request.models:
@@ -299,42 +325,78 @@ class Server:
         self._reject(client, ack, choice)
 
     def _reject(self, client: "_Client", ack: Ack, choice: Choice) -> None:
-        key = (choice.sha256, choice.provider)
+        """A node's nack: that node (all its connections) is moved to its next choice; nobody
+        else is. The daemon is told (``on_rejection``) and decides about the file itself."""
+        node = client.node_key
+        key = (node, choice.sha256, choice.provider)
         if key not in self._rejected:
+            view = self._views.get(ack.model)
+            served = next((v for v in view.variants if v.sha256 == choice.sha256), None) \
+                if view is not None else None
             rejection = Rejection(model=ack.model, variant=choice.variant, sha256=choice.sha256,
-                                  provider=choice.provider, node=client.node,
-                                  error=ack.error or "rejected by the node",
-                                  generation=ack.generation, at_unix_s=time.time())
-            self._rejected[key] = rejection
-            self._rejected_keys = frozenset(self._rejected)
-            log.warning("variant_rejected", client=client.id, node=client.node, model=ack.model,
+                                  provider=choice.provider, node=node,
+                                  error=(ack.error or "rejected by the node")[:500],
+                                  generation=ack.generation, at_unix_s=time.time(),
+                                  revision=served.revision if served is not None else "")
+            self._add_rejections([rejection])
+            log.warning("variant_rejected", client=client.id, node=node, model=ack.model,
                         variant=choice.variant, sha256=choice.sha256, provider=choice.provider,
-                        error=rejection.error)
+                        error=rejection.error, scope="this node")
             if self._on_rejection is not None:
                 try:
                     self._on_rejection(model=ack.model, variant=choice.variant,
                                        sha256=choice.sha256, provider=choice.provider,
-                                       node=client.node, error=rejection.error)
+                                       node=node if client.node else "", error=rejection.error,
+                                       revision=rejection.revision)
                 except Exception as e:  # a faulty callback must not break the socket server
                     log.error("on_rejection_failed", error=repr(e))
             if ack.model in self._views:
                 self._bump(ack.model)
-        # Every node on that provider that holds the file is moved to the next proven one.
         for other in list(self._clients):
-            if ack.model in other.subscriptions:
+            if other.node_key == node and ack.model in other.subscriptions:
                 self._refresh(other, ack.model)
 
-    def restore_rejections(self, rejections: Iterable[Rejection]) -> None:
-        """Rejections recorded before a restart: nodes are not offered those files again."""
+    def _add_rejections(self, rejections: Iterable[Rejection]) -> None:
+        nodes = set()
         for rejection in rejections:
-            self._rejected.setdefault((rejection.sha256, rejection.provider), rejection)
-        self._rejected_keys = frozenset(self._rejected)
+            self._rejected.setdefault(rejection.key, rejection)
+            nodes.add(rejection.node)
+        for node in nodes:
+            self._index_node(node)
+
+    def _index_node(self, node: str) -> None:
+        keys = frozenset((s, p) for (n, s, p) in self._rejected if n == node)
+        if keys:
+            self._rejected_by_node[node] = keys
+        else:
+            self._rejected_by_node.pop(node, None)
+
+    def _drop_healed(self, models: set[str]) -> None:
+        """A rejected file that was published again (a new copy: the daemon healed it) is
+        offered again: the node may have been right about the old copy."""
+        nodes = set()
+        for key, rejection in list(self._rejected.items()):
+            view = self._views.get(rejection.model)
+            if rejection.model not in models or view is None or not rejection.revision:
+                continue
+            current = next((v for v in view.variants if v.sha256 == rejection.sha256), None)
+            if current is not None and current.revision and current.revision != rejection.revision:
+                del self._rejected[key]
+                nodes.add(rejection.node)
+                log.info("rejection_dropped", model=rejection.model, node=rejection.node,
+                         sha256=rejection.sha256[:12], why="the file was published again")
+        for node in nodes:
+            self._index_node(node)
+
+    def restore_rejections(self, rejections: Iterable[Rejection]) -> None:
+        """Rejections recorded before a restart: those nodes are not offered those files again."""
+        self._add_rejections(rejections)
 
     def forget_rejections(self) -> int:
         """An operator's retry (SIGHUP): every file is offered again; returns how many."""
         count = len(self._rejected)
         self._rejected.clear()
-        self._rejected_keys = frozenset()
+        self._rejected_by_node.clear()
         for name in list(self._views):
             self._bump(name)
         for client in list(self._clients):
@@ -370,8 +432,8 @@ class Server:
                 "generation": self._generations.get(name), "detail": dict(view.detail),
                 "variants": [{"variant": v.variant, "path": v.path, "sha256": v.sha256,
                               "size": v.size, "proof": v.proof.to_dict() if v.proof else None,
-                              "rejected_on": sorted(p for (s, p) in self._rejected
-                                                    if s == v.sha256)}
+                              "rejected_on": sorted({p for (_, s, p) in self._rejected
+                                                     if s == v.sha256})}
                              for v in view.variants],
                 "subscribers": by_model.get(name, [])}
         core = {"event": "status", "protocol": PROTOCOL_VERSION, "daemon": DAEMON_NAME,
@@ -397,7 +459,7 @@ class Server:
             await _refuse(writer, f"too many clients ({self.max_clients}); try again later")
             return
         client = _Client(next(self._ids), writer, pid, uid, gid, self.queue_limit,
-                         self.write_timeout_s)
+                         self.write_timeout_s, self.output, self.max_client_output_bytes)
         client.task = asyncio.current_task()
         self._clients.add(client)
         log.debug("client_connected", client=client.id, pid=pid, uid=uid, gid=gid)
@@ -423,7 +485,9 @@ class Server:
                 self._handle_line(client, line)
                 if client.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     closing_error = f"{client.consecutive_errors} bad lines in a row; closing"
-                elif client.backlog >= self.queue_limit // 2:
+                elif (client.backlog >= self.queue_limit // 2
+                      or client.queued_bytes >= self.max_client_output_bytes // 2
+                      or (client.queued_bytes and self.output.total >= self.max_pending_output_bytes)):
                     # Pipelined requests: answer what is queued before reading more, so a
                     # burst of requests is slowed down rather than taken for a slow reader.
                     await client.flush(timeout_s=self.write_timeout_s)
@@ -439,16 +503,29 @@ class Server:
             log.debug("client_disconnected", client=client.id, node=client.node, pid=pid)
 
 
+class _OutputBudget:
+    """Bytes queued for every connection together (one per server)."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
 class _Client:
-    """One connection: its subscriptions, what it was last sent, and a bounded outgoing queue."""
+    """One connection: its subscriptions, what it was last sent, and a bounded outgoing queue
+    (bounded in events and in bytes)."""
 
     def __init__(self, client_id: int, writer: asyncio.StreamWriter, pid: int | None,
                  uid: int | None, gid: int | None, queue_limit: int,
-                 write_timeout_s: float) -> None:
+                 write_timeout_s: float, budget: _OutputBudget | None = None,
+                 max_output_bytes: int = MAX_CLIENT_OUTPUT_BYTES) -> None:
         self.id = client_id
         self.writer = writer
         self.pid, self.uid, self.gid = pid, uid, gid
         self.node = ""
+        #: whom a nack speaks for: the node's name, or this one connection when it gave none
+        self.node_key = f"connection {client_id}"
         self.task: asyncio.Task | None = None
         self.subscriptions: dict[str, tuple[tuple[str, ...], str]] = {}
         self.sent_keys: dict[str, tuple] = {}
@@ -458,6 +535,9 @@ class _Client:
         self.consecutive_errors = 0
         self._queue: collections.deque[bytes] = collections.deque()
         self._queue_limit = queue_limit
+        self._budget = budget or _OutputBudget()
+        self._max_output_bytes = max_output_bytes
+        self.queued_bytes = 0
         self._write_timeout_s = write_timeout_s
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -473,23 +553,42 @@ class _Client:
             return
         # Room for one state per followed model on top of the limit: a large subscribe answers
         # all its models in one go, before the writer gets to run.
-        if len(self._queue) >= self._queue_limit + len(self.sent_events):
+        data = encode(event)
+        if (len(self._queue) >= self._queue_limit + len(self.sent_events)
+                or (self._queue and self.queued_bytes + len(data) > self._max_output_bytes)):
             if self._collapsed:
                 log.warning("client_too_slow", client=self.id, node=self.node, pid=self.pid,
-                            queued=len(self._queue))
+                            queued=len(self._queue), queued_bytes=self.queued_bytes)
                 self.abort()
                 return
             self._collapsed = True
-            self._queue.clear()
+            self._drop_queue()
             # The snapshot holds every current state; a state event is already part of it.
-            self._queue.extend(encode(e) for e in self.sent_events.values())
+            for snapshot in self.sent_events.values():
+                self._push(encode(snapshot))
             log.info("client_queue_collapsed", client=self.id, node=self.node,
                      snapshot=len(self._queue))
             if event.get("event") in ("variant", "unavailable", "removed"):
                 self._kick()
                 return
-        self._queue.append(encode(event))
+        self._push(data)
         self._kick()
+
+    def _push(self, data: bytes) -> None:
+        self._queue.append(data)
+        self.queued_bytes += len(data)
+        self._budget.total += len(data)
+
+    def _pop(self) -> bytes:
+        data = self._queue.popleft()
+        self.queued_bytes -= len(data)
+        self._budget.total -= len(data)
+        return data
+
+    def _drop_queue(self) -> None:
+        self._budget.total -= self.queued_bytes
+        self.queued_bytes = 0
+        self._queue.clear()
 
     def _kick(self) -> None:
         self._idle.clear()
@@ -505,7 +604,7 @@ class _Client:
                     continue
                 chunk = []
                 while self._queue and len(chunk) < 64:
-                    chunk.append(self._queue.popleft())
+                    chunk.append(self._pop())
                 self.writer.write(b"".join(chunk))
                 await asyncio.wait_for(self.writer.drain(), self._write_timeout_s)
                 self._collapsed = False
@@ -532,7 +631,7 @@ class _Client:
         if self._closed:
             return
         self._closed = True
-        self._queue.clear()
+        self._drop_queue()
         self._wakeup.set()
         if self.writer.transport is not None:
             self.writer.transport.abort()

@@ -27,6 +27,8 @@ class VariantView:
     sha256: str
     size: int
     proof: Proof | None     # None = not proven (yet): never served
+    #: which published copy (its inode): a node's rejection names the copy it was given
+    revision: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def choose(view: ModelView, providers: Sequence[str], prefer: str,
            rejected: frozenset[tuple[str, str]] = frozenset()) -> Choice | Unavailable:
     """The variant one node should load: first provider (in the node's order) with a candidate.
 
-    ``rejected`` holds ``(sha256, provider)`` pairs some node nacked; they are never chosen again.
+    ``rejected`` holds the ``(sha256, provider)`` pairs this node nacked: not chosen for it again.
     """
     problems = []
     for provider in providers:
@@ -113,7 +115,7 @@ def _candidate(vv: VariantView, provider: str,
     if not (pp.passed or (vv.variant == FP32 and pp.usable)):
         return 0.0, f"{vv.variant}: {pp.reason or 'failed its proof'}"
     if (vv.sha256, provider) in rejected:
-        return 0.0, f"{vv.variant} rejected by a node on {provider}"
+        return 0.0, f"{vv.variant} rejected by this node on {provider}"
     if vv.variant == FP32:
         return 1.0, ""
     return (pp.speedup if pp.speedup is not None else 1.0), ""

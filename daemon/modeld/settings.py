@@ -56,6 +56,15 @@ class Settings:
     #: retry_after_s, at most the cap (the cap wins: tests set it short)
     retry_backoff_base_s: float = 2.0
     retry_backoff_cap_s: float = 300.0
+    #: a node's nack makes the daemon hash and prove that file again, at most this often per
+    #: file whoever sends them (one client must not keep the workers busy)
+    recheck_interval_s: float = 600.0
+    #: a job that ran past its time limit this many times in a row for the same inputs fails
+    #: permanently (SIGHUP or `sync` retries it): it must not hold a worker slot forever
+    max_timeouts: int = 3
+    #: the catalog is parsed in a thread; one that takes longer is reported (the last good
+    #: catalog stays) and the loop goes on (a 4 MiB catalog that fails to parse took 10 s)
+    catalog_parse_timeout_s: float = 2.0
     hub_endpoint: str | None = None
     hub_offline: bool = False
 
@@ -147,7 +156,8 @@ SETTINGS_KEYS: Mapping[str, tuple[str, str, Callable[[Any], Any]]] = {
         ("debounce_max_ms", int), ("resync_interval_s", float), ("scrub_interval_s", float),
         ("pull_timeout_s", float), ("pull_attempts", int), ("quantize_timeout_s", float),
         ("verify_timeout_s", float), ("worker_memory_mb", int), ("retry_backoff_base_s", float),
-        ("retry_backoff_cap_s", float))},
+        ("retry_backoff_cap_s", float), ("recheck_interval_s", float), ("max_timeouts", int),
+        ("catalog_parse_timeout_s", float))},
 }
 #: keys the file may hold that are not Settings fields (the CLI reads them)
 OTHER_FILE_KEYS = ("log_level",)

@@ -21,9 +21,12 @@ from typing import Callable, Iterable, Mapping
 
 import structlog
 
-from .atomic import TEMP_PREFIX, is_temp_name, remove_leftovers, write_atomic
-from .errors import StoreError, StoreLockedError
-from .manifest import MANIFEST_NAME, FileRecord, Manifest
+from .atomic import (TEMP_PREFIX, describe_mode, disk_error, is_temp_name, open_regular,
+                     quarantine_path_for, read_regular, real_folder, remove_leftovers,
+                     write_atomic)
+from .errors import (ManifestError, ModeldError, StoreError, StoreLockedError,
+                     StoreUnavailableError)
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, Manifest, is_plain_name
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,11 @@ class ModelState:
     files: Mapping[str, FileState] = field(default_factory=dict)
     #: a file kept its content under a new stat (touched, copied back): see Store.refresh_stats
     new_stats: bool = False
+    #: why the folder or its manifest cannot be used as it is (one line; "" when fine): this
+    #: model's error, healed by pulling again, never the daemon's
+    problem: str = ""
+    #: models/<name> is not a real folder (a file, a symlink, a loop): it is moved aside
+    misplaced: bool = False
 
     def intact(self, file_name: str) -> bool:
         state = self.files.get(file_name)
@@ -83,8 +91,9 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int]:
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a regular file (a symlink, FIFO or device is refused with ``OSError``)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(open_regular(path), "rb") as f:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
@@ -97,7 +106,7 @@ class Store:
         self.root = Path(models_dir).absolute()
         self._hasher = hasher
         self._hash_cache: dict[tuple[str, int, int, int], str] = {}
-        self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
+        self._manifest_cache: dict[str, tuple[tuple[int, int, int], Manifest, str]] = {}
         self._lock_fd: int | None = None
         self._dirs: dict[str, Path] = {}
         #: the last scan of each model: a rescan that finds the same manifest and the same file
@@ -107,6 +116,10 @@ class Store:
         #: path -> stat key of a file whose content the scrub found changed under its old stat
         self._rotten: dict[str, tuple[int, int, int]] = {}
         self.hash_count = 0   # how many files were hashed: the no-op benchmark asserts it stays 0
+        #: the mode a restored file gets: what a new file gets under this process's umask (the
+        #: unit's UMask=0027 makes it 0640: readable by the nodes' group, by no one else)
+        self.file_mode = 0o666 & ~_current_umask()
+        self._problems_logged: dict[str, str] = {}
 
     # -- layout ---------------------------------------------------------------------------------
     def model_dir(self, name: str) -> Path:
@@ -114,8 +127,7 @@ class Store:
         cached = self._dirs.get(name)
         if cached is not None:
             return cached
-        if (not name or name in {".", ".."} or "/" in name or "\\" in name or "\0" in name
-                or name.startswith(".")):
+        if not is_plain_name(name):
             raise StoreError(f"not a valid model folder name: {name!r}", entry=name)
         path = self.root / name
         if path.parent != self.root:
@@ -133,41 +145,70 @@ class Store:
 
     # -- manifest -------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> Manifest:
+        """The manifest of ``models/<name>`` (empty when absent or unusable: see ``_load``)."""
+        return self._load(name)[0]
+
+    def _load(self, name: str) -> tuple[Manifest, str]:
+        """(manifest, problem). Whatever is in the file, this returns: a manifest that is not a
+        regular file, too big, not JSON or of the wrong shape is an empty manifest and a problem
+        (logged once per content): its model's files are verified or pulled again."""
         path = f"{self._folders.get(name) or self._folder(name)}/{MANIFEST_NAME}"
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
             self._manifest_cache.pop(name, None)
-            return Manifest(name=name)
+            return Manifest(name=name), ""
+        except OSError as e:
+            return Manifest(name=name), self._problem(name, f"{MANIFEST_NAME}: {e.strerror}")
         key = stat_key(st)
         cached = self._manifest_cache.get(name)
         if cached and cached[0] == key:
-            return cached[1]
+            return cached[1], cached[2]
+        problem = ""
         try:
-            manifest = Manifest.from_json(Path(path).read_bytes())
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            # A damaged manifest only costs work: every file is re-verified or re-made.
-            log.warning("manifest_unreadable", model=name, error=str(e))
+            if not stat.S_ISREG(st.st_mode):
+                raise ManifestError(f"{MANIFEST_NAME} is {describe_mode(st.st_mode)}")
+            manifest = Manifest.from_json(read_regular(path, MAX_MANIFEST_BYTES), name=name)
+        except ManifestError as e:
+            manifest, problem = Manifest(name=name), self._problem(name, e.message)
+        except OSError as e:
             manifest = Manifest(name=name)
-        self._manifest_cache[name] = (key, manifest)
-        return manifest
+            problem = self._problem(name, f"{MANIFEST_NAME}: {e.strerror or e}")
+        self._manifest_cache[name] = (key, manifest, problem)
+        return manifest, problem
+
+    def _problem(self, name: str, text: str) -> str:
+        """Log a model's store problem once (until it changes); returns the text."""
+        text = f"{text}; pulled and verified again"[:300]
+        if self._problems_logged.get(name) != text:
+            if len(self._problems_logged) > 10_000:
+                self._problems_logged.clear()
+            self._problems_logged[name] = text
+            log.warning("store_problem", model=name, problem=text)
+        return text
 
     def write_manifest(self, manifest: Manifest) -> None:
-        folder = self.model_dir(manifest.name)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Publish ``models/<manifest.name>/manifest.json`` (the name is the folder's: see
+        ``read_manifest``); only into a real folder, never through a link."""
+        folder = real_folder(self.model_dir(manifest.name), create=True)
         path = folder / MANIFEST_NAME
         write_atomic(path, manifest.to_json())
-        st = path.stat()
-        self._manifest_cache[manifest.name] = (stat_key(st), manifest)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise disk_error(e, path) from e
+        self._manifest_cache[manifest.name] = (stat_key(st), manifest, "")
 
     def update_manifest(self, name: str, change: Callable[[Manifest], Manifest]) -> Manifest:
-        manifest = change(self.read_manifest(name))
+        manifest = replace(change(self.read_manifest(name)), name=name)
         self.write_manifest(manifest)
         return manifest
 
     # -- scan -----------------------------------------------------------------------------------
     def scan(self, names: Iterable[str]) -> Inventory:
-        """The actual state of the named models (those with no folder are absent)."""
+        """The actual state of the named models (those with no folder are absent).
+        ``StoreUnavailableError`` when models/ itself is not a usable folder."""
+        self.check_root()
         models = {}
         for name in names:
             state = self.scan_model(name)
@@ -175,12 +216,34 @@ class Store:
                 models[name] = state
         return Inventory(models=models)
 
+    def check_root(self) -> None:
+        try:
+            st = os.stat(self.root)
+        except FileNotFoundError:
+            return   # nothing pulled yet: the first write creates it
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot read {self.root}: {e.strerror}",
+                                        path=str(self.root)) from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreUnavailableError(f"{self.root} is {describe_mode(st.st_mode)}, not a folder",
+                                        path=str(self.root),
+                                        hint="make it a folder again; nothing is served meanwhile")
+
     def scan_model(self, name: str) -> ModelState | None:
         folder = self._folders.get(name) or self._folder(name)
-        manifest = self.read_manifest(name)
-        if not manifest.files and not os.path.isdir(folder):
+        try:
+            folder_mode = os.lstat(folder).st_mode
+        except (FileNotFoundError, NotADirectoryError):
             self._states.pop(name, None)
             return None
+        except OSError as e:
+            return self._broken(name, f"{name}/: {e.strerror}", misplaced=False)
+        if not stat.S_ISDIR(folder_mode):
+            return self._broken(name, f"models/{name} is {describe_mode(folder_mode)}, not a "
+                                      f"folder", misplaced=True)
+        manifest, problem = self._load(name)
+        if not problem:
+            self._problems_logged.pop(name, None)   # healed: the same damage again is logged again
         previous = self._states.get(name)
         if previous is not None and previous.manifest is not manifest:
             previous = None
@@ -192,7 +255,7 @@ class Store:
             if before is not None and before.record is record and before.status == OK:
                 # the common case, inlined: a regular, readable file with its recorded stat
                 try:
-                    st = os.stat(path)
+                    st = os.lstat(path)
                 except OSError:
                     st = None
                 if (st is not None and st.st_mode & _REGULAR_READABLE == _REGULAR_READABLE
@@ -206,9 +269,40 @@ class Store:
         if same:
             return previous
         new_stats = any(s.record is not manifest.files[n] for n, s in files.items() if s.ok)
-        state = ModelState(name=name, manifest=manifest, files=files, new_stats=new_stats)
+        state = ModelState(name=name, manifest=manifest, files=files, new_stats=new_stats,
+                           problem=problem)
         self._states[name] = state
         return state
+
+    def _broken(self, name: str, problem: str, *, misplaced: bool) -> ModelState:
+        previous = self._states.get(name)
+        if previous is not None and previous.problem == problem and not previous.files:
+            return previous
+        self._problem(name, problem)
+        state = ModelState(name=name, manifest=Manifest(name=name), problem=problem,
+                           misplaced=misplaced)
+        self._states[name] = state
+        return state
+
+    def quarantine(self, name: str) -> str:
+        """Move ``models/<name>`` (a file, a symlink: not a real folder) aside under a hidden
+        name, the link itself and never its target; the model is then pulled again. Returns the
+        new name."""
+        folder = self.model_dir(name)
+        aside = quarantine_path_for(folder)
+        try:
+            os.replace(folder, aside)
+        except FileNotFoundError:
+            return ""
+        except OSError as e:
+            raise disk_error(e, folder) from e
+        self._forget(name)
+        log.warning("model_folder_quarantined", model=name, moved_to=aside.name)
+        return aside.name
+
+    def _forget(self, name: str) -> None:
+        self._manifest_cache.pop(name, None)
+        self._states.pop(name, None)
 
     def _folder(self, name: str) -> str:
         folder = os.fspath(self.model_dir(name))
@@ -218,13 +312,14 @@ class Store:
 
     def _check(self, path: str, record: FileRecord) -> FileState:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)   # a symlink is never followed: it is damage, healed by a pull
         except FileNotFoundError:
             return FileState(record.name, MISSING, record, "file is missing")
         except OSError as e:
             return FileState(record.name, UNREADABLE, record, e.strerror or str(e))
         if not stat.S_ISREG(st.st_mode):
-            return FileState(record.name, DAMAGED, record, "not a regular file")
+            return FileState(record.name, DAMAGED, record,
+                             f"{describe_mode(st.st_mode)}, not a regular file")
         if not st.st_mode & stat.S_IRUSR:
             # Root can read a mode-000 file, but the nodes cannot: treat it as unreadable.
             return FileState(record.name, UNREADABLE, record, "file has no read permission")
@@ -266,7 +361,7 @@ class Store:
             if file_state.ok and file_state.record is not None:
                 path = f"{self._folder(name)}/{file_name}"
                 try:
-                    out.append((path, file_state.record, os.stat(path)))
+                    out.append((path, file_state.record, os.lstat(path)))
                 except OSError:
                     continue
         return out
@@ -302,7 +397,8 @@ class Store:
         self._hash_cache = {k: v for k, v in self._hash_cache.items() if k[0] != path}
 
     def refresh_stats(self, state: ModelState) -> None:
-        """Record the new stat triple of files whose content proved unchanged (saves re-hashing)."""
+        """Record the new stat triple of files whose content proved unchanged (saves re-hashing).
+        Only saves work: a write the disk refuses is logged (once) and tried on a later pass."""
         if not state.new_stats:
             return
         records = state.manifest.files
@@ -310,11 +406,34 @@ class Store:
                    if s.ok and s.record is not None and s.record is not records.get(n)
                    and s.record != records.get(n)}
         if changed:
-            self.update_manifest(state.name, lambda m: replace(m, files={**m.files, **changed}))
+            try:
+                self.update_manifest(state.name, lambda m: replace(m, files={**m.files, **changed}))
+            except (ModeldError, OSError) as e:
+                self._problem(state.name, f"new file stats not recorded: {e}")
 
     def restore_mode(self, name: str, file_name: str) -> None:
-        """A file that lost its read permission but kept its content: give it back 0644."""
-        os.chmod(self.model_dir(name) / file_name, 0o644)
+        """A file that lost its read permission but kept its content: give it back the mode a
+        new file gets (``file_mode``). Only a regular file directly in the model's real folder:
+        no symlink is followed, no name leaves the folder."""
+        if not is_plain_name(file_name):
+            raise StoreError(f"not a file name of this folder: {file_name!r}", entry=name)
+        folder = real_folder(self.model_dir(name))
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(file_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StoreError(f"{file_name} is {describe_mode(st.st_mode)}, not a file",
+                                     entry=name)
+                # chmod through the O_PATH descriptor: the very inode checked above
+                os.chmod(f"/proc/self/fd/{fd}", self.file_mode)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise disk_error(e, folder / file_name) from e
+        finally:
+            os.close(dir_fd)
 
     # -- removal and clean-up -------------------------------------------------------------------
     def remove_model(self, name: str) -> bool:
@@ -325,32 +444,69 @@ class Store:
         aside = self.root / f"{TEMP_PREFIX}removed-{uuid.uuid4().hex[:8]}-{name}"
         os.replace(folder, aside)
         shutil.rmtree(aside, ignore_errors=True)
-        self._manifest_cache.pop(name, None)
-        self._states.pop(name, None)
+        self._forget(name)
         return True
 
     def remove_file(self, name: str, file_name: str) -> None:
+        if not is_plain_name(file_name):
+            raise StoreError(f"not a file name of this folder: {file_name!r}", entry=name)
         try:
-            (self.model_dir(name) / file_name).unlink()
+            (real_folder(self.model_dir(name)) / file_name).unlink()
         except FileNotFoundError:
             pass
+
+    def tidy(self, name: str) -> list[str]:
+        """After a job of ``name`` ended, however it ended (a killed worker runs no clean-up):
+        remove its temp files and scratch folders, and the folder itself if nothing is left
+        (a failed first pull leaves no empty folder). Only call it when no job uses the folder."""
+        folder = self.model_dir(name)
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                return []
+        except OSError:
+            return []
+        removed = remove_leftovers(folder)
+        try:
+            os.rmdir(folder)   # only succeeds when empty
+            self._forget(name)
+        except OSError:
+            pass
+        return removed
 
     def clean_leftovers(self) -> list[str]:
         """Remove temp files and scratch folders of an interrupted run (start-up)."""
         if not self.root.is_dir():
             return []
         removed = remove_leftovers(self.root)
-        for folder in self.root.iterdir():
+        try:
+            folders = list(self.root.iterdir())
+        except OSError:
+            return removed
+        for folder in folders:
             if folder.is_dir() and not folder.is_symlink():
                 removed += [f"{folder.name}/{name}" for name in remove_leftovers(folder)]
         return removed
 
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
     # -- one daemon per store -------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the store's lock, or raise ``StoreLockedError`` naming the holder."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Take the store's lock, or raise ``StoreLockedError`` naming the holder
+        (``StoreUnavailableError``: models/ is not a folder we can use, for now)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.check_root()
+            raise StoreUnavailableError(f"cannot create {self.root}: {e.strerror}",
+                                        path=str(self.root)) from e
+        self.check_root()
         path = self.root / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot open {path}: {e.strerror}", path=str(path)) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -369,6 +525,19 @@ class Store:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _current_umask() -> int:
+    """This process's umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _read_pid(fd: int) -> int | None:

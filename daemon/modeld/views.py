@@ -113,7 +113,8 @@ def _view(state: ModelState, file_name: str, variant: str, models_root: str) -> 
     if proof is not None and proof.file_sha256 != record.sha256:
         proof = None
     return VariantView(variant=variant, path=f"{models_root}/{state.name}/{file_name}",
-                       sha256=record.sha256, size=record.size, proof=proof)
+                       sha256=record.sha256, size=record.size, proof=proof,
+                       revision=str(record.inode))
 
 
 def _reason(entry: ModelEntry, state: ModelState | None, activity: Activity,

@@ -148,8 +148,12 @@ class _EventSorter(ev.FileSystemEventHandler):
             return WakeReason()
         if parts == [_LOCK_NAME] or parts == [SCRUB_STAMP_NAME]:
             return WakeReason()
-        if parts[-1] == MANIFEST_NAME and event.event_type != ev.EVENT_TYPE_DELETED:
-            return WakeReason()   # the daemon's own manifest writes (a deleted one is damage)
+        if parts[-1] == MANIFEST_NAME and event.event_type == ev.EVENT_TYPE_MOVED \
+                and is_temp_name(os.path.basename(os.fsdecode(event.src_path))):
+            return WakeReason()   # the daemon's own manifest writes: a temp renamed over it
+        if parts[-1] == MANIFEST_NAME and event.event_type in (ev.EVENT_TYPE_OPENED,
+                                                               ev.EVENT_TYPE_CLOSED_NO_WRITE):
+            return WakeReason()   # read, not changed (a person's edit in place is damage)
         return WakeReason(models=frozenset({parts[0]}))
 
 

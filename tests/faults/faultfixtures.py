@@ -243,3 +243,82 @@ class EventAuditor:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# -- untrusted on-disk state ------------------------------------------------------------------
+
+def tree_digest(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (itself included), never following a link: kind, mode, size,
+    mtime and content digest (files) or target (links). Equal digests: nothing was written,
+    chmod-ed, created or removed there."""
+    out: dict[str, tuple] = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = os.lstat(path)
+        rel = str(path.relative_to(root))
+        if os.path.islink(path):
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_file():
+            out[rel] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, sha256_of(path))
+        else:
+            out[rel] = ("other", st.st_mode, st.st_mtime_ns)
+    return out
+
+
+def make_canary(root: Path) -> Path:
+    """A tree beside models/ that no daemon may touch: files of several modes, a config.json
+    and a manifest.json a confused daemon might write, a folder."""
+    (root / "sub").mkdir(parents=True)
+    for name, mode, data in (("secret.bin", 0o600, b"\x00secret" * 64),
+                             ("config.json", 0o640, b'{"canary": true}\n'),
+                             ("manifest.json", 0o644, b'{"schema": 1, "name": "canary"}\n'),
+                             ("sub/model.onnx", 0o600, b"not a model")):
+        (root / name).write_bytes(data)
+        os.chmod(root / name, mode)
+    return root
+
+
+def store_converged(models: Path, name: str) -> bool:
+    """``models/<name>`` is a real folder whose manifest parses and whose every recorded file
+    is a regular, owner-readable file with the recorded sha256 (what a healed model looks like
+    on disk, whatever was done to it)."""
+    import stat
+
+    from modeld.manifest import Manifest
+
+    folder = models / name
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return False
+        if not stat.S_ISREG(os.lstat(folder / "manifest.json").st_mode):
+            return False
+        manifest = Manifest.from_json((folder / "manifest.json").read_bytes(), name=name)
+        if "model.onnx" not in manifest.files:
+            return False
+        for file_name, record in manifest.files.items():
+            st = os.lstat(folder / file_name)
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IRUSR:
+                return False
+            if sha256_of(folder / file_name) != record.sha256:
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def log_events(daemon: DaemonProcess, event: str, **fields: Any) -> list[dict]:
+    """The daemon's JSON log events named ``event`` whose fields include ``fields``."""
+    out = []
+    try:
+        text = Path(daemon.log_path).read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == event and all(doc.get(k) == v for k, v in fields.items()):
+            out.append(doc)
+    return out

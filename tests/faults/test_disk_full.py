@@ -17,7 +17,8 @@ import pytest
 
 from conftest import entry_toml
 from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, EventAuditor,
-                           check_manifest_matches_files, leftovers, wait_error, wait_ready)
+                           check_manifest_matches_files, leftovers, log_events,
+                           wait_error, wait_ready, wait_until)
 from modeld.testing.onnx_models import matmul_mlp
 
 pytestmark = pytest.mark.faults
@@ -116,6 +117,34 @@ def test_disk_full_in_the_middle_of_a_download(workspace):
                 wait_ready(daemon, "mid", {"fp32"}, timeout_s=60)
             assert auditor.mismatches == [] and len(auditor.variants) >= 1
             check_manifest_matches_files(workspace.models, "mid")
+        finally:
+            daemon.stop()
+        assert leftovers(workspace.models) == []
+
+
+def test_full_disk_while_a_new_stat_is_written_back(workspace):
+    """Issue 11: a full disk while a touched file's new stat is written back crashed the daemon
+    (and every restart). The model keeps serving, the daemon keeps running, and the stat is
+    recorded once the disk has room. (A read-only remount is refused while the daemon holds its
+    lock open: EROFS is covered by tests/test_untrusted_store.py.)"""
+    workspace.write_catalog(entry_toml("det"))
+    with small_disk(workspace.models, DISK_BYTES):
+        daemon = DaemonProcess(workspace, env=dict(FAST_RETRY_ENV)).start()
+        try:
+            det_sha = wait_ready(daemon, "det", {"fp32"})["variants"][0]["sha256"]
+            model = workspace.models / "det" / "model.onnx"
+            filler = fill(workspace.models, leave_bytes=0)
+            os.utime(model, ns=(1, 1_000_000_000))          # same bytes, a new stat
+            wait_until(lambda: log_events(daemon, "store_problem", model="det"), 30,
+                       "the refused write-back to be logged", daemon)
+            assert daemon.proc.poll() is None
+            assert wait_ready(daemon, "det", {"fp32"})["variants"][0]["sha256"] == det_sha
+            filler.unlink()
+            os.utime(model, ns=(1, 2_000_000_000))          # wakes it: now it is recorded
+            wait_until(lambda: workspace.manifest("det")["files"]["model.onnx"]["mtime_ns"]
+                       == 2_000_000_000, 30, "the new stat recorded", daemon)
+
+            check_manifest_matches_files(workspace.models, "det")
         finally:
             daemon.stop()
         assert leftovers(workspace.models) == []

@@ -219,8 +219,9 @@ def test_sighup_retries_a_quantization_that_failed_for_its_calibration(workspace
 
 
 def test_a_nodes_rejection_survives_a_restart_until_a_reload(workspace):
-    """A node that cannot load the INT8 file (a runtime without its kernels) nacks it: no node on
-    that provider is offered it again, after a daemon restart too; `systemctl reload` retries."""
+    """A node that cannot load the INT8 file (a runtime without its kernels) nacks it: that node
+    is not offered it again, after a daemon restart too (other nodes are); `systemctl reload`
+    retries."""
     workspace.write_catalog(MLP_QUANT)
     daemon = DaemonProcess(workspace).start()
     try:
@@ -234,7 +235,10 @@ def test_a_nodes_rejection_survives_a_restart_until_a_reload(workspace):
         assert daemon.stop() == 0
     restarted = DaemonProcess(workspace).start()
     try:
-        with restarted.subscribe("mlp", prefer="int8", node="n2") as sub:
+        with restarted.subscribe("mlp", prefer="int8", node="n2") as other:
+            assert wait_event(other, lambda e: e.get("event") == "variant",
+                              daemon=restarted)["variant"] == "int8"
+        with restarted.subscribe("mlp", prefer="int8", node="n1") as sub:
             first = wait_event(sub, lambda e: e.get("event") == "variant", daemon=restarted)
             assert first["variant"] == "fp32"
             assert restarted.status()["rejected"][0]["error"] == "ConvInteger: not implemented"

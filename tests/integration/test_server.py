@@ -124,35 +124,40 @@ def test_prefer_int8_on_a_provider_where_it_failed_gets_fp32_with_reason(server,
     assert "ConvInteger is not implemented" in event["reason"]
 
 
-def test_nack_rolls_back_every_node_on_that_provider(server, sock_path, files, rejections):
+def test_nack_rolls_back_only_that_node(server, sock_path, files, rejections):
+    """A nack is evidence, not a verdict (issue 11): the node that sent it (every connection of
+    it) moves on; other nodes keep the file; the daemon is told and judges it itself."""
     a, b = connect(sock_path, node="a"), connect(sock_path, node="b")
+    a2 = connect(sock_path, node="a")
     cuda = connect(sock_path, providers=[CUDA], node="c")
-    got_a, got_b, got_c = a.read(), b.read(), cuda.read()
-    assert got_a["variant"] == got_b["variant"] == got_c["variant"] == "int8"
+    got_a, got_b, got_a2, got_c = a.read(), b.read(), a2.read(), cuda.read()
+    assert got_a["variant"] == got_b["variant"] == got_a2["variant"] == got_c["variant"] == "int8"
     a.send({"op": "ack", "model": "yolo", "generation": got_a["generation"], "ok": False,
             "error": "Load failed: kernel not found"})
-    back_a, back_b = a.read(), b.read()
-    for back in (back_a, back_b):
+    back_a, back_a2 = a.read(), a2.read()
+    for back in (back_a, back_a2):
         assert back["variant"] == "fp32" and back["generation"] > got_a["generation"]
-    # The rejection is per provider: the CUDA node keeps int8.
-    assert cuda.nothing_pending()
+    assert b.nothing_pending() and cuda.nothing_pending()
     assert rejections == [{"model": "yolo", "variant": "int8", "sha256": files["int8"].sha256,
-                           "provider": CPU, "node": "a",
+                           "provider": CPU, "node": "a", "revision": "",
                            "error": "Load failed: kernel not found"}]
     status = a.request({"op": "status"}, "status")
     [rejected] = status["rejected"]
     assert (rejected["sha256"], rejected["provider"], rejected["node"]) == (
         files["int8"].sha256, CPU, "a")
     assert status["models"]["yolo"]["variants"][1]["rejected_on"] == [CPU]
-    # A node arriving later is never offered the rejected file.
-    late = connect(sock_path, prefer="int8")
+    # The same node arriving later is not offered the file again; another node is.
+    late = connect(sock_path, prefer="int8", node="a")
     event = late.read()
-    assert event["variant"] == "fp32" and "rejected by a node" in event["reason"]
-    # Nacking the last proven file leaves the model unavailable, with the reason.
-    b.send({"op": "ack", "model": "yolo", "generation": back_b["generation"], "ok": False,
+    assert event["variant"] == "fp32" and "rejected by this node" in event["reason"]
+    assert connect(sock_path, prefer="int8", node="d").read()["variant"] == "int8"
+    # Nacking the last proven file leaves the model unavailable for that node only.
+    a.send({"op": "ack", "model": "yolo", "generation": back_a["generation"], "ok": False,
             "error": "out of memory"})
-    gone = b.read()
-    assert gone["event"] == "unavailable" and "fp32 rejected by a node" in gone["reason"]
+    gone = a.read()
+    assert gone["event"] == "unavailable" and "fp32 rejected by this node" in gone["reason"]
+    fresh = connect(sock_path, node="e")
+    assert fresh.read()["variant"] == "int8" and b.nothing_pending()
 
 
 def test_socat_speaks_the_protocol(server, sock_path, files):
@@ -525,8 +530,10 @@ def test_every_client_ends_on_the_latest_choice_after_random_changes(server, soc
                 if event["event"] in ("variant", "unavailable"):
                     last[id(c)] = event
     status = clients[0][0].request({"op": "status"}, "status")
-    rejected = frozenset((r["sha256"], r["provider"]) for r in status["rejected"])
-    for c, o in clients:
+    for i, (c, o) in enumerate(clients):
+        # rejections are per node: each client's own
+        rejected = frozenset((r["sha256"], r["provider"]) for r in status["rejected"]
+                             if r["node"] == f"n{i}")
         want = choose(current, o["providers"], o["prefer"], rejected)
         got = last[id(c)]
         if hasattr(want, "variant"):

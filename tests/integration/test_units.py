@@ -72,6 +72,23 @@ def test_shipped_settings_file_agrees_with_the_units():
         assert step in readme and step in SHIPPED_SERVICE.read_text(), step
 
 
+def test_descriptors_and_modes_the_unit_promises_match_the_daemon():
+    """LimitNOFILE leaves the daemon's reserve beside max_clients (idle connections must not take
+    the descriptors models need), and a restored file gets what UMask makes: 0640 (issue 11)."""
+    from modeld.runner import FD_RESERVE
+    from modeld.settings import Settings
+    from modeld.store import Store
+
+    s = settings(SHIPPED_SERVICE)
+    assert int(s["LimitNOFILE"][0]) >= Settings().max_clients + FD_RESERVE
+    umask = int(s["UMask"][0], 8)
+    old = os.umask(umask)
+    try:
+        assert Store(Path("/nonexistent-models")).file_mode == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_socket_promises():
     s = settings(SHIPPED_SOCKET)
     assert s["ListenStream"] == ["/run/mecha10-modeld/modeld.sock"]

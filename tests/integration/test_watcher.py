@@ -476,3 +476,11 @@ def test_wake_reason_merges():
     assert (A | WakeReason(rescan=True)) == WakeReason(False, frozenset({"a"}), True)
     assert not WakeReason()
     assert CAT and A and WakeReason(rescan=True)
+
+
+def test_a_manifest_edited_in_place_wakes_it(watched):
+    """Only the daemon's own atomic writes are filtered out: a person (or a bad copy) writing
+    manifest.json in place is damage to heal now, not at the next resync (issue 11)."""
+    catalog, models, wakes = watched
+    (models / "yolo" / MANIFEST_NAME).write_text("null")
+    wakes.wait_for(lambda m: "yolo" in m.models, "an edited manifest")

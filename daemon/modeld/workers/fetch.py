@@ -38,8 +38,8 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from ..atomic import (WORK_PREFIX, publish_file, remove_leftovers, temp_path_for,
-                      write_atomic)
+from ..atomic import (WORK_PREFIX, publish_file, read_regular, real_folder, remove_leftovers,
+                      temp_path_for, write_atomic)
 from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                       HubUnavailableError, IntegrityError, ModeldError, StoreError)
 from ..manifest import FileRecord, Provenance
@@ -223,8 +223,11 @@ def _model_dir(request: FetchRequest) -> Path:
     if not folder.is_absolute():
         raise StoreError(f"model folder {request.model_dir!r} is not an absolute path",
                          entry=request.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder.resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # models/<name> itself must be a real folder: a symlink in its place is never written
+    # through (the daemon moves it aside); resolve() would follow it out of models/
+    real_folder(folder, create=True)
+    return folder
 
 
 def _check_repo_path(request: FetchRequest, repo_path: str) -> None:
@@ -604,11 +607,17 @@ def _describe_local(request: FetchRequest, path: Path, commit: str, sha256: str)
                              hint="retried; the file is pulled again") from e
 
 
+#: a config.json we write is a few KiB: anything larger is not ours, and is not read
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_config(path: Path) -> tuple[bytes | None, dict[str, Any]]:
+    """The current config.json, if it is a regular file of ours; a FIFO, a device, a symlink
+    (to /dev/zero...) or a huge file is treated as absent and replaced, never read."""
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_CONFIG_BYTES)
         doc = json.loads(raw)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, {}
     return raw, doc if isinstance(doc, dict) else {}
 

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 import structlog
 
-from ..atomic import WORK_PREFIX, publish_file, temp_path_for
+from ..atomic import WORK_PREFIX, publish_file, real_folder, temp_path_for
 from ..errors import QuantizeError, StoreError
 from ..manifest import FileRecord
 from ..variants import FP32, VARIANT_FILES, Derivation, Gates, Proof
@@ -89,7 +89,7 @@ def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeRe
     # the quantizer's sessions warn once per unused initializer: hundreds of lines per model
     ort.set_default_logger_severity(3)
     params = canonical_params(request.method, request.params, entry=request.name)
-    model_dir = Path(request.model_dir)
+    model_dir = real_folder(Path(request.model_dir))   # never written through a symlink
     source = model_dir / VARIANT_FILES[FP32]
     if not source.is_file():
         raise StoreError(f"cannot quantize: {source.name} is missing", entry=request.name,
