@@ -409,8 +409,10 @@ class Reconciler:
         name = action.name
         previous = self._failures.get(name)
         attempts = previous.attempts + 1 if previous and previous.identity == action.identity else 1
-        if isinstance(error, WorkerTimeoutError) and attempts >= self.settings.max_timeouts:
-            # A proof or quantization that never ends would hold a worker slot forever.
+        if (isinstance(error, WorkerTimeoutError) and isinstance(action, (Derive, Prove))
+                and attempts >= self.settings.max_timeouts):
+            # A proof or quantization that never ends would hold a worker slot forever (local
+            # work on fixed inputs; a pull's timeout is the network's, and stays temporary).
             error = PermanentError(f"{error.message}, {attempts} times in a row: given up",
                                    entry=name, hint="fix the model or raise the timeout, then "
                                    "`systemctl reload` (or `mecha10-modeld sync`) retries")

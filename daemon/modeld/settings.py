@@ -59,7 +59,7 @@ class Settings:
     #: a node's nack makes the daemon hash and prove that file again, at most this often per
     #: file whoever sends them (one client must not keep the workers busy)
     recheck_interval_s: float = 600.0
-    #: a job that ran past its time limit this many times in a row for the same inputs fails
+    #: a proof or quantization that ran past its time limit this many times in a row fails
     #: permanently (SIGHUP or `sync` retries it): it must not hold a worker slot forever
     max_timeouts: int = 3
     #: the catalog is parsed in a thread; one that takes longer is reported (the last good
