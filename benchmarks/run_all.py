@@ -71,6 +71,18 @@ def supports_quick(script: Path) -> bool:
     return '"--quick"' in text or "'--quick'" in text
 
 
+def script_timeout(script: Path, default_s: float) -> float:
+    """A script that needs longer than the default says so with a top-level line
+    ``RUN_ALL_TIMEOUT_S = <seconds>`` (read as text: scripts are not imported here)."""
+    for line in script.read_text(errors="replace").splitlines():
+        if line.startswith("RUN_ALL_TIMEOUT_S ="):
+            try:
+                return max(default_s, float(line.split("=", 1)[1].split("#")[0]))
+            except ValueError:
+                break
+    return default_s
+
+
 def run_script(script: Path, *, out_dir: Path, quick: bool, timeout_s: float) -> ScriptRun:
     rows_path = out_dir / "rows" / f"{script.stem}.json"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="",
                         help="comma-separated scripts without prefix/suffix, e.g. daemon,pull")
     parser.add_argument("--timeout-s", type=float, default=None,
-                        help="per script (default 600, quick 240)")
+                        help="per script (default 600, quick 240; a full run gives a script "
+                        "that declares RUN_ALL_TIMEOUT_S that much)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"report folder (default {DEFAULT_OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
@@ -190,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     scripts = discover(only)
     if not scripts:
         parser.error(f"no benchmark script matches {args.only!r} in {BENCH_DIR}")
-    timeout_s = args.timeout_s or (240.0 if args.quick else 600.0)
+    default_timeout_s = args.timeout_s or (240.0 if args.quick else 600.0)
     out_dir = args.out.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for script in scripts:
         print(f"== {script.name}", file=sys.stderr, flush=True)
+        timeout_s = default_timeout_s if args.timeout_s or args.quick else script_timeout(
+            script, default_timeout_s)
         run = run_script(script, out_dir=out_dir, quick=args.quick, timeout_s=timeout_s)
         (out_dir / "logs").mkdir(exist_ok=True)
         (out_dir / "logs" / f"{script.stem}.log").write_text("\n".join(run.output) + "\n")

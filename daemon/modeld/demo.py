@@ -293,15 +293,22 @@ class Demo:
 
     def show_proof(self, model: str) -> None:
         import json
+
+        from .variants import Proof
         manifest = json.loads((self.models / model / "manifest.json").read_text())
-        for file_name, proof in manifest["proofs"].items():
+        for file_name, recorded in manifest["proofs"].items():
             if file_name == "model.onnx":
                 continue
-            for p in proof["providers"]:
-                verdict = "served" if p["passed"] else f"refused: {p['reason']}"
-                speed = f"{p['speedup']:.2f}x FP32 speed" if p.get("speedup") else "speed n/a"
-                cos = f"cosine {p['cosine']:.4f}" if p.get("cosine") is not None else ""
-                self.say("", f"proof of {model}/{file_name} on {p['provider']}: {speed}, {cos}; {verdict}")
+            proof = Proof.from_dict(recorded)
+            for p in proof.providers:
+                verdict = "served" if p.passed else f"refused: {p.reason}"
+                speed = f"{p.speedup:.2f}x FP32 speed" if p.speedup else "speed n/a"
+                measured = ", ".join(f"{c.metric} {c.value:.4f}" for c in p.checks
+                                     if c.value is not None and c.gate != "min_speedup")
+                samples = (f"{proof.samples} synthetic samples (no calibration folder)"
+                           if proof.synthetic else f"{proof.samples} held-out samples")
+                self.say("", f"proof of {model}/{file_name} on {p.provider}: {speed}, {measured}, "
+                             f"on {samples}; {verdict}")
 
     def close(self) -> None:
         for node in self.nodes:

@@ -438,7 +438,7 @@ class Reconciler:
                            params=dict(spec.params), calibration=spec.calibration,
                            preprocessing_preset=entry.preprocessing_preset,
                            input_size=entry.input_size, providers=providers, gates=spec.gates,
-                           simulated=dict(s.simulated_providers))
+                           simulated=dict(s.simulated_providers), task=entry.task or None)
             return JobSpec(f"{QUANTIZE}:quantize_model", s.quantize_timeout_s,
                            s.worker_memory_mb, f"{QUANTIZE}:QuantizeRequest"), request
         assert isinstance(action, Prove)

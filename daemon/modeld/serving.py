@@ -87,6 +87,9 @@ def choose(view: ModelView, providers: Sequence[str], prefer: str,
             if prefer != "fastest":
                 why = refusals.get(prefer) or _not_offered(view, prefer)
                 reason = f"{prefer} not served ({why}); {reason}"
+        evidence = vv.proof.evidence(provider) if vv.proof else ""
+        if evidence:
+            reason += f" ({evidence})"
         if problems:
             reason += "; skipped " + "; ".join(problems)
         return Choice(variant=vv.variant, path=vv.path, sha256=vv.sha256, provider=provider,

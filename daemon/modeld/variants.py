@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 FP32, INT8, FP16 = "fp32", "int8", "fp16"
@@ -29,26 +29,68 @@ DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 #: version: bump this when a change of recipes, graph rewrites or sample choice changes what a
 #: derivation produces, and every derived variant is rebuilt (and proven) once after the upgrade.
 #: 2: graph rewrites before quantizing; held-out proof samples; text-like synthetic OCR pages.
-RECIPES_VERSION = "2"
+
+
+#: 3: proofs gate on the worst part of every output and on the model's task (detections,
+#: top-1, masks); auto keeps detection heads out of quantization.
+RECIPES_VERSION = "3"
 
 
 @dataclass(frozen=True)
 class Gates:
-    """What a derived variant must meet against FP32 to be served."""
+    """What a derived variant must meet against FP32 to be served (catalog defaults here)."""
 
     min_cosine: float = 0.99
     #: served only when fp32_latency / latency >= min_speedup; 0 allows a slower variant
     min_speedup: float = 1.0
     #: optional bound on the largest absolute difference of any output element
     max_abs_error: float | None = None
+    #: worst cosine of any part of an output (box coordinates vs class scores, a map's channel)
+    min_part_cosine: float = 0.9
+    #: detectors: F1 of the variant's detections against FP32's (class-aware NMS, IoU >= 0.5)
+    min_detection_f1: float = 0.9
+    #: classifiers: share of samples (or positions) whose top-1 class is FP32's
+    min_top1_agreement: float = 0.98
+    #: probability maps and segmentation: IoU of the masks at the model's threshold
+    min_mask_iou: float = 0.9
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_cosine": self.min_cosine, "min_speedup": self.min_speedup,
-                "max_abs_error": self.max_abs_error}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Gates":
         return cls(**dict(d or {}))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gate measured on one provider: its value, threshold, and what the value stands on."""
+
+    gate: str                 # "min_detection_f1", "min_part_cosine", ...
+    value: float | None       # None: could not be measured (and so not passed)
+    threshold: float
+    passed: bool
+    detail: str = ""          # "detection F1 0.93: 27 of FP32's 29 detections matched ..."
+
+    @property
+    def metric(self) -> str:
+        """The measured quantity's short name: "F1", "top-1", "mask IoU", "cosine" ..."""
+        return _METRICS.get(self.gate, self.gate)
+
+    def failure(self) -> str:
+        """The one-line reason of a failed check ("" if it passed)."""
+        if self.passed:
+            return ""
+        if self.value is None:
+            return self.detail
+        if self.gate.startswith("max_"):
+            return f"{self.detail} > {self.gate} {self.threshold:.4g}"
+        digits = 2 if self.gate == "min_speedup" else 4
+        return f"{self.detail} < {self.gate} {self.threshold:.{digits}f}"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Check":
+        return cls(**dict(d))
 
 
 @dataclass(frozen=True)
@@ -64,11 +106,21 @@ class ProviderProof:
     speedup: float | None = None  # fp32_latency_ms / latency_ms, measured interleaved
     cosine: float | None = None   # worst output's cosine similarity against FP32
     max_abs_error: float | None = None
-    detection_match: float | None = None  # detectors: share of FP32 detections matched
+    part_cosine: float | None = None   # the worst part's cosine (see workers.tasks.parts)
+    worst_part: str = ""               # which part that was ("output0 class scores")
+    #: every gate measured on this provider, the task's first when the model has one
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def task_check(self) -> Check | None:
+        """The task metric's check (detection F1, top-1, mask IoU), if the model has a task."""
+        return next((c for c in self.checks if c.gate in TASK_GATES), None)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ProviderProof":
-        return cls(**dict(d))
+        d = {k: v for k, v in dict(d).items() if k in _PROVIDER_PROOF_FIELDS}
+        d["checks"] = tuple(Check.from_dict(c) for c in d.get("checks", ()))
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -83,6 +135,29 @@ class Proof:
     providers: tuple[ProviderProof, ...] = ()
     onnxruntime: str = ""
     warnings: tuple[str, ...] = ()
+    #: what the agreement stands on: how many held-out samples, from where
+    samples: int = 0
+    inputs: str = ""          # "calibration" (real, held out), "synthetic", "" (FP32 alone)
+    task: str = ""            # "detection" | "classification" | "mask" | "" (per-part only)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.inputs == SYNTHETIC
+
+    def evidence(self, provider: str) -> str:
+        """What the proof on ``provider`` stands on, for a person or a node: "F1 0.934 on 8
+        held-out samples" or "cosine 0.9990 on 4 synthetic samples (weak: no calibration
+        folder)"; "" for FP32, which is proven alone."""
+        if not self.samples:
+            return ""
+        p = self.on(provider)
+        check = next((c for c in (p.checks if p else ()) if c.value is not None
+                      and c.gate != "min_speedup"), None)
+        digits = (4 if "cosine" in check.metric else 3) if check else 0
+        measured = f"{check.metric} {check.value:.{digits}f} on " if check else ""
+        if self.synthetic:
+            return f"{measured}{self.samples} synthetic samples (weak: no calibration folder)"
+        return f"{measured}{self.samples} held-out samples"
 
     def on(self, provider: str) -> ProviderProof | None:
         return next((p for p in self.providers if p.provider == provider), None)
@@ -93,13 +168,14 @@ class Proof:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["providers"] = [asdict(p) for p in self.providers]
+        d["providers"] = [asdict(p) | {"checks": [asdict(c) for c in p.checks]}
+                          for p in self.providers]
         d["warnings"] = list(self.warnings)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Proof":
-        d = dict(d)
+        d = {k: v for k, v in dict(d).items() if k in _PROOF_FIELDS}
         d["providers"] = tuple(ProviderProof.from_dict(p) for p in d.get("providers", ()))
         d["warnings"] = tuple(d.get("warnings", ()))
         return cls(**d)
@@ -130,6 +206,18 @@ class Derivation:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Derivation":
         return cls(**dict(d))
+
+
+TASK_GATES = ("min_detection_f1", "min_top1_agreement", "min_mask_iou")
+_METRICS = {"min_detection_f1": "F1", "min_top1_agreement": "top-1", "min_mask_iou": "mask IoU",
+            "min_part_cosine": "worst part cosine", "min_cosine": "cosine",
+            "min_speedup": "speedup", "max_abs_error": "max abs error"}
+#: Proof.inputs values
+CALIBRATION, SYNTHETIC = "calibration", "synthetic"
+# manifests written by older versions may carry fields that no longer exist: their proofs are
+# stale anyway (the key changed), but reading them must not fail
+_PROVIDER_PROOF_FIELDS = frozenset(f.name for f in fields(ProviderProof))
+_PROOF_FIELDS = frozenset(f.name for f in fields(Proof))
 
 
 def proof_key(*, file_sha256: str, reference_sha256: str | None, providers: tuple[str, ...],

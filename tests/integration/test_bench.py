@@ -17,6 +17,7 @@ from modeld.store import sha256_file
 from modeld.testing import onnx_models
 from modeld.variants import Gates
 from modeld.workers.bench import BenchRequest, bench_model
+from modeld.workers.verify import SYNTHETIC_WARNING
 
 CPU = "CPUExecutionProvider"
 COREML = "CoreMLExecutionProvider"   # simulated: CoreML cannot exist on this Linux host
@@ -55,7 +56,7 @@ def test_bench_measures_fp32_and_each_existing_variant(model_dir: Path) -> None:
     assert all(r["synthetic_inputs"] for r in rows)
     assert any("synthetic inputs" in w for w in int8["warnings"])
     notes = [line for line in format_table(rows).splitlines() if line.startswith("note: ")]
-    assert notes == ["note: agreement measured on synthetic inputs (no calibration data)"]
+    assert notes == [f"note: {SYNTHETIC_WARNING}"]
 
 
 def test_bench_of_an_unreadable_fp32_file_reports_the_checker(tmp_path: Path) -> None:
@@ -121,14 +122,14 @@ def test_bench_candidates_are_built_aside_and_leave_served_files_alone(model_dir
 ROWS = [
     {"variant": "fp32", "recipe": "model.onnx", "file": "model.onnx", "provider": CPU,
      "size_bytes": 4_000_000, "latency_ms": 12.5, "speedup": 1.0, "cosine": None,
-     "max_abs_error": None, "detection_match": None, "usable": True, "passed": True, "why": ""},
+     "max_abs_error": None, "usable": True, "passed": True, "why": ""},
     {"variant": "int8", "recipe": "model-int8.onnx", "file": "model-int8.onnx", "provider": CPU,
      "size_bytes": 1_000_000, "latency_ms": 19.5, "speedup": 0.64, "cosine": 0.99871,
-     "max_abs_error": 0.0123, "detection_match": 0.97, "usable": True, "passed": False,
+     "max_abs_error": 0.0123, "task_metric": "F1", "task_value": 0.97, "usable": True, "passed": False,
      "why": "slower than FP32: 0.64x < min_speedup 1.00"},
     {"variant": "int8", "recipe": "static_qdq_u8s8_conv_keep_head", "file": None, "provider": CPU,
      "size_bytes": 1_200_000, "latency_ms": None, "speedup": 1.31, "cosine": 0.995,
-     "max_abs_error": None, "detection_match": None, "usable": True, "passed": True, "why": "",
+     "max_abs_error": None, "usable": True, "passed": True, "why": "",
      "chosen": True},
 ]
 
@@ -141,7 +142,7 @@ def test_table_is_aligned_and_says_why() -> None:
     assert lines[0].split("|")[1].strip() == "variant"
     assert "provider" not in lines[0]                       # one provider: no column for it
     assert "0.64x" in lines[3] and "refused" in lines[3] and "slower than FP32" in lines[3]
-    assert "cos 0.9987" in lines[3] and "det 97%" in lines[3] and "(25%)" in lines[3]
+    assert "cos 0.9987" in lines[3] and "F1 0.970" in lines[3] and "(25%)" in lines[3]
     assert "static_qdq_u8s8_conv_keep_head (chosen)" in lines[4] and "yes" in lines[4]
     assert "3.8 MB" in lines[2]
 

@@ -91,7 +91,8 @@ def test_int8_variant_gets_agreement_numbers_and_passes_lenient_gates(model_dir,
     assert cpu.max_abs_error > 0          # quantization changed something
     assert cpu.latency_ms > 0 and cpu.fp32_latency_ms > 0
     assert cpu.speedup == pytest.approx(cpu.fp32_latency_ms / cpu.latency_ms)
-    assert cpu.detection_match is None    # tiny_cnn's output is a feature map, not a detector
+    assert cpu.task_check is None         # tiny_cnn's output is a feature map, not a detector
+    assert cpu.part_cosine is not None and any(c.gate == "min_part_cosine" for c in cpu.checks)
 
 
 def test_max_abs_error_gate_refuses_with_the_numbers(model_dir, int8_file):
@@ -385,32 +386,6 @@ def _yolo_head(boxes: np.ndarray, classes: np.ndarray, n_classes: int = 3, n: in
     return head[None]
 
 
-def test_detection_match_counts_fp32_detections_the_variant_keeps():
-    boxes = np.array([[50, 50, 20, 20], [100, 100, 30, 30], [150, 40, 10, 10], [20, 150, 16, 16]],
-                     np.float32)
-    classes = np.array([0, 1, 2, 0])
-    reference = [_yolo_head(boxes, classes)]
-    moved = boxes.copy()
-    moved[0, 0] += 1          # still IoU >= 0.5
-    moved[1, 0] += 25         # moved away: IoU < 0.5
-    other_class = classes.copy()
-    other_class[2] = 1        # wrong class
-    variant = [_yolo_head(moved, other_class)]
-    assert verify.detection_match(reference, reference, None) == 1.0
-    assert verify.detection_match(reference, variant, None) == pytest.approx(2 / 4)
-    transposed = [r.transpose(0, 2, 1) for r in reference]   # [1, N, 4+C] layout
-    assert verify.detection_match(transposed, [v.transpose(0, 2, 1) for v in variant],
-                                  None) == pytest.approx(2 / 4)
-
-
-def test_detection_head_is_found_among_several_outputs():
-    boxes = np.array([[50, 50, 20, 20], [100, 100, 30, 30]], np.float32)
-    head = _yolo_head(boxes, np.array([0, 1]))
-    proto = np.ones((1, 8, 4, 4), np.float32)        # e.g. segmentation prototypes first
-    agreement = verify.compare_outputs([[proto, head]], [[proto, head]])
-    assert agreement.detection_match == 1.0
-
-
 def _yolo_like_model(seed: int) -> bytes:
     """images [1,3,16,16] -> Conv 1x1 -> Sigmoid -> boxes scaled to pixels -> [1, 4+3, 256]."""
     rng = np.random.default_rng(seed)
@@ -430,23 +405,16 @@ def _yolo_like_model(seed: int) -> bytes:
     return model.SerializeToString()
 
 
-def test_detection_match_is_reported_for_a_yolo_style_output(tmp_path):
+def test_a_yolo_style_output_is_gated_on_detection_f1(tmp_path):
     (tmp_path / "model.onnx").write_bytes(_yolo_like_model(seed=0))
     (tmp_path / "model-int8.onnx").write_bytes(_yolo_like_model(seed=0))
     same = _prove(tmp_path / "model-int8.onnx", reference=tmp_path / "model.onnx").on(CPU)
-    assert same.detection_match == 1.0 and same.cosine == pytest.approx(1.0)
+    assert same.task_check is not None and same.task_check.gate == "min_detection_f1"
+    assert same.task_check.value == 1.0 and same.cosine == pytest.approx(1.0)
     _with_perturbed_weights(tmp_path / "model.onnx", tmp_path / "model-int8.onnx", scale=1.0)
     moved = _prove(tmp_path / "model-int8.onnx", reference=tmp_path / "model.onnx").on(CPU)
-    assert moved.detection_match is not None and moved.detection_match < 0.9
-
-
-def test_feature_maps_are_not_treated_as_detections():
-    fmap = [np.ones((1, 4, 16, 16), np.float32)]
-    assert verify.detection_match(fmap, fmap, None) is None
-    square = [np.ones((1, 32, 32), np.float32)]
-    assert verify.detection_match(square, square, None) is None
-    assert verify.detector_layout((1, 6, 20), None) is None
-    assert verify.detector_layout((1, 6, 20), "object-detection") == "CN"
+    assert moved.task_check.value is not None and moved.task_check.value < 0.9
+    assert not moved.passed and "< min_detection_f1 0.9000" in moved.reason
 
 
 # ---- agreement arithmetic (pure numpy) ----------------------------------------------------------

@@ -45,6 +45,7 @@ class BenchRequest:
     #: also build and measure quantize's ``auto`` candidates (slow: minutes on a real model)
     candidates: bool = False
     name: str = ""                       # catalog entry, for messages
+    task: str | None = None              # the catalog's task: which task metric is shown
 
 
 def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, Any], ...]:
@@ -71,8 +72,9 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
         reference = None if path == fp32 else fp32
         proof = prove_file(path, variant=FILE_VARIANTS[path.name], reference=reference,
                            providers=request.providers, gates=request.gates or Gates(),
-                           feeds=feeds,
-                           simulated=request.simulated, model_dir=model_dir, seed=request.seed)
+                           feeds=feeds, simulated=request.simulated, model_dir=model_dir,
+                           seed=request.seed, task=request.task,
+                           preset=request.preprocessing_preset, synthetic=synthetic)
         rows.extend(rows_from_proof(proof, recipe=path.name, file=path.name,
                                     size_bytes=path.stat().st_size))
     if request.candidates:
@@ -93,11 +95,15 @@ def rows_from_proof(proof: Proof, *, recipe: str, file: str | None,
     """One bench row per provider of a proof (a checker refusal gives every provider its reason)."""
     out = []
     for p in proof.providers:
+        task = p.task_check
         out.append({"variant": proof.variant, "recipe": recipe, "file": file,
                     "provider": p.provider, "size_bytes": size_bytes,
                     "latency_ms": p.latency_ms, "fp32_latency_ms": p.fp32_latency_ms,
                     "speedup": p.speedup, "cosine": p.cosine, "max_abs_error": p.max_abs_error,
-                    "detection_match": p.detection_match, "usable": p.usable,
+                    "part_cosine": p.part_cosine,
+                    "task_metric": task.metric if task else None,
+                    "task_value": task.value if task else None,
+                    "samples": proof.samples, "inputs": proof.inputs, "usable": p.usable,
                     "passed": proof.checker_ok and p.passed, "why": p.reason,
                     "warnings": list(proof.warnings)})
     return out
@@ -120,7 +126,7 @@ def _candidate_rows(request: BenchRequest, fp32: Path) -> list[dict[str, Any]]:
             params={"samples": request.samples}, calibration=request.calibration,
             preprocessing_preset=request.preprocessing_preset, input_size=request.input_size,
             providers=request.providers, gates=request.gates or Gates(),
-            simulated=request.simulated),
+            simulated=request.simulated, task=request.task),
             lambda fraction, detail: None)
         provider = request.providers[0] if request.providers else ""
         return [_candidate_row(c, provider, result.warnings) for c in result.candidates]
@@ -137,7 +143,8 @@ def _candidate_row(candidate: Mapping[str, Any], provider: str,
             "fp32_latency_ms": candidate.get("fp32_latency_ms"),
             "speedup": candidate.get("speedup"), "cosine": candidate.get("cosine"),
             "max_abs_error": candidate.get("max_abs_error"),
-            "detection_match": candidate.get("detection_match"),
+            "part_cosine": candidate.get("part_cosine"),
+            "task_metric": candidate.get("task_metric"), "task_value": candidate.get("task_value"),
             "usable": candidate.get("size") is not None, "passed": bool(candidate.get("passed")),
             "why": candidate.get("reason") or "", "chosen": bool(candidate.get("chosen")),
             "warnings": list(warnings)}

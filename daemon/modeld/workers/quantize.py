@@ -62,6 +62,7 @@ class QuantizeRequest:
     providers: tuple[str, ...]
     gates: Gates
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    task: str | None = None     # the catalog's task: which task metric the proof gates
 
     def __post_init__(self) -> None:
         # built in the worker from the daemon's dict of fields (JobSpec.request_type): accept
@@ -143,7 +144,7 @@ def _build_one(request: QuantizeRequest, params: Mapping[str, Any], source: Path
     out = scratch / "quantized.onnx"
     _run_recipe(recipe, prepared, out, feeds, scratch, request.name)
     progress(0.7, "proving")
-    proof = _prove(request, out, recipe.variant, source, _agreement_feeds(request, source))
+    proof = _prove(request, out, recipe.variant, source, *_agreement_feeds(request, source))
     return _Built(recipe, out, proof, [_row(recipe, out, proof, request.providers, source)])
 
 
@@ -160,7 +161,7 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     this kind of CPU (measured on PP-OCRv4 det and a generated YOLO-sized CNN)."""
     progress(0.05, "preprocessing")
     prepared = _preprocess(source, scratch, warnings)
-    agreement = _agreement_feeds(request, source)
+    agreement, synthetic = _agreement_feeds(request, source)
     try:  # per-channel candidates need opset 13 (DequantizeLinear's axis)
         prepared = _at_least_opset_13(prepared, scratch, request.name)
         per_channel_ok = True
@@ -225,7 +226,9 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     proofs = verify.prove_files([(out, recipe.variant) for recipe, out, _, _ in built],
                                 reference=source, providers=tuple(request.providers),
                                 gates=request.gates, feeds=agreement, simulated=request.simulated,
-                                model_dir=request.model_dir, time_refused=False)
+                                model_dir=request.model_dir, task=request.task,
+                                preset=request.preprocessing_preset, synthetic=synthetic,
+                                time_refused=False)
     tried = []
     for (recipe, out, extra, row), proof in zip(built, proofs):
         row.update(_row(recipe, out, proof, request.providers, source) | extra)
@@ -415,11 +418,12 @@ def _calibration_feeds(request: QuantizeRequest, model: Path, samples: int,
     return feeds
 
 
-def _agreement_feeds(request: QuantizeRequest, source: Path) -> list[dict[str, np.ndarray]]:
-    feeds, _ = sample_inputs(source, calibration=request.calibration,
-                             preset=request.preprocessing_preset, input_size=request.input_size,
-                             count=AGREEMENT_SAMPLES, seed=AGREEMENT_SEED, split="holdout")
-    return feeds
+def _agreement_feeds(request: QuantizeRequest, source: Path
+                     ) -> tuple[list[dict[str, np.ndarray]], bool]:
+    """(held-out feeds the proof compares on, whether they are synthetic)."""
+    return sample_inputs(source, calibration=request.calibration,
+                         preset=request.preprocessing_preset, input_size=request.input_size,
+                         count=AGREEMENT_SAMPLES, seed=AGREEMENT_SEED, split="holdout")
 
 
 class _FeedReader:
@@ -527,10 +531,12 @@ def quantized_op_count(path: Path) -> int:
 
 
 def _prove(request: QuantizeRequest, path: Path, variant: str, source: Path,
-           feeds: list[dict[str, np.ndarray]]) -> Proof:
+           feeds: list[dict[str, np.ndarray]], synthetic: bool) -> Proof:
     return verify.prove_file(path, variant=variant, reference=source,
                              providers=tuple(request.providers), gates=request.gates, feeds=feeds,
-                             simulated=request.simulated, model_dir=request.model_dir)
+                             simulated=request.simulated, model_dir=request.model_dir,
+                             task=request.task, preset=request.preprocessing_preset,
+                             synthetic=synthetic)
 
 
 def _row(recipe: Recipe, path: Path, proof: Proof, providers: tuple[str, ...],
@@ -542,6 +548,9 @@ def _row(recipe: Recipe, path: Path, proof: Proof, providers: tuple[str, ...],
         "size_ratio": round(path.stat().st_size / source.stat().st_size, 4),
         "speedup": round(p.speedup, 3) if p and p.speedup is not None else None,
         "cosine": round(p.cosine, 5) if p and p.cosine is not None else None,
+        "part_cosine": round(p.part_cosine, 5) if p and p.part_cosine is not None else None,
+        "task_metric": p.task_check.metric if p and p.task_check else None,
+        "task_value": p.task_check.value if p and p.task_check else None,
         "passed": proof.passed_anywhere, "reason": reason}
 
 

@@ -23,7 +23,8 @@ import structlog
 
 from ..errors import StoreError
 from ..store import sha256_file
-from ..variants import Gates, Proof, ProviderProof, proof_key
+from ..variants import CALIBRATION, SYNTHETIC, Check, Gates, Proof, ProviderProof, proof_key
+from . import tasks
 from .inputs import CalibrationError, sample_inputs
 
 log = structlog.get_logger(__name__)
@@ -42,14 +43,11 @@ MAX_ROUNDS = 1000
 WARMUP_RUNS = 2
 #: models faster than this get an untimed run after each switch (see interleaved_latencies_ms)
 REWARM_BELOW_MS = 50.0
-#: detection agreement: candidates above this score count, matched at IoU >= MATCH_IOU
-DETECTION_SCORE = 0.25
-MATCH_IOU = 0.5
-MAX_DETECTIONS = 300
 REASON_CHARS = 300
 #: outputs whose FP32 and variant values all stay within this are "both zero" (cosine undefined)
-NEGLIGIBLE_ABS = 1e-5
-SYNTHETIC_WARNING = "agreement measured on synthetic inputs (no calibration data)"
+NEGLIGIBLE_ABS = tasks.NEGLIGIBLE_ABS
+SYNTHETIC_WARNING = ("proven on synthetic inputs only (no calibration folder): weak evidence "
+                     "of the model's task")
 
 Feed = dict[str, np.ndarray]
 ProgressFn = Callable[[float | None, str], None]
@@ -71,7 +69,7 @@ class ProveRequest:
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     samples: int = 8
     seed: int = 0
-    task: str | None = None         # the catalog's task; "...detection" loosens the detector test
+    task: str | None = None         # the catalog's task: which task metric is gated
 
 
 def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
@@ -92,9 +90,8 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
     proof = prove_file(path, variant=request.variant, reference=reference,
                        providers=request.providers, gates=request.gates, feeds=feeds,
                        simulated=request.simulated, model_dir=model_dir, seed=request.seed,
-                       task=request.task, progress=progress)
-    if synthetic and reference is not None and SYNTHETIC_WARNING not in proof.warnings:
-        proof = replace(proof, warnings=proof.warnings + (SYNTHETIC_WARNING,))
+                       task=request.task, preset=request.preprocessing_preset,
+                       synthetic=synthetic, progress=progress)
     progress(1.0, f"proved {request.file_name}")
     return proof
 
@@ -102,24 +99,27 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
 def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                providers: tuple[str, ...], gates: Gates, feeds: list[Feed] | None,
                simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
-               task: str | None = None, progress: ProgressFn | None = None) -> Proof:
+               task: str | None = None, preset: str | None = None, synthetic: bool = False,
+               progress: ProgressFn | None = None) -> Proof:
     """Prove ``path`` on each provider (against ``reference``, the FP32 file, when derived)."""
     return prove_files([(path, variant)], reference=reference, providers=providers, gates=gates,
                        feeds=feeds, simulated=simulated, model_dir=model_dir, seed=seed,
-                       task=task, progress=progress)[0]
+                       task=task, preset=preset, synthetic=synthetic, progress=progress)[0]
 
 
 def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | None,
                 providers: tuple[str, ...], gates: Gates, feeds: list[Feed] | None,
                 simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
-                task: str | None = None, progress: ProgressFn | None = None,
-                time_refused: bool = True) -> list[Proof]:
+                task: str | None = None, preset: str | None = None, synthetic: bool = False,
+                progress: ProgressFn | None = None, time_refused: bool = True) -> list[Proof]:
     """Prove each ``(path, variant)`` of ``files`` against one ``reference``, one proof each.
 
     The reference runs once per provider, and FP32 and the files are timed in one interleaved
     loop (``auto`` proves its candidates together: FP32 is timed once, not once per candidate).
     With ``time_refused=False`` a file whose agreement already misses a gate is not timed: its
-    proof has no latency, and its reason is the agreement's."""
+    proof has no latency, and its reason is the agreement's. ``task`` and ``preset`` (the
+    catalog's) choose the task metric; ``synthetic`` says the given ``feeds`` were made up, not
+    held out of a calibration folder: every proof says so."""
     model_dir = Path(model_dir)
     gates = gates or Gates()
     reference = Path(reference) if reference is not None else None
@@ -164,7 +164,11 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
                                      preset=None, input_size=None, count=4, seed=seed)
         except Exception as e:  # noqa: BLE001 - e.g. a model without inputs
             return refuse_all(f"cannot build sample inputs: {_first_line(e)}")
-        if reference is not None:
+        synthetic = True
+    evidence: dict[str, Any] = {}
+    if reference is not None and feeds:
+        evidence = dict(samples=len(feeds), inputs=SYNTHETIC if synthetic else CALIBRATION)
+        if synthetic:
             for i in pending:
                 warnings[i].append(SYNTHETIC_WARNING)
     results: dict[int, list[ProviderProof]] = {i: [] for i in pending}
@@ -172,14 +176,16 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
         if progress:
             names = ", ".join(models[i][0].name for i in pending)
             progress(k / max(len(providers), 1), f"proving {names} on {provider}")
-        on_provider = _prove_on(provider, [models[i] for i in pending], reference, ref_model,
-                                feeds, gates, simulated, task, [warnings[i] for i in pending],
-                                time_refused)
+        on_provider, kind = _prove_on(provider, [models[i] for i in pending], reference,
+                                      ref_model, feeds, gates, simulated, task, preset,
+                                      [warnings[i] for i in pending], time_refused)
+        if kind:
+            evidence.setdefault("task", kind)
         for i, result in zip(pending, on_provider):
             results[i].append(result)
     for i in pending:
         proofs[i] = Proof(checker_ok=True, **bases[i], providers=tuple(results[i]),
-                          warnings=tuple(warnings[i]))
+                          warnings=tuple(warnings[i]), **evidence)
         log.info("proved", file=models[i][0].name, variant=bases[i]["variant"],
                  passed_anywhere=proofs[i].passed_anywhere,
                  providers={p.provider: (p.passed, p.reason) for p in results[i]})
@@ -270,9 +276,11 @@ def op_types(graph: onnx.GraphProto) -> set[str]:
 
 def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], reference: Path | None,
               ref_model: onnx.ModelProto | None, feeds: list[Feed], gates: Gates,
-              simulated: Mapping[str, tuple[str, ...]], task: str | None,
-              warnings: list[list[str]], time_refused: bool = True) -> list[ProviderProof]:
-    """One ``ProviderProof`` per file on ``provider``; ``warnings[i]`` collects file i's."""
+              simulated: Mapping[str, tuple[str, ...]], task: str | None, preset: str | None,
+              warnings: list[list[str]], time_refused: bool = True
+              ) -> tuple[list[ProviderProof], str]:
+    """(one ``ProviderProof`` per file on ``provider``, the task gated ("" if none));
+    ``warnings[i]`` collects file i's."""
     done: dict[int, ProviderProof] = {}
     ran: dict[int, tuple[Any, list]] = {}
     for i, (path, model) in enumerate(files):
@@ -285,8 +293,10 @@ def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], referenc
         except Exception as e:  # noqa: BLE001 - the runtime's own message is the reason
             done[i] = ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
 
-    def in_order() -> list[ProviderProof]:
-        return [done[i] for i in range(len(files))]
+    kind = ""
+
+    def in_order() -> tuple[list[ProviderProof], str]:
+        return [done[i] for i in range(len(files))], kind
 
     if reference is None:  # FP32 itself: usable means passed
         for i, (session, _) in ran.items():
@@ -317,7 +327,10 @@ def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], referenc
                     for i in ran)
         return in_order()
     names = [o.name for o in ref_session.get_outputs()]
-    agreements = {i: compare_outputs(ref_outputs, outputs, task, names)
+    head = tasks.head_for(task, preset, ref_outputs[0]) if ref_outputs else None
+    kind = head.kind if head else ""
+    agreements = {i: compare_outputs(ref_outputs, outputs, task, names, head=head, gates=gates,
+                                     input_hw=_input_hw(feeds))
                   for i, (_, outputs) in ran.items()}
     for i, agreement in agreements.items():
         warnings[i].extend(n for n in agreement.notes if n not in warnings[i])
@@ -337,12 +350,23 @@ def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], referenc
         if not baseline_on_provider:
             warnings[i].append(f"FP32 does not run on {provider} ({ref_reason}): agreement "
                                "measured against FP32 on CPU, speed not compared")
+        part = agreement.part
         done[i] = ProviderProof(provider, usable=True, passed=not failures,
                                 reason="; ".join(failures), latency_ms=latency_ms,
                                 fp32_latency_ms=fp32_ms, speedup=speedup,
                                 cosine=agreement.cosine, max_abs_error=agreement.max_abs_error,
-                                detection_match=agreement.detection_match)
+                                part_cosine=part.worst_cosine if part else None,
+                                worst_part=part.worst_part if part else "",
+                                checks=checks_of(gates, agreement, speedup))
     return in_order()
+
+
+def _input_hw(feeds: list[Feed]) -> tuple[int, int] | None:
+    """(height, width) of the first image-like input [N, C, H, W] of the feeds, if any."""
+    for value in (feeds[0].values() if feeds else ()):
+        if getattr(value, "ndim", 0) == 4:
+            return int(value.shape[2]), int(value.shape[3])
+    return None
 
 
 def _time_together(sessions: list, ref_session, feeds: list[Feed]
@@ -469,32 +493,38 @@ def interleaved_latencies_ms(sessions: list, feeds: list[Feed], *,
 
 @dataclass(frozen=True)
 class Agreement:
-    cosine: float
+    cosine: float                    # the worst whole output's
     max_abs_error: float | None
-    detection_match: float | None
-    problem: str = ""   # a structural mismatch (shape, non-finite values) that fails outright
+    problem: str = ""   # a structural mismatch (shape, non-finite values, silence): fails outright
     notes: tuple[str, ...] = ()   # caveats for Proof.warnings
+    part: tasks.PartAgreement | None = None   # the worst part of any output
+    task: Check | None = None                 # the task metric, when the model has a task
 
 
 def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
-                    task: str | None = None, names: list[str] | None = None) -> Agreement:
-    """Worst per-output cosine (flattened over all feeds, float64) and the largest abs error."""
+                    task: str | None = None, names: list[str] | None = None, *,
+                    preset: str | None = None, head: tasks.Head | None = None,
+                    gates: Gates | None = None,
+                    input_hw: tuple[int, int] | None = None) -> Agreement:
+    """How far ``variant``'s outputs are from ``reference``'s (FP32's) over all samples: the worst
+    whole-output cosine (float64), the worst part's cosine and the task metric (``head``, else
+    the one ``tasks.head_for`` finds from ``task``/``preset`` and the outputs)."""
+    gates = gates or Gates()
     worst_cos, max_abs, notes = 1.0, 0.0, []
     compared, negligible = 0, 0
     n_outputs = len(reference[0]) if reference else 0
-    for o in range(n_outputs):
-        name = names[o] if names and o < len(names) else str(o)
+    names = [names[o] if names and o < len(names) else str(o) for o in range(n_outputs)]
+    for o, name in enumerate(names):
         pairs = [(r[o], v[o]) for r, v in zip(reference, variant)]
         if not all(isinstance(a, np.ndarray) and isinstance(b, np.ndarray) for a, b in pairs):
             continue  # sequences/maps (ZipMap) are not compared
         if any(a.shape != b.shape for a, b in pairs):
-            return Agreement(0.0, None, None, f"output {name!r} shape {pairs[0][1].shape} "
-                                                f"differs from FP32 {pairs[0][0].shape}")
+            return Agreement(0.0, None, f"output {name!r} shape {pairs[0][1].shape} "
+                                        f"differs from FP32 {pairs[0][0].shape}")
         ref = np.concatenate([a.astype(np.float64).ravel() for a, _ in pairs])
         var = np.concatenate([b.astype(np.float64).ravel() for _, b in pairs])
         if not np.isfinite(var).all() and np.isfinite(ref).all():
-            return Agreement(0.0, None, None,
-                             f"output {name!r} has NaN/Inf values where FP32 has none")
+            return Agreement(0.0, None, f"output {name!r} has NaN/Inf values where FP32 has none")
         finite = np.isfinite(ref) & np.isfinite(var)
         ref, var = ref[finite], var[finite]
         if not ref.size:
@@ -511,110 +541,54 @@ def compare_outputs(reference: list[list[Any]], variant: list[list[Any]],
         worst_cos = min(worst_cos, cosine_similarity(ref, var))
     if negligible and not compared:
         # e.g. a detector on inputs without anything to detect: nothing was proven
-        return Agreement(0.0, max_abs, None,
+        return Agreement(0.0, max_abs,
                          "FP32's outputs are ~0 on every sample input, so agreement cannot be "
                          "measured: give calibration data the model responds to",
                          notes=tuple(notes))
-    detection = None
-    for o in range(n_outputs):  # the first output shaped like a detection head, if any
-        if isinstance(reference[0][o], np.ndarray) and detector_layout(
-                tuple(reference[0][o].shape), task):
-            detection = detection_match([r[o] for r in reference], [v[o] for v in variant], task)
-            break
-    return Agreement(worst_cos, max_abs, detection, notes=tuple(notes))
+    if head is None and reference:
+        head = tasks.head_for(task, preset, reference[0])
+    if head is None and tasks.hint_of(task, preset):
+        notes.append(f"task {task or preset!r}: no output is shaped like its head, so the "
+                     "variant is judged by the per-part agreement only")
+    part = tasks.part_agreement(reference, variant, names, head)
+    measured = tasks.measure(head, reference, variant, gates, input_hw) if head else None
+    return Agreement(worst_cos, max_abs, notes=tuple(notes), part=part, task=measured)
 
 
-def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
+cosine_similarity = tasks.cosine_similarity
+
+
+def checks_of(gates: Gates, agreement: Agreement, speedup: float | None) -> tuple[Check, ...]:
+    """Every gate a derived variant is held to, measured: the task's first, then the whole
+    outputs', the worst part's, the absolute error's and the speed's."""
+    out: list[Check] = []
+    if agreement.task is not None:
+        out.append(agreement.task)
+    if not agreement.problem:
+        out.append(Check("min_cosine", agreement.cosine, gates.min_cosine,
+                         agreement.cosine >= gates.min_cosine, f"cosine {agreement.cosine:.4f}"))
+    if agreement.part is not None:
+        part = agreement.part
+        out.append(Check("min_part_cosine", part.worst_cosine, gates.min_part_cosine,
+                         part.worst_cosine >= gates.min_part_cosine,
+                         f"worst part {part.worst_part!r} cosine {part.worst_cosine:.4f} "
+                         f"(of {part.compared} parts)"))
+    if gates.max_abs_error is not None and agreement.max_abs_error is not None:
+        out.append(Check("max_abs_error", agreement.max_abs_error, gates.max_abs_error,
+                         agreement.max_abs_error <= gates.max_abs_error,
+                         f"max abs error {agreement.max_abs_error:.4g}"))
+    if speedup is not None:
+        head = "slower than FP32: " if speedup < 1.0 else "speedup "
+        out.append(Check("min_speedup", speedup, gates.min_speedup,
+                         speedup >= gates.min_speedup, f"{head}{speedup:.2f}x"))
+    return tuple(out)
 
 
 def gate_failures(gates: Gates, agreement: Agreement, speedup: float | None) -> list[str]:
-    """Which gates a derived variant misses, each with its numbers."""
-    failures = []
-    if agreement.problem:
-        failures.append(agreement.problem)
-    elif agreement.cosine < gates.min_cosine:
-        failures.append(f"cosine {agreement.cosine:.4f} < min_cosine {gates.min_cosine:.4f}")
-    if (gates.max_abs_error is not None and agreement.max_abs_error is not None
-            and agreement.max_abs_error > gates.max_abs_error):
-        failures.append(f"max abs error {agreement.max_abs_error:.4g} > max_abs_error "
-                        f"{gates.max_abs_error:.4g}")
-    if speedup is not None and speedup < gates.min_speedup:
-        head = "slower than FP32: " if speedup < 1.0 else "speedup "
-        failures.append(f"{head}{speedup:.2f}x < min_speedup {gates.min_speedup:.2f}")
+    """Which gates a derived variant misses, each in one line with its numbers."""
+    failures = [agreement.problem] if agreement.problem else []
+    failures += [c.failure() for c in checks_of(gates, agreement, speedup) if not c.passed]
     return failures
-
-
-# ---------------------------------------------------------------------------------------------
-# detection agreement (YOLO-style raw heads)
-
-def detector_layout(shape: tuple[int, ...], task: str | None) -> str | None:
-    """"CN" for [1, 4+C, N], "NC" for [1, N, 4+C], None if the output is not a detection head."""
-    if len(shape) != 3 or shape[0] != 1:
-        return None
-    a, b = shape[1], shape[2]
-    forced = bool(task) and "detect" in task.lower()   # "object-detection", "detection", ...
-    if a >= 5 and (b >= 8 * a or (forced and b > a)):
-        return "CN"
-    if b >= 5 and (a >= 8 * b or (forced and a > b)):
-        return "NC"
-    return None
-
-
-def detection_match(reference: list[np.ndarray], variant: list[np.ndarray],
-                    task: str | None) -> float | None:
-    """Share of FP32 detections (score >= DETECTION_SCORE) that the variant also finds
-    (same class, IoU >= MATCH_IOU); None if the output is not a detection head or FP32
-    detects nothing."""
-    if not reference or not isinstance(reference[0], np.ndarray):
-        return None
-    layout = detector_layout(tuple(reference[0].shape), task)
-    if layout is None:
-        return None
-    found = matched = 0
-    for ref, var in zip(reference, variant):
-        ref_boxes = _detections(ref, layout)
-        var_boxes = _detections(var, layout)
-        found += len(ref_boxes[0])
-        matched += _count_matched(ref_boxes, var_boxes)
-    return matched / found if found else None
-
-
-def _detections(raw: np.ndarray, layout: str):
-    rows = raw[0].T if layout == "CN" else raw[0]           # [N, 4+C]
-    rows = rows.astype(np.float64)
-    scores = rows[:, 4:].max(axis=1)
-    classes = rows[:, 4:].argmax(axis=1)
-    keep = np.flatnonzero(scores >= DETECTION_SCORE)
-    keep = keep[np.argsort(-scores[keep])][:MAX_DETECTIONS]
-    cx, cy, w, h = (rows[keep, i] for i in range(4))
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
-    return boxes, classes[keep]
-
-
-def _count_matched(ref, var) -> int:
-    ref_boxes, ref_classes = ref
-    var_boxes, var_classes = var
-    if not len(ref_boxes) or not len(var_boxes):
-        return 0
-    iou = _iou_matrix(ref_boxes, var_boxes)
-    same_class = ref_classes[:, None] == var_classes[None, :]
-    return int(np.count_nonzero(((iou >= MATCH_IOU) & same_class).any(axis=1)))
-
-
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
