@@ -33,7 +33,7 @@ from .inputs import describe, sample_inputs
 from .recipes import Recipe, auto_candidates, canonical_params, derivation_for, recipe_for
 from .rewrites import simplify
 from . import tasks
-from .selection import (CosineJudge, TaskJudge, Verdict, cpu_session, exclusion_search,
+from .selection import (CosineJudge, Verdict, cpu_session, exclusion_search,
                         refine_selection, summarize_graph, task_judge)
 
 log = structlog.get_logger(__name__)
@@ -162,10 +162,12 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     """Build the candidates, then prove them together (FP32 timed once, in one interleaved loop
     with every candidate whose agreement passes; see ``verify.prove_files``).
 
-    The measured selection, by far the most expensive candidate (a quantize and a run per
-    probe), is built only when quantizing everything misses its cosine target on the agreement
-    feeds: it searches for a subset of the nodes, and a subset is not faster than the whole on
-    this kind of CPU (measured on PP-OCRv4 det and a generated YOLO-sized CNN)."""
+    The searches (the measured selection, and for detectors the exclusion search), by far the
+    most expensive candidates (a quantize and a run per probe), are built only when quantizing
+    everything but the decode misses the judge on the agreement feeds: a subset is not faster
+    than the whole on this kind of CPU (measured on PP-OCRv4 det and a generated YOLO-sized
+    CNN). The judge is the model's task metric when it has one and the frames are real
+    (``_judge_for``), else the worst output cosine."""
     progress(0.05, "preprocessing")
     prepared = _preprocess(source, scratch, warnings)
     agreement, synthetic = _agreement_feeds(request, source)
@@ -178,7 +180,7 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     summary = summarize_graph(prepared, agreement[0])
     judge = _judge_for(request, source, agreement, synthetic)
     recipes = [r for r in auto_candidates(summary, tuple(request.providers),
-                                          task_judged=isinstance(judge, TaskJudge))
+                                          detector=getattr(judge, "kind", "") == tasks.DETECTION)
                if per_channel_ok or not r.options.get("per_channel")]
     # static candidates that calibrate every op type go first: their range cache serves the
     # rest; the measured selection goes last (it is built only if still needed)

@@ -175,7 +175,7 @@ _COMPUTE = ("Conv", "MatMul", "Gemm")
 
 
 def auto_candidates(summary: GraphSummary, providers: tuple[str, ...], *,
-                    task_judged: bool = False) -> list[Recipe]:
+                    detector: bool = False) -> list[Recipe]:
     """The recipes worth proving for this model (each is proven; the fastest that passes wins).
 
     Every INT8 candidate keeps the head's decode (``GraphSummary.decode_nodes``) in FP32: on a
@@ -187,10 +187,11 @@ def auto_candidates(summary: GraphSummary, providers: tuple[str, ...], *,
     (the fastest: 1.3x-1.5x on a YOLOv8n at 320), the measured selection
     (``selection.refine_selection``: single-conv error probes, then the convolutions with the
     most work per unit of error, then harmless op-type groups), the heaviest convolutions, and
-    all convolutions but the head. With a task metric (``task_judged``: a detector, classifier
-    or map with real calibration frames) the measured selection is judged by it, and one more
-    candidate starts from everything but the decode and puts back in FP32 the convolutions whose
-    quantization costs the task most per unit of work (``selection.exclusion_search``). On
+    all convolutions but the head. With a task metric (a detector, classifier or map, real
+    calibration frames) the searches are judged by it; for a ``detector`` one more candidate
+    starts from everything but the decode and puts back in FP32 the convolutions whose
+    quantization costs the detections most per unit of work (``selection.exclusion_search``;
+    where it meets the gate on the calibration frames, the measured selection is not run). On
     PP-OCRv4 det only the measured one kept cosine >= 0.99 (the others 0.68-0.95). FP16 only
     where a provider can use it.
     """
@@ -200,7 +201,7 @@ def auto_candidates(summary: GraphSummary, providers: tuple[str, ...], *,
     if summary.conv_heavy:
         out.append(Recipe("static_qdq_u8s8", "static", _QDQ_U8S8, nodes_to_exclude=decode))
         out.append(Recipe("static_qdq_u8s8_pc", "static", _QDQ_U8S8_PC, nodes_to_exclude=decode))
-        if task_judged and summary.conv_work:
+        if detector and summary.conv_work:
             out.append(Recipe("static_qdq_u8s8_pc_task_search", "static", _QDQ_U8S8_PC,
                               nodes_to_exclude=decode, refine=True))
         body = tuple(n for n in summary.conv_work if n not in head)

@@ -201,7 +201,7 @@ class TaskJudge:
     is picked first, then the ones that cost most per unit of work are dropped in small
     steps until the task passes (on a YOLOv8n the loss was spread over many convolutions)."""
 
-    __slots__ = ("metric", "minimum", "min_cosine", "error", "label")
+    __slots__ = ("metric", "minimum", "min_cosine", "error", "label", "kind")
     budget = float("inf")
     probe_samples = None    # every feed: one frame rarely holds a detection near the threshold
     drop_share = 0.125
@@ -209,9 +209,9 @@ class TaskJudge:
 
     def __init__(self, metric: Callable[[list[list], list[list]], float | None], minimum: float,
                  *, min_cosine: float, error: Callable[[list[list], list[list]], float],
-                 label: str) -> None:
+                 label: str, kind: str = "") -> None:
         self.metric, self.minimum, self.min_cosine = metric, minimum, min_cosine
-        self.error, self.label = error, label
+        self.error, self.label, self.kind = error, label, kind
 
     def __call__(self, reference: list[list], variant: list[list]) -> Verdict:
         value = self.metric(reference, variant)
@@ -404,7 +404,8 @@ def task_judge(head, gates, *, min_cosine: float):
 
     minimum = getattr(gates, head.gate)
     return TaskJudge(metric, minimum, min_cosine=min_cosine,
-                     error=lambda r, v: task_error(head, r, v), label=head.gate[4:])
+                     error=lambda r, v: task_error(head, r, v), label=head.gate[4:],
+                     kind=head.kind)
 
 
 def task_error(head, reference: list[list], variant: list[list]) -> float:
