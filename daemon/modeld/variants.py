@@ -33,7 +33,8 @@ DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 
 #: 3: proofs gate on the worst part of every output and on the model's task (detections,
 #: top-1, masks); auto keeps detection heads out of quantization.
-RECIPES_VERSION = "3"
+#: 4: auto keeps every head's decode in FP32 (found structurally) and searches by the task metric.
+RECIPES_VERSION = "4"
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,26 @@ from . import verify
 from .inputs import describe, sample_inputs
 from .recipes import Recipe, auto_candidates, canonical_params, derivation_for, recipe_for
 from .rewrites import simplify
-from .selection import cpu_session, refine_selection, refine_target, summarize_graph
+from . import tasks
+from .selection import (CosineJudge, Verdict, cpu_session, exclusion_search,
+                        refine_selection, summarize_graph, task_judge)
 
 log = structlog.get_logger(__name__)
 
 ProgressFn = Callable[[float | None, str], None]
-#: feeds used for the agreement check of each candidate (fewer than calibration: it repeats)
-AGREEMENT_SAMPLES = 4
+#: feeds used for the agreement check of each candidate (fewer than calibration: it repeats);
+#: every held-out file of a folder (``inputs.HOLDOUT_MAX``): 4 frames held 3 detections of a
+#: YOLOv8n, too few for an F1 to mean anything
+AGREEMENT_SAMPLES = 8
 #: the agreement feeds are drawn with another seed than the calibration ones where a folder allows
 AGREEMENT_SEED = 1
 #: MinMax calibration computes and merges ranges after this many samples (bounds memory)
 CALIBRATION_BATCH = 4
 #: calibration feeds the measured selection judges its probes on
 REFINE_SAMPLES = 2
+#: ... when judged by a task metric: a count of matched detections needs frames with objects
+#: in them, and one 320x320 YOLOv8n run is ~20 ms here
+TASK_SELECTION_SAMPLES = 16
 
 __all__ = ["QuantizeRequest", "QuantizeResult", "quantize_model", "derivation_for"]
 
@@ -155,10 +162,12 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     """Build the candidates, then prove them together (FP32 timed once, in one interleaved loop
     with every candidate whose agreement passes; see ``verify.prove_files``).
 
-    The measured selection, by far the most expensive candidate (a quantize and a run per
-    probe), is built only when quantizing everything misses its cosine target on the agreement
-    feeds: it searches for a subset of the nodes, and a subset is not faster than the whole on
-    this kind of CPU (measured on PP-OCRv4 det and a generated YOLO-sized CNN)."""
+    The searches (the measured selection, and for detectors the exclusion search), by far the
+    most expensive candidates (a quantize and a run per probe), are built only when quantizing
+    everything but the decode misses the judge on the agreement feeds: a subset is not faster
+    than the whole on this kind of CPU (measured on PP-OCRv4 det and a generated YOLO-sized
+    CNN). The judge is the model's task metric when it has one and the frames are real
+    (``_judge_for``), else the worst output cosine."""
     progress(0.05, "preprocessing")
     prepared = _preprocess(source, scratch, warnings)
     agreement, synthetic = _agreement_feeds(request, source)
@@ -169,7 +178,9 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
         warnings.append(f"{e.message}: per-channel candidates skipped")
         per_channel_ok = False
     summary = summarize_graph(prepared, agreement[0])
-    recipes = [r for r in auto_candidates(summary, tuple(request.providers))
+    judge = _judge_for(request, source, agreement, synthetic)
+    recipes = [r for r in auto_candidates(summary, tuple(request.providers),
+                                          detector=getattr(judge, "kind", "") == tasks.DETECTION)
                if per_channel_ok or not r.options.get("per_channel")]
     # static candidates that calibrate every op type go first: their range cache serves the
     # rest; the measured selection goes last (it is built only if still needed)
@@ -185,22 +196,33 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     built: list[tuple[Recipe, Path, dict, dict]] = []  # recipe, file, extra fields, its row
     rows: list[dict] = []
     made: dict[str, str] = {}  # file sha256 -> recipe that made it: identical files prove alike
-    target = refine_target(request.gates.min_cosine)
-    whole_agrees = None  # cosine of the candidate that quantizes everything, once known
+    whole_agrees = None  # the judge's verdict on a candidate that quantizes everything it may
+    searched = None      # the task search that met its gate: the measured selection is not run
     for i, recipe in enumerate(recipes, 1):
         progress(0.1 + 0.6 * (i - 1) / len(recipes), f"building candidate {i}/{len(recipes)}")
         out = scratch / f"candidate-{i}.onnx"
         extra: dict[str, Any] = {}
-        if recipe.refine and whole_agrees is not None and whole_agrees >= target:
+        if recipe.refine and searched is not None:
+            rows.append(recipe.describe() | {"size": None, "speedup": None, "cosine": None,
+                                             "passed": False, "reason": "not needed: "
+                                             f"{searched} met the {judge.label} gate on the "
+                                             "calibration frames"})
+            continue
+        if recipe.refine and whole_agrees is not None and whole_agrees.accepted:
             rows.append(recipe.describe() | {"size": None, "speedup": None, "cosine": None,
                                              "passed": False, "reason": "not needed: quantizing "
-                                             f"every node agrees (cosine {whole_agrees:.4f})"})
+                                             f"every node agrees ({judge.label} "
+                                             f"{whole_agrees.value:.4f})"})
             continue
         try:
-            if recipe.refine:
+            if recipe.refine and recipe.nodes_to_quantize is None:
+                recipe, extra = _search_exclusions(recipe, request, prepared, out, feeds,
+                                                   summary.conv_work, judge, scratch, cache)
+                searched = recipe.name
+            elif recipe.refine:
                 work = {n: summary.conv_work[n] for n in recipe.nodes_to_quantize or ()}
                 recipe, extra = _refine(recipe, request, prepared, out, feeds, work,
-                                        summary.light_groups, scratch, cache)
+                                        summary.light_groups, judge, scratch, cache)
             else:
                 _run_recipe(recipe, source if recipe.kind == "fp16" else prepared, out, feeds,
                             scratch, request.name, calibration_cache=cache)
@@ -215,8 +237,10 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
                                              "cosine": None, "passed": False,
                                              "reason": f"same file as {same_as}"})
             continue
-        if _quantizes_everything(recipe):
-            whole_agrees = _cosine_on(out, source, agreement)
+        if _quantizes_everything(recipe, summary.decode_nodes):
+            verdict = _verdict_on(out, source, agreement, judge)
+            if whole_agrees is None or verdict.value > whole_agrees.value:
+                whole_agrees = verdict
         rows.append({})  # this candidate's row, filled in from its proof below
         built.append((recipe, out, extra, rows[-1]))
     if not built:
@@ -242,26 +266,79 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     return chosen
 
 
-def _quantizes_everything(recipe: Recipe) -> bool:
+def _quantizes_everything(recipe: Recipe, decode: tuple[str, ...]) -> bool:
+    """Static, every op type, every node but the decode (which no candidate quantizes)."""
     return (recipe.kind == "static" and recipe.op_types_to_quantize is None
-            and recipe.nodes_to_quantize is None and not recipe.nodes_to_exclude)
+            and recipe.nodes_to_quantize is None and not recipe.refine
+            and set(recipe.nodes_to_exclude) <= set(decode))
 
 
-def _cosine_on(path: Path, reference: Path, feeds: list[dict[str, np.ndarray]]) -> float:
-    """Worst output cosine of ``path`` against ``reference`` on the CPU (0.0 if it does not
-    load or run: the proof says why)."""
+def _judge_for(request: QuantizeRequest, source: Path, feeds: list[dict[str, np.ndarray]],
+               synthetic: bool):
+    """How auto judges its searches: by the task metric when the model has one (``tasks``
+    finds a detector, classifier or map head in FP32's outputs) and the feeds are real frames;
+    by the worst output cosine otherwise (synthetic inputs: a detector finds nothing on noise,
+    so its metric could not be measured)."""
+    cosine = CosineJudge(request.gates.min_cosine)
+    if synthetic or not feeds:
+        return cosine
+    try:
+        outputs = verify.run_session(cpu_session(source), feeds[0])
+    except Exception:  # noqa: BLE001 - the proof reports a model that does not run
+        return cosine
+    head = tasks.head_for(request.task, request.preprocessing_preset, outputs)
+    if head is None:
+        return cosine
+    log.info("auto_judged_by_task", model=request.name, task=head.kind, gate=head.gate,
+             minimum=getattr(request.gates, head.gate))
+    return task_judge(head, request.gates, min_cosine=request.gates.min_cosine)
+
+
+def _verdict_on(path: Path, reference: Path, feeds: list[dict[str, np.ndarray]], judge
+                ) -> Verdict:
+    """The judge's verdict on ``path`` against ``reference`` on the CPU (refused if it does
+    not load or run: the proof says why)."""
     try:
         variant = cpu_session(path)
         ref = cpu_session(reference)
-        return verify.compare_outputs([verify.run_session(ref, f) for f in feeds],
-                                      [verify.run_session(variant, f) for f in feeds]).cosine
+        return judge([verify.run_session(ref, f) for f in feeds],
+                     [verify.run_session(variant, f) for f in feeds])
     except Exception:  # noqa: BLE001 - judged properly by the proof
-        return 0.0
+        return Verdict(1.0, 0.0, False)
+
+
+def _search_exclusions(recipe: Recipe, request: QuantizeRequest, prepared: Path, out: Path,
+                       feeds: list | None, work: Mapping[str, float], judge, scratch: Path,
+                       cache: Path) -> tuple[Recipe, dict[str, Any]]:
+    """``selection.exclusion_search`` from ``recipe`` (everything but its exclusions), judged
+    on the calibration feeds: the proof that follows judges the result on held-out ones."""
+    def build(excluded: tuple[str, ...]) -> Path:
+        _run_recipe(replace(recipe, nodes_to_exclude=recipe.nodes_to_exclude + excluded,
+                            refine=False), prepared, out, feeds, scratch, request.name,
+                    calibration_cache=cache)
+        return out
+
+    try:
+        found = exclusion_search(build, prepared, work, (feeds or [])[:TASK_SELECTION_SAMPLES],
+                                 judge=judge)
+    except QuantizeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a probe that does not load or run ends the search
+        raise QuantizeError(f"{recipe.name} search failed: {_one_line(e)}",
+                            entry=request.name, recipe=recipe.name) from e
+    if found is None:
+        raise QuantizeError(f"{recipe.name}: no set of convolutions left in FP32 reached the "
+                            f"{judge.label} gate on the calibration frames",
+                            entry=request.name, recipe=recipe.name)
+    chosen = replace(recipe, nodes_to_exclude=recipe.nodes_to_exclude + found.excluded,
+                     refine=False)
+    return chosen, {"fp32_convs": list(found.excluded), "probed_nodes": found.probed,
+                    "selection_rounds": list(found.rounds)}
 
 
 def _refine(recipe: Recipe, request: QuantizeRequest, prepared: Path, out: Path,
             feeds: list | None, work: Mapping[str, float],
-            groups: Mapping[str, tuple[str, ...]], scratch: Path, cache: Path
+            groups: Mapping[str, tuple[str, ...]], judge, scratch: Path, cache: Path
             ) -> tuple[Recipe, dict[str, Any]]:
     """Measured selection: the recipe with the nodes ``refine_selection`` kept, built at ``out``.
 
@@ -273,15 +350,17 @@ def _refine(recipe: Recipe, request: QuantizeRequest, prepared: Path, out: Path,
         return out
 
     try:
-        refined = refine_selection(build, prepared, work, (feeds or [])[:REFINE_SAMPLES],
-                                   min_cosine=request.gates.min_cosine, groups=groups)
+        count = REFINE_SAMPLES if isinstance(judge, CosineJudge) else TASK_SELECTION_SAMPLES
+        refined = refine_selection(build, prepared, work, (feeds or [])[:count], judge=judge,
+                                   groups=groups)
     except QuantizeError:
         raise
     except Exception as e:  # noqa: BLE001 - a probe that does not load or run ends the search
         raise QuantizeError(f"{recipe.name} selection failed: {_one_line(e)}",
                             entry=request.name, recipe=recipe.name) from e
     if refined is None:
-        raise QuantizeError(f"{recipe.name}: no selection of nodes reached the cosine target",
+        raise QuantizeError(f"{recipe.name}: no selection of nodes reached the {judge.label} "
+                            "target",
                             entry=request.name, recipe=recipe.name)
     # the accepted round was the last one built: ``out`` holds exactly this selection
     chosen = replace(recipe, nodes_to_quantize=refined.nodes, refine=False)

@@ -102,7 +102,9 @@ class Recipe:
     nodes_to_exclude: tuple[str, ...] = ()
     nodes_to_quantize: tuple[str, ...] | None = None
     #: measured selection: start from ``nodes_to_quantize`` and put back to FP32 the nodes that
-    #: introduce the most error until the outputs agree (``selection.refine_selection``)
+    #: introduce the most error until the outputs agree (``selection.refine_selection``); with
+    #: ``nodes_to_quantize`` None, start from everything but ``nodes_to_exclude`` and put back
+    #: the nodes that cost the task most per unit of work (``selection.exclusion_search``)
     refine: bool = False
 
     @property
@@ -150,6 +152,9 @@ class GraphSummary:
     conv_work: Mapping[str, float] = field(default_factory=dict)
     #: op type -> its nodes, for the light types (activations, Concat, Resize ...)
     light_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: what turns the head's maps into the answer (a detector's DFL, box arithmetic, score
+    #: Sigmoid and the Concat of boxes with scores): every INT8 candidate keeps it in FP32
+    decode_nodes: tuple[str, ...] = ()
 
     @property
     def conv_heavy(self) -> bool:
@@ -169,20 +174,36 @@ _QDQ_U8S8_PC = _QDQ_U8S8 | {"per_channel": True}
 _COMPUTE = ("Conv", "MatMul", "Gemm")
 
 
-def auto_candidates(summary: GraphSummary, providers: tuple[str, ...]) -> list[Recipe]:
+def auto_candidates(summary: GraphSummary, providers: tuple[str, ...], *,
+                    detector: bool = False) -> list[Recipe]:
     """The recipes worth proving for this model (each is proven; the fastest that passes wins).
 
+    Every INT8 candidate keeps the head's decode (``GraphSummary.decode_nodes``) in FP32: on a
+    YOLOv8 head one scale for the Concat of boxes and scores rounded every score to 0, at a
+    whole-output cosine of 0.9998 (issue 10).
+
     Measured on this kind of CPU: dynamic INT8 of a CNN lands on ConvInteger (0.3x-0.6x), so
-    CNNs get static QDQ recipes only: everything (fast, often inaccurate), the measured
-    selection (``selection.refine_selection``: single-conv error probes, then the convolutions
-    with the most work per unit of error, then harmless op-type groups), the heaviest
-    convolutions, and all convolutions but the head. On PP-OCRv4 det only the measured one kept
-    cosine >= 0.99 (the others 0.68-0.95). FP16 only where a provider can use it.
+    CNNs get static QDQ recipes only: everything but the decode, per tensor and per channel
+    (the fastest: 1.3x-1.5x on a YOLOv8n at 320), the measured selection
+    (``selection.refine_selection``: single-conv error probes, then the convolutions with the
+    most work per unit of error, then harmless op-type groups), the heaviest convolutions, and
+    all convolutions but the head. With a task metric (a detector, classifier or map, real
+    calibration frames) the searches are judged by it; for a ``detector`` one more candidate
+    starts from everything but the decode and puts back in FP32 the convolutions whose
+    quantization costs the detections most per unit of work (``selection.exclusion_search``;
+    where it meets the gate on the calibration frames, the measured selection is not run). On
+    PP-OCRv4 det only the measured one kept cosine >= 0.99 (the others 0.68-0.95). FP16 only
+    where a provider can use it.
     """
     head = tuple(summary.head_nodes)
+    decode = tuple(summary.decode_nodes)
     out: list[Recipe] = []
     if summary.conv_heavy:
-        out.append(Recipe("static_qdq_u8s8", "static", _QDQ_U8S8))
+        out.append(Recipe("static_qdq_u8s8", "static", _QDQ_U8S8, nodes_to_exclude=decode))
+        out.append(Recipe("static_qdq_u8s8_pc", "static", _QDQ_U8S8_PC, nodes_to_exclude=decode))
+        if detector and summary.conv_work:
+            out.append(Recipe("static_qdq_u8s8_pc_task_search", "static", _QDQ_U8S8_PC,
+                              nodes_to_exclude=decode, refine=True))
         body = tuple(n for n in summary.conv_work if n not in head)
         if body:
             out.append(Recipe("static_qdq_u8s8_measured", "static", _QDQ_U8S8_PC,
@@ -192,16 +213,16 @@ def auto_candidates(summary: GraphSummary, providers: tuple[str, ...]) -> list[R
             out.append(Recipe("static_qdq_u8s8_heavy_convs", "static", _QDQ_U8S8_PC,
                               nodes_to_quantize=heavy))
         out.append(Recipe("static_qdq_u8s8_conv_keep_head", "static", _QDQ_U8S8,
-                          op_types_to_quantize=("Conv",), nodes_to_exclude=head))
+                          op_types_to_quantize=("Conv",), nodes_to_exclude=head + decode))
     else:
         out.append(Recipe("dynamic_u8", "dynamic", {"weight_type": "QUInt8", "per_channel": False,
                                                    "reduce_range": False},
-                          op_types_to_quantize=("MatMul", "Gemm")))
+                          op_types_to_quantize=("MatMul", "Gemm"), nodes_to_exclude=decode))
         out.append(Recipe("dynamic_u8_keep_head", "dynamic",
                           {"weight_type": "QUInt8", "per_channel": False, "reduce_range": False},
-                          op_types_to_quantize=("MatMul", "Gemm"), nodes_to_exclude=head))
+                          op_types_to_quantize=("MatMul", "Gemm"), nodes_to_exclude=head + decode))
         out.append(Recipe("static_qdq_u8s8_matmul", "static", _QDQ_U8S8,
-                          op_types_to_quantize=_COMPUTE))
+                          op_types_to_quantize=_COMPUTE, nodes_to_exclude=decode))
     if any(p in FP16_PROVIDERS for p in providers):
         out.append(Recipe("fp16", "fp16", {"keep_io_types": True}))
     return _without_duplicates(out)
