@@ -202,7 +202,11 @@ def test_a_manifest_naming_another_model_never_writes_that_model(campaign):
     rewrites good's manifest or makes work for good."""
     c = campaign
     good_manifest = (c.models / "good" / "manifest.json").read_bytes()
-    started = len(log_events(c.daemon, "job_started", model="good"))
+    def work_for_good() -> int:
+        # the periodic upstream check is due on its own schedule: it is not work the copy made
+        return sum(1 for e in log_events(c.daemon, "job_started", model="good")
+                   if e.get("reason") != "check upstream for a new commit")
+    started = work_for_good()
     _edit_manifest(lambda d: d.update(name="good"))(c)
     shutil.copytree(c.models / "good", c.models / "copy", symlinks=True)
     c.ws.write_catalog(CATALOG + entry_toml("copy"))
@@ -212,7 +216,7 @@ def test_a_manifest_naming_another_model_never_writes_that_model(campaign):
         c.converge("copy")
         time.sleep(1)   # give a wrong write the time to happen
         assert (c.models / "good" / "manifest.json").read_bytes() == good_manifest
-        assert len(log_events(c.daemon, "job_started", model="good")) == started
+        assert work_for_good() == started
         c.check_harmless()
     finally:
         c.ws.write_catalog(CATALOG)
