@@ -25,6 +25,7 @@ from .errors import CatalogError, ModeldError, StoreLockedError, UsageError
 from .jobs import JobRunner, JobSpec
 from .reconciler import Reconciler
 from .serving import Choice, choose
+from .runtimes import parse_runtimes
 from .settings import (DEFAULT_CATALOG, DEFAULT_MODELS, DEFAULT_SOCKET, Settings, env_flag,
                        parse_simulated)
 from .store import Store
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--providers", default=argparse.SUPPRESS,
                         help="execution providers the nodes use, comma-separated "
                              "(env MODELD_PROVIDERS; default CPUExecutionProvider)")
+    common.add_argument("--runtime", action="append", metavar="PROVIDER=PYTHON",
+                        default=argparse.SUPPRESS,
+                        help="prove PROVIDER in the node runtime whose interpreter is PYTHON "
+                             "(repeatable; env MODELD_RUNTIMES, ';'-separated)")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="more log output (-v info, -vv debug)")
     common.add_argument("--log-level", default=argparse.SUPPRESS,
@@ -82,12 +87,16 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         return value if value is not None else (env.get(var) or default)
 
     providers = pick("providers", "MODELD_PROVIDERS", ",".join(DEFAULT_PROVIDERS))
+    runtimes = parse_runtimes(env.get("MODELD_RUNTIMES"))
+    for flag in getattr(args, "runtime", None) or ():   # flags win, provider by provider
+        runtimes |= parse_runtimes(flag, source="--runtime")
     return Settings(
         catalog_path=Path(pick("catalog", "MODELD_CATALOG", DEFAULT_CATALOG)).absolute(),
         models_dir=Path(pick("models", "MODELD_MODELS", DEFAULT_MODELS)).absolute(),
         socket_path=Path(pick("socket", "MODELD_SOCKET", DEFAULT_SOCKET)).absolute(),
         providers=tuple(p.strip() for p in str(providers).split(",") if p.strip()),
         simulated_providers=parse_simulated(env.get("MODELD_SIMULATE_PROVIDERS")),
+        runtimes=runtimes,
         socket_group=env.get("MODELD_SOCKET_GROUP") or None,
         hub_endpoint=env.get("HF_ENDPOINT") or None,
         hub_offline=env_flag("HF_HUB_OFFLINE"),
@@ -249,7 +258,8 @@ def status_document(reconciler: Reconciler, actions, settings: Settings) -> dict
     for name, reason in pending.items():
         models[name]["pending"] = reason
     return {"catalog": reconciler.status()["catalog"], "models_dir": str(settings.models_dir),
-            "providers": list(settings.providers), "models": models}
+            "providers": list(settings.providers),
+            "runtimes": reconciler.status()["runtimes"], "models": models}
 
 
 def cmd_remove(settings: Settings, args: argparse.Namespace) -> int:
@@ -298,7 +308,9 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
                    preprocessing_preset=entry.preprocessing_preset, input_size=entry.input_size,
                    gates=q.gates if q else None, candidates=args.candidates,
                    simulated=dict(settings.simulated_providers), name=args.name,
-                   task=entry.task or None)
+                   task=entry.task or None,
+                   runtimes={p: py for p, py in settings.runtimes.items()
+                             if p in (entry.providers or settings.providers)})
     spec = JobSpec("modeld.workers.bench:bench_model", settings.quantize_timeout_s,
                    settings.worker_memory_mb, "modeld.workers.bench:BenchRequest")
     rows = JobRunner().run(spec, request)
