@@ -11,6 +11,7 @@ onnxruntime here: the probe is a subprocess.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -60,8 +61,32 @@ class Probed:
         return f"{self.python} {UNAVAILABLE}{self.reason}"
 
 
+def interpreter_problem(python: str) -> str:
+    """Why ``python`` cannot be started at all ("" if it can be tried)."""
+    if not os.access(python, os.X_OK) or os.path.isdir(python):
+        return "no executable interpreter at this path"
+    return ""
+
+
+def judge_hello(hello: dict, provider: str) -> tuple[RuntimeInfo | None, str]:
+    """(what the runtime is, why it cannot prove ``provider`` or "") from its ``Hello`` line:
+    one wording for the probe and for the workers that start it."""
+    if hello.get("protocol") != rw.PROTOCOL:
+        return None, (f"speaks protocol {hello.get('protocol')!r}, not {rw.PROTOCOL} "
+                      "(a runtime_worker.py of another version?)")
+    if "error" in hello:
+        return None, f"onnxruntime does not import: {hello['error']}"
+    info = RuntimeInfo.from_dict(hello["info"])
+    if provider not in info.providers:
+        return info, (f"{info.package or 'onnxruntime ' + info.onnxruntime} has no {provider} "
+                      f"(it has {', '.join(info.providers) or 'none'})")
+    return info, ""
+
+
 def probe(provider: str, python: str, timeout_s: float = PROBE_TIMEOUT_S) -> Probed:
     """Ask ``python`` what onnxruntime it has; never raises."""
+    if interpreter_problem(python):
+        return Probed(provider, python, None, interpreter_problem(python))
     try:
         done = subprocess.run([python, rw.__file__, "--describe"], capture_output=True,
                               text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
@@ -76,14 +101,8 @@ def probe(provider: str, python: str, timeout_s: float = PROBE_TIMEOUT_S) -> Pro
         tail = (done.stderr.strip().splitlines() or [""])[-1][:200]
         return Probed(provider, python, None, f"exited with code {done.returncode}"
                       + (f": {tail}" if tail else ""))
-    if hello.get("protocol") != rw.PROTOCOL:
-        return Probed(provider, python, None, f"speaks protocol {hello.get('protocol')!r}")
-    if "error" in hello:
-        return Probed(provider, python, None, f"onnxruntime does not import: {hello['error']}")
-    info = RuntimeInfo.from_dict(hello["info"])
-    if provider not in info.providers:
-        return Probed(provider, python, info, f"{info.package} has no {provider}")
-    return Probed(provider, python, info)
+    info, reason = judge_hello(hello, provider)
+    return Probed(provider, python, info, reason)
 
 
 def probe_all(runtimes: Mapping[str, str]) -> dict[str, Probed]:

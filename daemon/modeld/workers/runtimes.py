@@ -22,6 +22,7 @@ import numpy as np
 
 from ..atomic import WORK_PREFIX
 from ..errors import RuntimeUnavailableError
+from ..runtimes import interpreter_problem, judge_hello
 from . import runtime_worker as rw
 
 WORKER_PATH = Path(rw.__file__).resolve()
@@ -60,8 +61,8 @@ class RuntimeProcess:
         self.close()
 
     def start(self) -> rw.RuntimeInfo:
-        if not os.access(self.python, os.X_OK) or os.path.isdir(self.python):
-            raise self._unavailable("no executable interpreter at this path")
+        if interpreter_problem(self.python):
+            raise self._unavailable(interpreter_problem(self.python))
         self.scratch.mkdir(parents=True, exist_ok=True)
         try:
             self.proc = subprocess.Popen(worker_command(self.python), stdin=subprocess.PIPE,
@@ -71,17 +72,10 @@ class RuntimeProcess:
         except OSError as e:
             raise self._unavailable(f"cannot start: {e.strerror or e}") from e
         threading.Thread(target=self._drain_stderr, daemon=True).start()
-        hello = self._read(START_TIMEOUT_S)
-        if hello.get("protocol") != rw.PROTOCOL:
-            raise self._unavailable(f"speaks protocol {hello.get('protocol')!r}, not "
-                                    f"{rw.PROTOCOL} (a runtime_worker.py of another version?)")
-        if "error" in hello:
-            raise self._unavailable(f"onnxruntime does not import: {hello['error']}")
-        self.info = rw.RuntimeInfo.from_dict(hello["info"])
-        if self.provider not in self.info.providers:
-            raise self._unavailable(f"{self.info.package or 'onnxruntime ' + self.info.onnxruntime}"
-                                    f" has no {self.provider} (it has "
-                                    f"{', '.join(self.info.providers) or 'none'})")
+        self.info, reason = judge_hello(self._read(START_TIMEOUT_S), self.provider)
+        if reason:
+            raise self._unavailable(reason)
+        assert self.info is not None
         return self.info
 
     # -- requests ---------------------------------------------------------------------------
