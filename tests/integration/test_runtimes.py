@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import subprocess
 import sys
 import time
@@ -124,6 +125,9 @@ def test_a_runtime_that_cannot_prove_is_one_clear_reason(cnn_dir, python, says):
         with RuntimeProcess(python, OV, cnn_dir):
             pass
     assert says in str(raised.value) and python in str(raised.value)
+    copy = pickle.loads(pickle.dumps(raised.value))        # it crosses the worker boundary
+    assert isinstance(copy, RuntimeUnavailableError) and str(copy) == str(raised.value)
+    assert copy.fields()["provider"] == OV
     assert says in probe(OV, python).reason
     proof = verify.prove_file(cnn_dir / "model.onnx", variant="fp32", reference=None,
                               providers=(CPU, OV), gates=Gates(), feeds=None, simulated={},
