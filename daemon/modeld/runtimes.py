@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -39,7 +40,9 @@ def parse_runtimes(spec: str | None, *, source: str = "MODELD_RUNTIMES") -> dict
         if not provider.endswith("ExecutionProvider"):
             raise UsageError(f"{source}: {provider!r} is not an execution provider name",
                              hint="e.g. OpenVINOExecutionProvider")
-        out[provider] = python
+        # a path is made absolute (workers start it from other folders); a bare name such as
+        # python3 is looked up on PATH when it is started
+        out[provider] = os.path.abspath(python) if os.sep in python else python
     return out
 
 
@@ -63,6 +66,8 @@ class Probed:
 
 def interpreter_problem(python: str) -> str:
     """Why ``python`` cannot be started at all ("" if it can be tried)."""
+    if os.sep not in python:
+        return "" if shutil.which(python) else "no such interpreter on PATH"
     if not os.access(python, os.X_OK) or os.path.isdir(python):
         return "no executable interpreter at this path"
     return ""

@@ -44,7 +44,7 @@ def installed(venv: Path = DEFAULT_VENV) -> bool:
 def ensure(venv: Path = DEFAULT_VENV, *, base_python: str | None = None) -> Path:
     """The venv's interpreter, after creating the venv and installing ``REQUIREMENTS`` if that
     was not done yet; checks the provider really registers. Raises ``RuntimeInstallError``."""
-    venv = Path(venv)
+    venv = Path(venv).absolute()    # the daemon starts it from other working directories
     if installed(venv):
         return python_of(venv)
     base = base_python or getattr(sys, "_base_executable", None) or sys.executable
