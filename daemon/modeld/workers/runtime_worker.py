@@ -69,10 +69,7 @@ class RuntimeInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RuntimeInfo":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["providers"] = tuple(d.get("providers", ()))
-        return cls(**d)
+        return _from_json(cls, d, ("providers",))
 
 
 @dataclass(frozen=True)
@@ -122,11 +119,17 @@ class Reply:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Reply":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for k in ("providers", "outputs", "latencies_ms"):
-            d[k] = tuple(d.get(k, ()))
-        return cls(**d)
+        return _from_json(cls, d, ("providers", "outputs", "latencies_ms"))
+
+
+def _from_json(cls, d: dict[str, Any], tuples: tuple[str, ...]):
+    """``cls`` from a decoded JSON object: unknown keys dropped (a newer worker may add some),
+    lists back to tuples."""
+    known = {f.name for f in fields(cls)}
+    d = {k: v for k, v in d.items() if k in known}
+    for k in tuples:
+        d[k] = tuple(d.get(k, ()))
+    return cls(**d)
 
 
 def encode(message: Any) -> str:
