@@ -68,7 +68,7 @@ class RuntimeProcess:
             self.proc = subprocess.Popen(worker_command(self.python), stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          text=True, bufsize=1, cwd=self.scratch,
-                                         env=_runtime_env())
+                                         env=_runtime_env(), preexec_fn=_die_with_worker)
         except OSError as e:
             raise self._unavailable(f"cannot start: {e.strerror or e}") from e
         threading.Thread(target=self._drain_stderr, daemon=True).start()
@@ -171,6 +171,17 @@ class RuntimeProcess:
     def _unavailable(self, why: str) -> RuntimeUnavailableError:
         return RuntimeUnavailableError(f"runtime {self.python} for {self.provider}: {why}",
                                        provider=self.provider, python=self.python)
+
+
+def _die_with_worker() -> None:
+    """In the runtime's process, before exec: SIGKILL it when the verify worker dies (a worker
+    killed at its time limit runs no clean-up; the runtime must not outlive it)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass   # not Linux: the runtime ends when it reads the end of its input
 
 
 def _runtime_env() -> dict[str, str]:
