@@ -144,3 +144,21 @@ def real_frames(tmp_path_factory, real_model):
             folders[(name, split)] = folder
         return folders[(name, split)]
     return get
+
+
+# ---- a real second node runtime (modeld.testing.noderuntime) ---------------------------------
+
+@pytest.fixture(scope="session")
+def openvino_python() -> str:
+    """The interpreter of a real ``onnxruntime-openvino`` venv (``./dev`` creates it; created
+    here on first use otherwise, then kept). CI fails instead of skipping without it."""
+    from modeld.testing import noderuntime
+    given = os.environ.get("MODELD_OPENVINO_PYTHON")
+    if given:
+        return given
+    try:
+        return str(noderuntime.ensure())
+    except noderuntime.RuntimeInstallError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs the OpenVINO node runtime (./dev): {e}")
+        pytest.skip(f"no OpenVINO node runtime: {e}")

@@ -25,3 +25,32 @@ def test_daemon_process_stays_free_of_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_runtime_worker_needs_only_stdlib_numpy_and_onnxruntime():
+    """runtime_worker.py runs under a node runtime's Python, where modeld is not installed: it
+    imports no module of modeld, and numpy/onnxruntime only inside functions (the daemon side
+    imports it for the message types without loading them)."""
+    import ast
+    path = ROOT / "daemon" / "modeld" / "workers" / "runtime_worker.py"
+    tree = ast.parse(path.read_text())
+    allowed_anywhere = set(sys.stdlib_module_names) | {"numpy", "onnxruntime"}
+    top_level = {id(n) for n in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import at line {node.lineno}"
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            root = name.split(".")[0]
+            assert root in allowed_anywhere, f"{name} imported at line {node.lineno}"
+            if id(node) in top_level:
+                assert root in sys.stdlib_module_names, f"{name} imported at module level"
+    code = ("import sys, modeld.workers.runtime_worker, modeld.runtimes; "
+            "print(sorted(m for m in ('numpy', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.strip()
+    assert out == "[]"

@@ -244,3 +244,26 @@ def test_a_recheck_is_planned_again_when_asked_and_only_then():
     [action] = planner.plan(catalog, inventory, replace(CTX, recheck=frozenset({("det", FP32_FILE)})))
     assert isinstance(action, Prove) and action.recheck
     assert planner.plan(catalog, inventory, CTX) == []
+
+def test_a_node_runtime_is_an_input_of_the_proofs_on_its_provider():
+    """MODELD_RUNTIMES: the identity of the runtime that proves a provider is in the proof keys
+    of that provider only; a new runtime build (or a fixed one) makes those proofs stale, and
+    without a mapping the keys are what they always were."""
+    ov = "OpenVINOExecutionProvider"
+    both = replace(CTX, providers=("CPUExecutionProvider", ov))
+    m = pulled(E)
+    base = dict(file_sha256="f" * 64, reference_sha256=None, gates=Gates(),
+                onnxruntime=CTX.onnxruntime_version, simulated={})
+    assert proof_key(providers=CTX.providers, runtimes={}, **base) == \
+        m.proofs[FP32_FILE].key                          # no mapping: keys unchanged
+    assert proof_key(providers=CTX.providers, runtimes={ov: "/opt/ov 1.24.1"}, **base) == \
+        m.proofs[FP32_FILE].key                          # a provider this entry does not use
+    v1 = replace(both, runtimes={ov: "/opt/ov/bin/python onnxruntime-openvino==1.24.1"})
+    v2 = replace(both, runtimes={ov: "/opt/ov/bin/python onnxruntime-openvino==1.25.0"})
+    key_v1 = proof_key(providers=both.providers, runtimes=v1.runtimes, **base)
+    proven = m.with_proof(FP32_FILE, proof_for(m.files[FP32_FILE], key_v1))
+    assert plan_model(E, state(proven), v1) is None
+    upgraded = plan_model(E, state(proven), v2)
+    assert isinstance(upgraded, Prove) and "stale" in upgraded.reason
+    assert Planner().plan(_catalog_of(E), Inventory(models={E.name: state(proven)}), v2) == \
+        [upgraded]

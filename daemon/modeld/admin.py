@@ -97,7 +97,9 @@ def bench_job(settings: Settings, store: Store, keeper: CatalogKeeper, name: str
                    preprocessing_preset=entry.preprocessing_preset, input_size=entry.input_size,
                    gates=q.gates if q else None, candidates=candidates,
                    simulated=dict(settings.simulated_providers), name=name,
-                   task=entry.task or None)
+                   task=entry.task or None,
+                   runtimes={p: py for p, py in settings.runtimes.items()
+                             if p in (entry.providers or settings.providers)})
     spec = JobSpec("modeld.workers.bench:bench_model", settings.quantize_timeout_s,
                    settings.worker_memory_mb, "modeld.workers.bench:BenchRequest")
     return spec, request

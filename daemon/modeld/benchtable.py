@@ -71,10 +71,12 @@ def table_cells(rows: Iterable[Row]) -> tuple[tuple[str, ...], list[list[str]]]:
     fp32_size = next((r.get("size_bytes") for r in rows if r.get("variant") == "fp32"
                       and r.get("size_bytes")), None)
     with_provider = len({r.get("provider") for r in rows}) > 1
+    # rows measured in several runtimes (a node runtime per provider): say which ran each
+    runtimes = len({r.get("runtime") for r in rows if r.get("runtime")}) > 1
     body = []
     for r in rows:
         latency, fp32, ratio = ratio_of(r)
-        cells = [_variant(r), _provider(r.get("provider")), _size(r.get("size_bytes"), fp32_size),
+        cells = [_variant(r), _provider(r.get("provider"), r.get("runtime") if runtimes else None), _size(r.get("size_bytes"), fp32_size),
                  _number(latency, "{:.2f} ms"), _number(fp32, "{:.2f} ms"),
                  _number(ratio, "{:.2f}x"), _agreement(r), _served(r), _why(r.get("why"))]
         body.append(cells if with_provider else cells[:1] + cells[2:])
@@ -96,8 +98,9 @@ def _variant(row: Row) -> str:
     return label + (" (chosen)" if row.get("chosen") else "")
 
 
-def _provider(name: str | None) -> str:
-    return (name or "").removesuffix("ExecutionProvider") or "-"
+def _provider(name: str | None, runtime: str | None = None) -> str:
+    short = (name or "").removesuffix("ExecutionProvider") or "-"
+    return f"{short} in {runtime}" if runtime else short
 
 
 def _size(size_bytes: int | None, fp32_bytes: int | None) -> str:

@@ -33,6 +33,7 @@ from .protocol import admin_request
 from .reconciler import Reconciler
 from .settings import (DEFAULT_CATALOG, DEFAULT_CONFIG, DEFAULT_MODELS, DEFAULT_SOCKET, CONFIG_ENV,
                        Settings, config_path, layered_values, parse_simulated, read_settings_file)
+from .runtimes import parse_runtimes
 from .store import Store
 from .variants import FP32, VARIANT_FILES
 
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(env MODELD_PROVIDERS; default CPUExecutionProvider)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
+
+    common.add_argument("--runtime", action="append", metavar="PROVIDER=PYTHON",
+                        default=argparse.SUPPRESS,
+                        help="prove PROVIDER in the node runtime whose interpreter is PYTHON "
+                             "(repeatable; env MODELD_RUNTIMES, ';'-separated)")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="more log output (-v info, -vv debug)")
     common.add_argument("--log-level", default=argparse.SUPPRESS,
@@ -97,8 +103,11 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
     env = dict(os.environ if env is None else env)
     values = layered_values(flags=_flags(args), env=env, file_values=_file_values(env),
                             file_name=str(config_path(env)[0]))
+    runtimes = parse_runtimes(env.get("MODELD_RUNTIMES"))
+    for flag in getattr(args, "runtime", None) or ():   # flags win, provider by provider
+        runtimes |= parse_runtimes(flag, source="--runtime")
     return Settings(simulated_providers=parse_simulated(env.get("MODELD_SIMULATE_PROVIDERS")),
-                    **values)
+                    runtimes=runtimes, **values)
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:

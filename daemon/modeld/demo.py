@@ -3,7 +3,10 @@
 Starts the loopback hub with a real trained CNN (the PP-OCRv4 text detector that the PyPI package
 ``rapidocr-onnxruntime`` ships) and a MatMul-heavy head made with onnx.helper, writes a catalog,
 starts the daemon and two nodes that run inference in a loop, then edits the catalog as a person
-would and prints what each node was told and how fast. Ends by itself; leaves nothing running.
+would and prints what each node was told and how fast. With a real OpenVINO node runtime
+(``MODELD_OPENVINO_PYTHON``, which ``./dev demo`` makes) a third node runs the intent head on
+``OpenVINOExecutionProvider``, proven in that runtime, and is told what its provider's proof chose.
+Ends by itself; leaves nothing running.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from .testing.hub import LocalHub
 from .testing.onnx_models import matmul_mlp
 
 OCR_WHEEL_MODEL = "ch_PP-OCRv4_det_infer.onnx"
+CPU = "CPUExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
 
 
 def real_cnn_path() -> Path | None:
@@ -44,7 +49,8 @@ def real_cnn_path() -> Path | None:
     return path if path.exists() else None
 
 
-def catalog_text(*, intent: bool, intent_quant: bool, ocr_quant: bool, have_ocr: bool) -> str:
+def catalog_text(*, intent: bool, intent_quant: bool, ocr_quant: bool, have_ocr: bool,
+                 openvino: bool = False) -> str:
     parts = ["# The demo catalog: edited by the demo the way a person would.\n"]
     if have_ocr:
         parts.append('''[[models]]
@@ -68,7 +74,7 @@ task = "classification"
 repo = "acme/intent-head"
 filename = "intent-head.onnx"
 labels = "labels.txt"
-''' + ('''
+''' + (f'providers = ["{CPU}", "{OPENVINO}"]\n' if openvino else "") + ('''
 [models.quantize]
 enabled = true
 method = "dynamic_int8"
@@ -83,6 +89,7 @@ class Node:
     name: str
     model: str
     socket: Path
+    providers: tuple[str, ...] = (CPU,)
     events: "queue.Queue[tuple[float, dict]]" = field(default_factory=queue.Queue)
     calls: int = 0
     failures: int = 0
@@ -91,6 +98,7 @@ class Node:
     def start(self) -> "Node":
         self.session = client.HotSession(models=self.model, socket_path=self.socket,
                                          node=self.name, prefer="fastest",
+                                         providers=self.providers,
                                          on_event=lambda e: self.events.put((time.monotonic(), e)))
         self.thread = threading.Thread(target=self._loop, daemon=True, name=self.name)
         self.thread.start()
@@ -140,6 +148,8 @@ class Demo:
         self.daemon: subprocess.Popen | None = None
         self.nodes: list[Node] = []
         self.ocr = real_cnn_path()
+        python = os.environ.get("MODELD_OPENVINO_PYTHON", "")
+        self.openvino = python if python and os.access(python, os.X_OK) else None
 
     # -- printing ---------------------------------------------------------------------------------
     def say(self, tag: str, text: str) -> None:
@@ -173,14 +183,27 @@ class Demo:
 
         self.say("step 2", "add intent-head to the catalog; an intent node subscribes")
         intent_node = self.add_node("intent-node", "intent-head")
+        ov_node = None
+        if self.openvino:
+            self.say("", f"a second intent node declares {OPENVINO}: its variants are proven in "
+                         f"the node runtime {self.openvino} (the demo node itself runs in the "
+                         "demo's onnxruntime, which falls back to the CPU)")
+            ov_node = self.add_node("intent-node-ov", "intent-head", providers=(OPENVINO,))
         t = self.write_catalog(intent=True, intent_quant=False, ocr_quant=False)
         self.wait_told(intent_node, lambda e: e.get("variant") == "fp32", t, "the catalog save")
+        if ov_node is not None:
+            self.wait_told(ov_node, lambda e: e.get("variant") == "fp32", t, "the catalog save")
 
         self.say("step 3", "enable dynamic_int8 quantization on intent-head")
         t = self.write_catalog(intent=True, intent_quant=True, ocr_quant=False)
         self.wait_told(intent_node, lambda e: e.get("variant") == "int8", t,
                        "the save: quantized in a worker, proven against FP32")
         self.show_proof("intent-head")
+        if ov_node is not None:
+            self.drain(ov_node, t, "the save")
+            current = ov_node.session.current
+            self.say("", f"{ov_node.name} runs {current.variant if current else 'nothing'}: the "
+                         f"fastest proven on {OPENVINO} (the CPU node's choice is its own)")
 
         if self.ocr:
             self.say("step 4", "enable auto quantization on ocr-det (serve the fastest proven variant)")
@@ -228,6 +251,8 @@ class Demo:
                     "MODELD_MODELS": str(self.models), "MODELD_SOCKET": str(self.socket),
                     "HF_HUB_DISABLE_TELEMETRY": "1"})
         env.pop("HF_TOKEN", None)
+        if self.openvino:
+            env["MODELD_RUNTIMES"] = f"{OPENVINO}={self.openvino}"
         return env
 
     def start_daemon(self) -> None:
@@ -245,13 +270,14 @@ class Demo:
                 time.sleep(0.05)
         self.say("daemon", f"running (pid {self.daemon.pid}), nodes connect to {self.socket}")
 
-    def add_node(self, name: str, model: str) -> Node:
-        node = Node(name, model, self.socket).start()
+    def add_node(self, name: str, model: str, providers: tuple[str, ...] = (CPU,)) -> Node:
+        node = Node(name, model, self.socket, providers).start()
         self.nodes.append(node)
         return node
 
     def write_catalog(self, **flags: bool) -> float:
-        text = catalog_text(have_ocr=self.ocr is not None, **flags)
+        text = catalog_text(have_ocr=self.ocr is not None, openvino=self.openvino is not None,
+                            **flags)
         tmp = self.catalog.with_name(".model_catalog.toml.tmp")
         tmp.write_text(text)
         t = time.monotonic()

@@ -178,3 +178,9 @@ class WorkerCrashedError(TemporaryError):
 
 class WorkerTimeoutError(TemporaryError):
     """The worker process ran past its time limit and was killed."""
+
+
+class RuntimeUnavailableError(PermanentError):
+    """The node runtime mapped to a provider (``MODELD_RUNTIMES``) is missing, broken or lacks
+    the provider: proofs on that provider fail with this one line until the runtime is fixed
+    (the daemon asks it again at every resync and SIGHUP), and the other providers go on."""

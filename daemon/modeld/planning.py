@@ -32,6 +32,8 @@ class PlanContext:
     onnx_version: str
     onnxruntime_version: str
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: provider -> identity of the node runtime that proves it (``modeld.runtimes.Probed``)
+    runtimes: Mapping[str, str] = field(default_factory=dict)
     #: models whose upstream branch/tag should be asked again (resync, SIGHUP, `sync`)
     refresh: frozenset[str] = frozenset()
     #: (model, file name) to prove again although its proof is current: a node rejected it, and
@@ -126,7 +128,7 @@ class Planner:
 
     def plan(self, catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
         fixed = (context.providers, context.onnx_version, context.onnxruntime_version,
-                 dict(context.simulated))
+                 dict(context.simulated), dict(context.runtimes))
         if fixed != self._context:
             self._memo.clear()
             self._context = fixed
@@ -181,7 +183,7 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
     providers = providers_for(entry, context)
     fp32_key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=providers,
                          gates=Gates(), onnxruntime=context.onnxruntime_version,
-                         simulated=context.simulated)
+                         simulated=context.simulated, runtimes=context.runtimes)
     fp32_proof = manifest.proofs.get(FP32_FILE)
     if fp32_proof is None or fp32_proof.key != fp32_key:
         return Prove(entry.name, entry, FP32_FILE, FP32, fp32_key, None, Gates(),
@@ -274,7 +276,11 @@ def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext
                                   "input_size": entry.input_size, "recipes": RECIPES_VERSION}
     if METHODS.get(spec.method) is None:
         # auto chooses among candidates by the gates and the providers: they are inputs too
-        params |= {"gates": spec.gates.to_dict(), "providers": list(providers_for(entry, context))}
+        providers = providers_for(entry, context)
+        params |= {"gates": spec.gates.to_dict(), "providers": list(providers)}
+        mapped = {p: r for p, r in context.runtimes.items() if p in providers}
+        if mapped:  # its candidates were timed there too
+            params["runtimes"] = mapped
     return Derivation(source_sha256=fp32.sha256, method=spec.method, params=params,
                       onnx=context.onnx_version, onnxruntime=context.onnxruntime_version)
 
@@ -293,7 +299,8 @@ def derived_proof_key(entry: ModelEntry, record: FileRecord, fp32: FileRecord,
     assert entry.quantize is not None
     return proof_key(file_sha256=record.sha256, reference_sha256=fp32.sha256,
                      providers=providers_for(entry, context), gates=entry.quantize.gates,
-                     onnxruntime=context.onnxruntime_version, simulated=context.simulated)
+                     onnxruntime=context.onnxruntime_version, simulated=context.simulated,
+                     runtimes=context.runtimes)
 
 
 def variant_of(record: FileRecord) -> str:

@@ -26,12 +26,14 @@ from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavail
                      TemporaryError, WorkerTimeoutError)
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
+from .runtimes import Probed, probe_all
 from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
                        Planner, Pull, Quarantine, RestoreMode, config_derivation,
-                       derived_proof_key, providers_for)
+                       derived_proof_key, providers_for, variant_of)
 from .serving import ModelView
 from .settings import Settings
 from .store import Inventory, Store, sha256_file, stat_key
+from .variants import Gates
 from .views import Activity, ViewBuilder
 
 log = structlog.get_logger(__name__)
@@ -111,6 +113,9 @@ class Reconciler:
         self.lock_later = False
         self._catalog_job: asyncio.Future | None = None
         self.passes = 0
+        #: what each node runtime (settings.runtimes) said it is; asked again at every refresh
+        self.runtimes: dict[str, Probed] = {}
+        self._probe_due = bool(settings.runtimes)
 
     # -- waking ---------------------------------------------------------------------------------
     def wake(self, *, refresh: bool = False) -> None:
@@ -119,6 +124,7 @@ class Reconciler:
         if refresh:
             self._refresh_due.update(self.catalog.current.entries)
             self._forget_permanent_pull_failures()
+            self._probe_due = bool(self.settings.runtimes)
         if self._wake_event is not None:
             self._wake_event.set()
 
@@ -214,6 +220,9 @@ class Reconciler:
         assert self._wake_event is not None
         self._wake_event.clear()
         self.passes += 1
+        if self._probe_due:
+            self._probe_due = False
+            await self.probe_runtimes()
         await self.reload_catalog()
         self._log_catalog_error()
         catalog = self.catalog.current
@@ -277,8 +286,54 @@ class Reconciler:
         recheck = frozenset((n, f) for n, files in self._recheck.items() for f in files)
         return PlanContext(providers=self.settings.providers, onnx_version=self.onnx_version,
                            onnxruntime_version=self.ort_version,
-                           simulated=dict(self.settings.simulated_providers), refresh=refresh,
-                           recheck=recheck)
+                           simulated=dict(self.settings.simulated_providers),
+                           runtimes={p: r.identity for p, r in self.runtimes.items()},
+                           refresh=refresh, recheck=recheck)
+
+    async def probe_runtimes(self) -> dict[str, Probed]:
+        """Ask every node runtime what it is (in a thread: each is a subprocess). A change of
+        what one says changes the proof keys on its provider: those proofs are made again."""
+        probed = await asyncio.to_thread(probe_all, dict(self.settings.runtimes))
+        for provider, now in probed.items():
+            before = self.runtimes.get(provider)
+            if before is not None and before.identity == now.identity:
+                continue
+            if now.reason:
+                log.error("runtime_unavailable", provider=provider, python=now.python,
+                          reason=now.reason)
+            else:
+                assert now.info is not None
+                log.info("runtime", provider=provider, python=now.python,
+                         onnxruntime=now.info.onnxruntime, package=now.info.package,
+                         build=now.info.build)
+        self.runtimes = probed
+        return probed
+
+    def runtimes_for(self, providers: tuple[str, ...]) -> dict[str, str]:
+        """provider -> interpreter, for the providers of one job that a node runtime proves."""
+        return {p: py for p, py in self.settings.runtimes.items() if p in providers}
+
+    async def reprove(self, model: str, file_name: str, provider: str) -> Any:
+        """Prove ``file_name`` of ``model`` again on ``provider`` alone, in that provider's node
+        runtime when one is mapped (else the daemon's own onnxruntime), against the entry's
+        gates: the evidence for a node's nack (issue 14). Returns the ``ProviderProof``; records
+        nothing (the caller decides what the evidence means). Raises ``UsageError`` for a model
+        or file the store does not have."""
+        from .errors import UsageError
+        entry = self.catalog.current.entries.get(model)
+        state = self.store.scan_model(model)
+        if entry is None or state is None or file_name not in state.manifest.files:
+            raise UsageError(f"{model}/{file_name} is not in the store", entry=model)
+        derived = file_name != FP32_FILE
+        action = Prove(model, entry, file_name, variant_of(state.manifest.files[file_name]), "",
+                       FP32_FILE if derived else None,
+                       entry.quantize.gates if derived and entry.quantize else Gates(),
+                       f"re-prove on {provider}")
+        spec, request = self._job_for(action)
+        request = request | {"providers": (provider,),
+                             "runtimes": self.runtimes_for((provider,))}
+        proof = await asyncio.to_thread(self.jobs.run, spec, request)
+        return proof.on(provider)
 
     def _log_catalog_error(self) -> None:
         err = self.catalog.error
@@ -548,7 +603,8 @@ class Reconciler:
                            params=dict(spec.params), calibration=spec.calibration,
                            preprocessing_preset=entry.preprocessing_preset,
                            input_size=entry.input_size, providers=providers, gates=spec.gates,
-                           simulated=dict(s.simulated_providers), task=entry.task or None)
+                           simulated=dict(s.simulated_providers), task=entry.task or None,
+                           runtimes=self.runtimes_for(providers))
             return JobSpec(f"{QUANTIZE}:quantize_model", s.quantize_timeout_s,
                            s.worker_memory_mb, f"{QUANTIZE}:QuantizeRequest"), request
         assert isinstance(action, Prove)
@@ -561,7 +617,7 @@ class Reconciler:
                        gates=action.gates, calibration=calibration,
                        preprocessing_preset=entry.preprocessing_preset,
                        input_size=entry.input_size, simulated=dict(s.simulated_providers),
-                       task=entry.task or None)
+                       task=entry.task or None, runtimes=self.runtimes_for(providers))
         return JobSpec(f"{VERIFY}:prove", s.verify_timeout_s, s.worker_memory_mb,
                        f"{VERIFY}:ProveRequest"), request
 
@@ -702,7 +758,11 @@ class Reconciler:
                             "entry_errors": [str(e) for e in self.catalog.current.errors]},
                 "store_error": str(self.store_error) if self.store_error else None,
                 "summary": self.summary(), "workers": len(self._running),
-                "onnxruntime": self.ort_version}
+                "onnxruntime": self.ort_version,
+                "runtimes": {p: {"python": r.python, "usable": not r.reason, "reason": r.reason,
+                                 "onnxruntime": r.info.onnxruntime if r.info else None,
+                                 "package": r.info.package if r.info else None}
+                             for p, r in self.runtimes.items()}}
 
 
 def _hf_token() -> str | None:

@@ -34,9 +34,14 @@ class Settings:
     socket_path: Path = DEFAULT_SOCKET
     #: execution providers the nodes use (a catalog entry may name its own)
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    #: test-only stand-ins for providers that cannot exist here (CoreML, a GPU): provider ->
+    #: test-only stand-ins for providers that cannot exist on this host (CoreML, CUDA; OpenVINO is
+    #: real here, through ``runtimes``): provider ->
     #: operator types it cannot run. Set by MODELD_SIMULATE_PROVIDERS="CoreMLExecutionProvider=ConvInteger,MatMulInteger"
     simulated_providers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: provider -> Python interpreter of the node runtime that proves it (``MODELD_RUNTIMES=
+    #: "OpenVINOExecutionProvider=/opt/ov/bin/python"``, ``--runtime``); unmapped providers are
+    #: proven in the daemon's own onnxruntime
+    runtimes: Mapping[str, str] = field(default_factory=dict)
     socket_mode: int = 0o660
     socket_group: str | None = None
     max_clients: int = 1024

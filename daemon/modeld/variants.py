@@ -111,6 +111,11 @@ class ProviderProof:
     worst_part: str = ""               # which part that was ("output0 class scores")
     #: every gate measured on this provider, the task's first when the model has one
     checks: tuple[Check, ...] = ()
+    #: what ran it: the interpreter and its onnxruntime (the node runtime that ``runtimes``
+    #: maps to this provider, else the daemon's own verify worker)
+    python: str = ""
+    onnxruntime: str = ""
+    runtime_package: str = ""         # "onnxruntime-openvino==1.24.1"
 
     @property
     def task_check(self) -> Check | None:
@@ -222,21 +227,27 @@ _PROOF_FIELDS = frozenset(f.name for f in fields(Proof))
 
 
 def proof_key(*, file_sha256: str, reference_sha256: str | None, providers: tuple[str, ...],
-              gates: Gates, onnxruntime: str, simulated: Mapping[str, tuple[str, ...]] | None = None
-              ) -> str:
+              gates: Gates, onnxruntime: str, simulated: Mapping[str, tuple[str, ...]] | None = None,
+              runtimes: Mapping[str, str] | None = None) -> str:
     """Identity of a proof's inputs: a change of file, reference, providers, gates or runtime
-    makes a recorded proof stale."""
+    makes a recorded proof stale. ``runtimes`` maps a provider proven in a node's runtime to
+    that runtime's identity (interpreter, onnxruntime build): upgrading it re-proves."""
     frozen = tuple(sorted((k, tuple(sorted(v))) for k, v in (simulated or {}).items()))
-    return _proof_key(file_sha256, reference_sha256, tuple(providers), gates, onnxruntime, frozen)
+    mapped = tuple(sorted((p, r) for p, r in (runtimes or {}).items() if p in providers))
+    return _proof_key(file_sha256, reference_sha256, tuple(providers), gates, onnxruntime, frozen,
+                      mapped)
 
 
 @functools.lru_cache(maxsize=16384)
-def _proof_key(file_sha256, reference_sha256, providers, gates, onnxruntime, simulated) -> str:
+def _proof_key(file_sha256, reference_sha256, providers, gates, onnxruntime, simulated,
+               runtimes) -> str:
     # The planner asks for every model on every pass; the inputs rarely change.
-    return digest_of({"file": file_sha256, "reference": reference_sha256,
-                      "providers": list(providers), "gates": gates.to_dict(),
-                      "onnxruntime": onnxruntime,
-                      "simulated": {k: list(v) for k, v in simulated}})
+    inputs = {"file": file_sha256, "reference": reference_sha256,
+              "providers": list(providers), "gates": gates.to_dict(),
+              "onnxruntime": onnxruntime, "simulated": {k: list(v) for k, v in simulated}}
+    if runtimes:   # absent without a mapping: the keys of every existing proof stay as they were
+        inputs["runtimes"] = dict(runtimes)
+    return digest_of(inputs)
 
 
 def digest_of(obj: Any) -> str:

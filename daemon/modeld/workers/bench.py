@@ -46,6 +46,8 @@ class BenchRequest:
     candidates: bool = False
     name: str = ""                       # catalog entry, for messages
     task: str | None = None              # the catalog's task: which task metric is shown
+    #: provider -> the Python of the node runtime that measures it (``Settings.runtimes``)
+    runtimes: Mapping[str, str] = field(default_factory=dict)
 
 
 def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, Any], ...]:
@@ -74,7 +76,8 @@ def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, 
                            providers=request.providers, gates=request.gates or Gates(),
                            feeds=feeds, simulated=request.simulated, model_dir=model_dir,
                            seed=request.seed, task=request.task,
-                           preset=request.preprocessing_preset, synthetic=synthetic)
+                           preset=request.preprocessing_preset, synthetic=synthetic,
+                           runtimes=request.runtimes)
         rows.extend(rows_from_proof(proof, recipe=path.name, file=path.name,
                                     size_bytes=path.stat().st_size))
     if request.candidates:
@@ -107,7 +110,8 @@ def rows_from_proof(proof: Proof, *, recipe: str, file: str | None,
                     "task_value": task.value if task else None,
                     "samples": proof.samples, "inputs": proof.inputs, "usable": p.usable,
                     "passed": proof.checker_ok and p.passed, "why": p.reason,
-                    "warnings": list(proof.warnings)})
+                    "python": p.python, "onnxruntime": p.onnxruntime,
+                    "runtime": p.runtime_package, "warnings": list(proof.warnings)})
     return out
 
 
@@ -129,7 +133,7 @@ def _candidate_rows(request: BenchRequest, fp32: Path, progress: ProgressFn
             params={"samples": request.samples}, calibration=request.calibration,
             preprocessing_preset=request.preprocessing_preset, input_size=request.input_size,
             providers=request.providers, gates=request.gates or Gates(),
-            simulated=request.simulated, task=request.task),
+            simulated=request.simulated, task=request.task, runtimes=request.runtimes),
             progress)
         provider = request.providers[0] if request.providers else ""
         return [_candidate_row(c, provider, result.warnings) for c in result.candidates]

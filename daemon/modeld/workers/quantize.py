@@ -70,6 +70,8 @@ class QuantizeRequest:
     gates: Gates
     simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     task: str | None = None     # the catalog's task: which task metric the proof gates
+    #: provider -> the Python of the node runtime that proves it (``Settings.runtimes``)
+    runtimes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # built in the worker from the daemon's dict of fields (JobSpec.request_type): accept
@@ -250,6 +252,7 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     proofs = verify.prove_files([(out, recipe.variant) for recipe, out, _, _ in built],
                                 reference=source, providers=tuple(request.providers),
                                 gates=request.gates, feeds=agreement, simulated=request.simulated,
+                                runtimes=request.runtimes,
                                 model_dir=request.model_dir, task=request.task,
                                 preset=request.preprocessing_preset, synthetic=synthetic,
                                 time_refused=False)
@@ -615,6 +618,7 @@ def _prove(request: QuantizeRequest, path: Path, variant: str, source: Path,
     return verify.prove_file(path, variant=variant, reference=source,
                              providers=tuple(request.providers), gates=request.gates, feeds=feeds,
                              simulated=request.simulated, model_dir=request.model_dir,
+                             runtimes=request.runtimes,
                              task=request.task, preset=request.preprocessing_preset,
                              synthetic=synthetic)
 

@@ -11,7 +11,7 @@ raises: the answer is a ``Proof`` whose reasons say what failed. Only infrastruc
 from __future__ import annotations
 
 import os
-import time
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -21,11 +21,13 @@ import onnx
 import onnxruntime as ort
 import structlog
 
-from ..errors import StoreError
+from ..errors import RuntimeUnavailableError, StoreError
 from ..store import sha256_file
 from ..variants import CALIBRATION, SYNTHETIC, Check, Gates, Proof, ProviderProof, proof_key
-from . import tasks
+from . import runtime_worker, tasks
 from .inputs import CalibrationError, sample_inputs
+from .runtime_worker import adapt_feed, run_session
+from .runtimes import RuntimeProcess
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +41,7 @@ MIN_ROUNDS = 15
 #: with itself): its latency is for the record, and every pull waits for it
 ALONE_BUDGET_S = 0.1
 ALONE_MIN_ROUNDS = 5
-MAX_ROUNDS = 1000
-WARMUP_RUNS = 2
-#: models faster than this get an untimed run after each switch (see interleaved_latencies_ms)
-REWARM_BELOW_MS = 50.0
-REASON_CHARS = 300
+REASON_CHARS = runtime_worker.REASON_CHARS
 #: outputs whose FP32 and variant values all stay within this are "both zero" (cosine undefined)
 NEGLIGIBLE_ABS = tasks.NEGLIGIBLE_ABS
 SYNTHETIC_WARNING = ("proven on synthetic inputs only (no calibration folder): weak evidence "
@@ -70,6 +68,8 @@ class ProveRequest:
     samples: int = 8
     seed: int = 0
     task: str | None = None         # the catalog's task: which task metric is gated
+    #: provider -> the Python of the node runtime that proves it (``Settings.runtimes``)
+    runtimes: Mapping[str, str] = field(default_factory=dict)
 
 
 def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
@@ -91,7 +91,7 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
                        providers=request.providers, gates=request.gates, feeds=feeds,
                        simulated=request.simulated, model_dir=model_dir, seed=request.seed,
                        task=request.task, preset=request.preprocessing_preset,
-                       synthetic=synthetic, progress=progress)
+                       synthetic=synthetic, progress=progress, runtimes=request.runtimes)
     progress(1.0, f"proved {request.file_name}")
     return proof
 
@@ -100,18 +100,21 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                providers: tuple[str, ...], gates: Gates, feeds: list[Feed] | None,
                simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
                task: str | None = None, preset: str | None = None, synthetic: bool = False,
-               progress: ProgressFn | None = None) -> Proof:
+               progress: ProgressFn | None = None,
+               runtimes: Mapping[str, str] | None = None) -> Proof:
     """Prove ``path`` on each provider (against ``reference``, the FP32 file, when derived)."""
     return prove_files([(path, variant)], reference=reference, providers=providers, gates=gates,
                        feeds=feeds, simulated=simulated, model_dir=model_dir, seed=seed,
-                       task=task, preset=preset, synthetic=synthetic, progress=progress)[0]
+                       task=task, preset=preset, synthetic=synthetic, progress=progress,
+                       runtimes=runtimes)[0]
 
 
 def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | None,
                 providers: tuple[str, ...], gates: Gates, feeds: list[Feed] | None,
                 simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
                 task: str | None = None, preset: str | None = None, synthetic: bool = False,
-                progress: ProgressFn | None = None, time_refused: bool = True) -> list[Proof]:
+                progress: ProgressFn | None = None, time_refused: bool = True,
+                runtimes: Mapping[str, str] | None = None) -> list[Proof]:
     """Prove each ``(path, variant)`` of ``files`` against one ``reference``, one proof each.
 
     The reference runs once per provider, and FP32 and the files are timed in one interleaved
@@ -119,8 +122,11 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
     With ``time_refused=False`` a file whose agreement already misses a gate is not timed: its
     proof has no latency, and its reason is the agreement's. ``task`` and ``preset`` (the
     catalog's) choose the task metric; ``synthetic`` says the given ``feeds`` were made up, not
-    held out of a calibration folder: every proof says so."""
+    held out of a calibration folder: every proof says so. A provider that ``runtimes`` maps to a
+    Python interpreter is proven in that runtime (``runtime_worker``), with CPU fallback off;
+    the others in this process's onnxruntime."""
     model_dir = Path(model_dir)
+    runtimes = {p: str(py) for p, py in (runtimes or {}).items() if p in providers}
     gates = gates or Gates()
     reference = Path(reference) if reference is not None else None
     providers = tuple(providers)
@@ -131,7 +137,8 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
         path = Path(path)
         file_sha = _sha256_of(path)
         key = proof_key(file_sha256=file_sha, reference_sha256=ref_sha, providers=providers,
-                        gates=gates, onnxruntime=ort.__version__, simulated=simulated)
+                        gates=gates, onnxruntime=ort.__version__, simulated=simulated,
+                        runtimes=runtimes)
         bases.append(dict(variant=variant, file_sha256=file_sha, key=key,
                           onnxruntime=ort.__version__))
         model, checker_error = check_file(path, model_dir)
@@ -176,9 +183,10 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
         if progress:
             names = ", ".join(models[i][0].name for i in pending)
             progress(k / max(len(providers), 1), f"proving {names} on {provider}")
-        on_provider, kind = _prove_on(provider, [models[i] for i in pending], reference,
-                                      ref_model, feeds, gates, simulated, task, preset,
-                                      [warnings[i] for i in pending], time_refused)
+        on_provider, kind = _prove_with_runtime(
+            provider, runtimes.get(provider), model_dir, [models[i] for i in pending], reference,
+            ref_model, feeds, gates, simulated, task, preset, [warnings[i] for i in pending],
+            time_refused)
         if kind:
             evidence.setdefault("task", kind)
         for i, result in zip(pending, on_provider):
@@ -274,35 +282,111 @@ def op_types(graph: onnx.GraphProto) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # 2.-4. per provider: load, run, agreement, interleaved speed
 
-def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], reference: Path | None,
+class InProcess:
+    """Sessions in this worker's own onnxruntime; a simulated provider runs on the CPU."""
+
+    def __init__(self, simulated: Mapping[str, tuple[str, ...]]) -> None:
+        self.simulated = simulated
+        #: what ran the proof, recorded in each ProviderProof
+        self.record = dict(python=sys.executable, onnxruntime=ort.__version__,
+                           runtime_package=f"onnxruntime=={ort.__version__}")
+
+    def open(self, path: Path, model: onnx.ModelProto | None, provider: str):
+        return open_session(path, model, provider, self.simulated if provider != CPU else {})
+
+    def run(self, session, feeds: list[Feed]) -> list[list[Any]]:
+        return [run_session(session, feed) for feed in feeds]
+
+    def output_names(self, session) -> list[str]:
+        return [o.name for o in session.get_outputs()]
+
+    def time(self, sessions: list, feeds: list[Feed], **budget: Any) -> list[float]:
+        return interleaved_latencies_ms(sessions, feeds, **budget)
+
+
+class InRuntime:
+    """Sessions in a node runtime's own onnxruntime (``runtime_worker`` under its Python)."""
+
+    def __init__(self, process: RuntimeProcess) -> None:
+        self.process = process
+        info = process.info
+        assert info is not None
+        self.record = dict(python=info.python, onnxruntime=info.onnxruntime,
+                           runtime_package=info.package)
+
+    def open(self, path: Path, model: onnx.ModelProto | None, provider: str):
+        reply = self.process.open(path, cores_available(), provider)
+        return ((reply.session, reply.outputs), "") if reply.ok else (None, reply.reason)
+
+    def run(self, session, feeds: list[Feed]) -> list[list[Any]]:
+        return self.process.run(session[0], feeds)
+
+    def output_names(self, session) -> list[str]:
+        return list(session[1])
+
+    def time(self, sessions: list, feeds: list[Feed], *, budget_s: float = SPEED_BUDGET_S,
+             min_rounds: int = MIN_ROUNDS) -> list[float]:
+        return self.process.time([s[0] for s in sessions], feeds, budget_s=budget_s,
+                                 min_rounds=min_rounds)
+
+
+def _prove_with_runtime(provider: str, python: str | None, model_dir: Path,
+                        files: list[tuple[Path, onnx.ModelProto]], reference: Path | None,
+                        ref_model: onnx.ModelProto | None, feeds: list[Feed], gates: Gates,
+                        simulated: Mapping[str, tuple[str, ...]], task: str | None,
+                        preset: str | None, warnings: list[list[str]], time_refused: bool = True
+                        ) -> tuple[list[ProviderProof], str]:
+    """``_prove_on`` in the right runtime: this process's, or the node runtime ``python`` (a
+    runtime that is missing, broken or lacks the provider refuses every file there, with one
+    line that says why, and one log event)."""
+    if not python:
+        return _prove_on(provider, InProcess(simulated), files, reference, ref_model, feeds,
+                         gates, task, preset, warnings, time_refused)
+    try:
+        with RuntimeProcess(python, provider, model_dir) as process:
+            return _prove_on(provider, InRuntime(process), files, reference, ref_model, feeds,
+                             gates, task, preset, warnings, time_refused)
+    except RuntimeUnavailableError as e:
+        log.error("runtime_unavailable", model=model_dir.name, provider=provider, python=python,
+                  files=[path.name for path, _ in files], reason=e.message)
+        return [ProviderProof(provider, usable=False, passed=False, reason=e.message,
+                              python=python) for _ in files], ""
+
+
+def _prove_on(provider: str, backend: InProcess | InRuntime,
+              files: list[tuple[Path, onnx.ModelProto]], reference: Path | None,
               ref_model: onnx.ModelProto | None, feeds: list[Feed], gates: Gates,
-              simulated: Mapping[str, tuple[str, ...]], task: str | None, preset: str | None,
-              warnings: list[list[str]], time_refused: bool = True
-              ) -> tuple[list[ProviderProof], str]:
+              task: str | None, preset: str | None, warnings: list[list[str]],
+              time_refused: bool = True) -> tuple[list[ProviderProof], str]:
     """(one ``ProviderProof`` per file on ``provider``, the task gated ("" if none));
-    ``warnings[i]`` collects file i's."""
+    ``warnings[i]`` collects file i's. ``backend`` opens, runs and times the sessions; the
+    judging (agreement, task metric, gates) is the same for every runtime."""
     done: dict[int, ProviderProof] = {}
     ran: dict[int, tuple[Any, list]] = {}
     for i, (path, model) in enumerate(files):
-        session, reason = open_session(path, model, provider, simulated)
+        session, reason = backend.open(path, model, provider)
         if session is None:
             done[i] = ProviderProof(provider, usable=False, passed=False, reason=reason)
             continue
         try:
-            ran[i] = (session, [run_session(session, feed) for feed in feeds])
+            ran[i] = (session, backend.run(session, feeds))
+        except RuntimeUnavailableError:
+            raise
         except Exception as e:  # noqa: BLE001 - the runtime's own message is the reason
             done[i] = ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
 
     kind = ""
 
     def in_order() -> tuple[list[ProviderProof], str]:
-        return [done[i] for i in range(len(files))], kind
+        return [replace(done[i], **backend.record) for i in range(len(files))], kind
 
     if reference is None:  # FP32 itself: usable means passed
         for i, (session, _) in ran.items():
             try:
-                latency_ms = interleaved_latencies_ms([session], feeds, budget_s=ALONE_BUDGET_S,
-                                                      min_rounds=ALONE_MIN_ROUNDS)[0]
+                latency_ms = backend.time([session], feeds, budget_s=ALONE_BUDGET_S,
+                                          min_rounds=ALONE_MIN_ROUNDS)[0]
+            except RuntimeUnavailableError:
+                raise
             except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
                 done[i] = ProviderProof(provider, usable=False, passed=False, reason=_first_line(e))
                 continue
@@ -312,21 +396,23 @@ def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], referenc
     if not ran:
         return in_order()
 
-    ref_session, ref_reason = open_session(reference, ref_model, provider, simulated)
+    ref_session, ref_reason = backend.open(reference, ref_model, provider)
     baseline_on_provider = ref_session is not None
     if ref_session is None:  # FP32 cannot run here: compare against FP32 on CPU, no speed ratio
-        ref_session, _ = open_session(reference, ref_model, CPU, {})
+        ref_session, _ = backend.open(reference, ref_model, CPU)
     ref_problem = f"FP32 reference does not load: {ref_reason}" if ref_session is None else ""
     if ref_session is not None:
         try:
-            ref_outputs = [run_session(ref_session, feed) for feed in feeds]
+            ref_outputs = backend.run(ref_session, feeds)
+        except RuntimeUnavailableError:
+            raise
         except Exception as e:  # noqa: BLE001
             ref_problem = f"FP32 reference does not run: {_first_line(e)}"
     if ref_problem:
         done.update((i, ProviderProof(provider, usable=True, passed=False, reason=ref_problem))
                     for i in ran)
         return in_order()
-    names = [o.name for o in ref_session.get_outputs()]
+    names = backend.output_names(ref_session)
     head = tasks.head_for(task, preset, ref_outputs[0]) if ref_outputs else None
     kind = head.kind if head else ""
     agreements = {i: compare_outputs(ref_outputs, outputs, task, names, head=head, gates=gates,
@@ -335,7 +421,7 @@ def _prove_on(provider: str, files: list[tuple[Path, onnx.ModelProto]], referenc
     for i, agreement in agreements.items():
         warnings[i].extend(n for n in agreement.notes if n not in warnings[i])
     timed = [i for i in ran if time_refused or not gate_failures(gates, agreements[i], None)]
-    latencies, failed = _time_together([ran[i][0] for i in timed],
+    latencies, failed = _time_together(backend, [ran[i][0] for i in timed],
                                        ref_session if baseline_on_provider else None, feeds)
     for k, i in enumerate(timed):
         if k in failed:
@@ -369,7 +455,8 @@ def _input_hw(feeds: list[Feed]) -> tuple[int, int] | None:
     return None
 
 
-def _time_together(sessions: list, ref_session, feeds: list[Feed]
+def _time_together(backend: InProcess | InRuntime, sessions: list, ref_session,
+                   feeds: list[Feed]
                    ) -> tuple[dict[int, tuple[float, float | None]], dict[int, str]]:
     """({k: (latency_ms, fp32_ms or None)}, {k: reason}) for ``sessions[k]``, timed in one
     interleaved loop with ``ref_session`` (when given). If the loop fails, each session is timed
@@ -378,13 +465,15 @@ def _time_together(sessions: list, ref_session, feeds: list[Feed]
         return {}, {}
     head = [ref_session] if ref_session is not None else []
     try:
-        medians = interleaved_latencies_ms(head + sessions, feeds)
+        medians = backend.time(head + sessions, feeds)
+    except RuntimeUnavailableError:
+        raise
     except Exception as e:  # noqa: BLE001 - ran once, failed later: not dependable
         if len(sessions) == 1:
             return {}, {0: _first_line(e)}
         latencies, failed = {}, {}
         for k, session in enumerate(sessions):  # which one was it?
-            one, why = _time_together([session], ref_session, feeds)
+            one, why = _time_together(backend, [session], ref_session, feeds)
             latencies.update((k, v) for v in one.values())
             failed.update((k, v) for v in why.values())
         return latencies, failed
@@ -394,33 +483,15 @@ def _time_together(sessions: list, ref_session, feeds: list[Feed]
 
 def open_session(path: Path, model: onnx.ModelProto | None, provider: str,
                  simulated: Mapping[str, tuple[str, ...]]):
-    """(session, "") on ``provider`` alone, or (None, reason) if it cannot be used there."""
-    run_on = provider
+    """(session, "") on ``provider`` alone, or (None, reason) if it cannot be used there.
+    A provider in ``simulated`` (CoreML, CUDA: they cannot exist on this host) refuses the
+    operators it lists and runs on the CPU otherwise."""
     if provider in simulated:
         missing = sorted(op_types(model.graph) & set(simulated[provider])) if model else []
         if missing:
             return None, f"{missing[0]} is not implemented for {provider} (simulated)"
-        run_on = CPU  # a stand-in for a provider that cannot exist on this host
-    elif provider not in ort.get_available_providers():
-        return None, "provider not available on this host"
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cores_available()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # failures reach the proof as reasons; no stderr noise
-    # two sessions alternate in the speed rounds: threads left spinning by one would steal the
-    # cores from the other (measured: FP32 read 3x slower interleaved than alone)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if run_on != CPU:
-        # fail the load instead of silently running unsupported nodes on the CPU
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    try:
-        session = ort.InferenceSession(str(path), options, providers=[run_on])
-    except Exception as e:  # noqa: BLE001 - Fail, InvalidGraph, NotImplemented, ...
-        return None, _first_line(e)
-    active = session.get_providers()
-    if not active or active[0] != run_on:
-        return None, f"onnxruntime fell back to {', '.join(active) or 'nothing'} instead of {run_on}"
-    return session, ""
+        return runtime_worker.open_on(ort, str(path), CPU, cores_available())
+    return runtime_worker.open_on(ort, str(path), provider, cores_available())
 
 
 def cores_available() -> int:
@@ -430,65 +501,13 @@ def cores_available() -> int:
         return os.cpu_count() or 1
 
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-               "tensor(double)": np.float64, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-               "tensor(bool)": np.bool_}
-
-
-def run_session(session, feed: Feed) -> list[np.ndarray]:
-    """Run one feed, cast to the session's input types (an FP16 variant may take float16)."""
-    return session.run(None, adapt_feed(session, feed))
-
-
-def adapt_feed(session, feed: Feed) -> Feed:
-    adapted = {}
-    for meta in session.get_inputs():
-        if meta.name not in feed:
-            raise ValueError(f"no sample for input {meta.name!r}")
-        dtype = _ORT_DTYPES.get(meta.type)
-        value = feed[meta.name]
-        adapted[meta.name] = value.astype(dtype) if dtype and value.dtype != dtype else value
-    return adapted
-
-
 def interleaved_latencies_ms(sessions: list, feeds: list[Feed], *,
                              budget_s: float = SPEED_BUDGET_S, min_rounds: int = MIN_ROUNDS
                              ) -> list[float]:
-    """Median latency (ms) of each session, timed in alternate rounds.
-
-    Timing noise between separate passes reached 30% on this kind of host; alternating the
-    files round by round lets all see the same conditions, and reversing the order every other
-    round (A B C C B A ...) cancels what running first or last costs or gains. A fast model also
-    gets one untimed run after each switch: otherwise it is timed with the other model's weights
-    in the cache (measured: an INT8 MLP read 0.39 ms interleaved, 0.19 ms with the extra run,
-    0.12 ms alone), which would flatter a bloated variant and penalise a compact one. The budget
-    (``budget_s``, at least ``min_rounds`` rounds) is for all the sessions together.
-    """
-    # inputs cast once per session: a dtype conversion is not the model's latency
-    adapted = [[adapt_feed(s, feed) for feed in feeds] for s in sessions]
-    slowest_warmup_ms = 0.0
-    for s, s_feeds in zip(sessions, adapted):
-        for i in range(WARMUP_RUNS):
-            t0 = time.perf_counter()
-            s.run(None, s_feeds[i % len(s_feeds)])
-        slowest_warmup_ms = max(slowest_warmup_ms, (time.perf_counter() - t0) * 1000.0)
-    rewarm = len(sessions) > 1 and slowest_warmup_ms < REWARM_BELOW_MS
-    times: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < MAX_ROUNDS and (rounds < min_rounds
-                                   or time.perf_counter() - start < budget_s):
-        order = range(len(sessions)) if rounds % 2 == 0 else reversed(range(len(sessions)))
-        for k in order:
-            feed = adapted[k][rounds % len(feeds)]
-            if rewarm:
-                sessions[k].run(None, feed)
-            t0 = time.perf_counter()
-            sessions[k].run(None, feed)
-            times[k].append((time.perf_counter() - t0) * 1000.0)
-        rounds += 1
-    return [float(np.median(t)) for t in times]
+    """Median latency (ms) of each session, timed in alternate rounds: one definition for
+    every runtime (``runtime_worker.interleaved_latencies_ms`` says how and why)."""
+    return runtime_worker.interleaved_latencies_ms(sessions, feeds, budget_s=budget_s,
+                                                   min_rounds=min_rounds)
 
 
 @dataclass(frozen=True)
