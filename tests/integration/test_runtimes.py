@@ -184,6 +184,21 @@ def test_nodes_on_openvino_and_on_cpu_each_get_what_their_provider_proved(worksp
                 told = wait_event(sub, lambda e: e.get("event") == "variant", timeout_s=30,
                                   daemon=daemon)
             assert (told["variant"], told["provider"]) == (expected, provider), told
+        # a nack from a node on OpenVINO is evidence: the daemon proves the file again, on
+        # OpenVINO in the OpenVINO runtime, and the rejection stays with that node
+        with daemon.subscribe("mlp", providers=[OV], node="ov-nack") as sub:
+            told = wait_event(sub, lambda e: e.get("event") == "variant", timeout_s=30,
+                              daemon=daemon)
+            sub.ack("mlp", told["generation"], ok=False, error="does not load here")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not _log_has(daemon, "recheck_done", "mlp"):
+                time.sleep(0.2)
+        done = _log_has(daemon, "recheck_done", "mlp")
+        assert done and done["file"] == Path(told["path"]).name, daemon.log()
+        assert done["verdict"] == "the rejection stays with that node"
+        again = workspace.manifest("mlp")["proofs"][done["file"]]
+        ov = next(p for p in again["providers"] if p["provider"] == OV)
+        assert (ov["python"], ov["onnxruntime"]) == (executable, version)
     finally:
         daemon.stop()
     # the nack path's evidence: the INT8 CNN re-proven on OpenVINO, in the OpenVINO runtime
@@ -199,6 +214,20 @@ def test_nodes_on_openvino_and_on_cpu_each_get_what_their_provider_proved(worksp
     again = asyncio.run(reprove())
     assert again.provider == OV and not again.usable and "not acyclic" in again.reason
     assert again.python == executable
+
+
+def _log_has(daemon, event: str, model: str) -> dict | None:
+    """The daemon's last JSON log event ``event`` for ``model``, if any."""
+    found = None
+    for line in Path(daemon.log_path).read_text(errors="replace").splitlines():
+        if f'"{event}"' in line:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == event and doc.get("model") == model:
+                found = doc
+    return found
 
 
 def _proven_both(workspace) -> bool:
