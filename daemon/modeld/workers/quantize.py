@@ -321,14 +321,9 @@ def _search_exclusions(recipe: Recipe, request: QuantizeRequest, prepared: Path,
                     calibration_cache=cache)
         return out
 
-    try:
+    with _search_errors(recipe, request, "search"):
         found = exclusion_search(build, prepared, work, (feeds or [])[:TASK_SELECTION_SAMPLES],
                                  judge=judge)
-    except QuantizeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a probe that does not load or run ends the search
-        raise QuantizeError(f"{recipe.name} search failed: {_one_line(e)}",
-                            entry=request.name, recipe=recipe.name) from e
     if found is None:
         raise QuantizeError(f"{recipe.name}: no set of convolutions left in FP32 reached the "
                             f"{judge.label} gate on the calibration frames",
@@ -337,6 +332,18 @@ def _search_exclusions(recipe: Recipe, request: QuantizeRequest, prepared: Path,
                      refine=False)
     return chosen, {"fp32_convs": list(found.excluded), "probed_nodes": found.probed,
                     "selection_rounds": list(found.rounds)}
+
+
+@contextmanager
+def _search_errors(recipe: Recipe, request: QuantizeRequest, what: str) -> Iterator[None]:
+    """A probe that does not load or run ends a search: one QuantizeError naming the recipe."""
+    try:
+        yield
+    except QuantizeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's own words are the reason
+        raise QuantizeError(f"{recipe.name} {what} failed: {_one_line(e)}",
+                            entry=request.name, recipe=recipe.name) from e
 
 
 def _refine(recipe: Recipe, request: QuantizeRequest, prepared: Path, out: Path,
@@ -352,15 +359,10 @@ def _refine(recipe: Recipe, request: QuantizeRequest, prepared: Path, out: Path,
                     feeds, scratch, request.name, calibration_cache=cache)
         return out
 
-    try:
-        count = REFINE_SAMPLES if isinstance(judge, CosineJudge) else TASK_SELECTION_SAMPLES
+    count = REFINE_SAMPLES if isinstance(judge, CosineJudge) else TASK_SELECTION_SAMPLES
+    with _search_errors(recipe, request, "selection"):
         refined = refine_selection(build, prepared, work, (feeds or [])[:count], judge=judge,
                                    groups=groups)
-    except QuantizeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a probe that does not load or run ends the search
-        raise QuantizeError(f"{recipe.name} selection failed: {_one_line(e)}",
-                            entry=request.name, recipe=recipe.name) from e
     if refined is None:
         raise QuantizeError(f"{recipe.name}: no selection of nodes reached the {judge.label} "
                             "target",
