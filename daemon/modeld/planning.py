@@ -14,7 +14,8 @@ from typing import Mapping, Union
 from .catalog import Catalog, ModelEntry
 from .manifest import FileRecord, Manifest
 from .store import UNREADABLE, Inventory, ModelState
-from .variants import (FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, VARIANT_FILES,
+from .methods import METHODS
+from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, VARIANT_FILES,
                        Derivation, Gates, proof_key)
 
 FP32_FILE = VARIANT_FILES[FP32]
@@ -268,13 +269,18 @@ def config_derivation(entry: ModelEntry, fp32: FileRecord, labels: FileRecord | 
 
 
 def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext) -> Derivation:
+    """The one derivation of a quantized file: the canonical options of the method's table
+    (``methods.METHODS``), what shapes the calibration and agreement inputs, the recipes
+    version, and for a method that chooses (``auto``) what its choice depends on. The quantize
+    request carries it (``handoff.request_for``); the worker records it as it is."""
     spec = entry.quantize
     assert spec is not None
+    method = METHODS[spec.method]
     # The preset and input size shape the calibration and agreement inputs: inputs too.
-    params = dict(spec.params) | {"calibration": spec.calibration,
-                                  "preprocessing_preset": entry.preprocessing_preset,
-                                  "input_size": entry.input_size, "recipes": RECIPES_VERSION}
-    if METHODS.get(spec.method) is None:
+    params = {k: spec.params[k] for k in sorted(method.options)} | {
+        "calibration": spec.calibration, "preprocessing_preset": entry.preprocessing_preset,
+        "input_size": entry.input_size, "recipes": RECIPES_VERSION}
+    if method.chooses:
         # auto chooses among candidates by the gates and the providers: they are inputs too
         providers = providers_for(entry, context)
         params |= {"gates": spec.gates.to_dict(), "providers": list(providers)}
