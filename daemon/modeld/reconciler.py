@@ -29,6 +29,7 @@ from .failures import Failures
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
+from .rejections import Rejection, Rejections
 from .planning import (FP32_FILE, Action, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
                        RestoreMode, variant_of)
 from .serving import ModelView
@@ -69,6 +70,7 @@ class Reconciler:
                  jobs: JobRunner | None = None,
                  publish: Callable[[Mapping[str, ModelView]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
+                 rejections: Rejections | None = None,
                  backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0) -> None:
         self.settings = settings
         self.store = store
@@ -82,6 +84,9 @@ class Reconciler:
         self._view_builder = ViewBuilder()
         self.pending: frozenset[str] = frozenset()
         self._running: dict[str, _Running] = {}
+        #: nodes' rejections, shared with the server (``modeld.rejections``); the manifests
+        #: keep the named nodes' ones across restarts
+        self.rejections = rejections if rejections is not None else Rejections()
         self.failures = Failures(base_s=backoff_base_s, cap_s=backoff_cap_s,
                                  max_timeouts=settings.max_timeouts)
         self._activity: dict[str, Activity] = {}
@@ -481,6 +486,8 @@ class Reconciler:
             if manifest.failures or manifest.rejections:
                 self._write(name, lambda m: replace(m, failures={}, rejections={}))
                 forgotten.add(name)
+        # the watchers (the server) offer these models' files to those nodes again
+        forgotten.update(r.model for r in self.rejections.forget(lambda r: r.model in names))
         if forgotten:
             log.info("failures_forgotten", models=sorted(forgotten))
         return sorted(forgotten)
@@ -534,10 +541,12 @@ class Reconciler:
         log.info("recheck_requested", model=model, file=file_name, node=node, provider=provider)
         self.wake()
 
-    def rejections(self) -> list[dict[str, Any]]:
-        """The recorded rejections of the catalog's models (for the server at start-up)."""
-        return [dict(r) for name in self.catalog.current.entries
-                for r in self.store.read_manifest(name).rejections.values()]
+    def restore_rejections(self) -> int:
+        """Start-up: the rejections the manifests of the catalog's models kept (named nodes')
+        go back into ``self.rejections``. Returns how many."""
+        return len(self.rejections.add(
+            Rejection.from_record(r) for name in self.catalog.current.entries
+            for r in self.store.read_manifest(name).rejections.values()))
 
     def _forget_permanent_pull_failures(self) -> None:
         for name in self.failures.forget_pulls():
