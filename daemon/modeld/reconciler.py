@@ -6,6 +6,10 @@ state, never from the event. One job per model at a time, a bounded number of wo
 newest desired state wins (a running job that the plan no longer wants is cancelled). Retry is
 decided by the error's type: ``TemporaryError`` backs off, ``PermanentError`` waits for an input
 to change. Knows nothing of sockets: it hands ``ModelView``s to a ``publish`` callback.
+
+The loop, dispatch and cancellation live here; what a job is asked (the typed requests of
+``modeld.work``) and what its result changes in the manifest are ``modeld.handoff``'s pure
+functions, the backoff is ``modeld.failures``', nodes' rejections ``modeld.rejections``'.
 """
 
 from __future__ import annotations
