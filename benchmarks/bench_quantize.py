@@ -19,7 +19,6 @@ YOLO-sized CNN (random weights: its accuracy numbers mean little).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -35,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from common import Results, Row
 from modeld.testing.images import text_like_image, write_png
+from modeld.methods import canonical
 from modeld.variants import Gates
 from modeld.workers import verify
 from modeld.workers.inputs import sample_inputs
@@ -116,15 +116,14 @@ def _run(model_path: Path, label: str, preset: str, work: Path, args) -> dict:
     _write_pages(held_out, count=8, seed=1000, text=preset == "ocr", size=args.size)
     eval_feeds, _ = sample_inputs(folder / "model.onnx", calibration=str(held_out), preset=preset,
                                   input_size=args.size, count=8)
-    source_sha = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
     results = []
     for method in args.methods.split(","):
         params = {"samples": args.samples} if method in ("static_int8", "auto") else {}
         request = QuantizeRequest(
-            name="bench", model_dir=str(folder), source_sha256=source_sha, method=method,
+            name="bench", model_dir=str(folder), method=method,
             # dynamic_int8 ignores the folder, but its proof then checks agreement on real pages
             # (synthetic noise leaves an OCR detector's output all but zero: a cosine of nothing)
-            params=params, calibration=str(calibration),
+            params=canonical(method, params), calibration=str(calibration),
             preprocessing_preset=preset, input_size=args.size, providers=(CPU,),
             gates=Gates(min_cosine=TARGET_COSINE, min_speedup=1.0), simulated={})
         started = time.monotonic()

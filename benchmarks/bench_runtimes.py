@@ -21,9 +21,8 @@ from pathlib import Path
 
 from common import Results, Row
 from modeld.benchtable import format_table
-from modeld.store import sha256_file
 from modeld.testing import noderuntime, onnx_models, realdata
-from modeld.variants import VARIANT_FILES, Gates
+from modeld.variants import Gates
 from modeld.workers.bench import BenchRequest, bench_model
 
 CPU = "CPUExecutionProvider"
@@ -42,12 +41,12 @@ def openvino_python() -> str | None:
 def build(model_dir: Path, name: str, method: str, *, preset: str | None,
           input_size: int | None, calibration: Path | None) -> None:
     from modeld.workers import quantize
-    from modeld.workers.recipes import canonical_params
+    from modeld.methods import canonical
     started = time.perf_counter()
     quantize.quantize_model(quantize.QuantizeRequest(
         name=name, model_dir=str(model_dir),
-        source_sha256=sha256_file(model_dir / VARIANT_FILES["fp32"]), method=method,
-        params=canonical_params(method, {}, entry=name),
+        method=method,
+        params=canonical(method, {}, entry=name),
         calibration=str(calibration) if calibration else None, preprocessing_preset=preset,
         input_size=input_size, providers=(CPU,), gates=Gates(min_cosine=0.0, min_speedup=0.0,
                                                             min_part_cosine=0.0,

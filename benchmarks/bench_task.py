@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -187,7 +186,6 @@ def _auto(model: realdata.RealModel, folder: Path, calibration: Path, samples: i
     own proof would let the daemon serve it."""
     request = QuantizeRequest(
         name=model.name, model_dir=str(folder),
-        source_sha256=hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest(),
         method="auto", params={"samples": samples}, calibration=str(calibration),
         preprocessing_preset=model.preset, input_size=model.input_size, providers=(CPU,),
         gates=Gates(), simulated={}, task=model.task)

@@ -25,7 +25,6 @@ import numpy as np
 
 from common import Results, Row
 from modeld.benchtable import format_table
-from modeld.store import sha256_file
 from modeld.testing import onnx_models
 from modeld.variants import VARIANT_FILES, Gates
 from modeld.workers.bench import BenchRequest, bench_model
@@ -73,14 +72,14 @@ def build_variants(model_dir: Path, name: str, preset: str | None, input_size: i
                    calibration: Path | None) -> None:
     """model-int8.onnx (dynamic_int8) and model-fp16.onnx with the quantize worker's stock methods."""
     from modeld.workers import quantize
-    from modeld.workers.recipes import canonical_params
+    from modeld.methods import canonical
     for method in ("dynamic_int8", "fp16"):
         started = time.perf_counter()
         try:
             quantize.quantize_model(quantize.QuantizeRequest(
                 name=name, model_dir=str(model_dir),
-                source_sha256=sha256_file(model_dir / VARIANT_FILES["fp32"]), method=method,
-                params=canonical_params(method, {}, entry=name),
+                method=method,
+                params=canonical(method, {}, entry=name),
                 calibration=str(calibration) if calibration else None,
                 preprocessing_preset=preset, input_size=input_size, providers=(CPU,),
                 gates=Gates(min_cosine=0.0, min_speedup=0.0)), lambda f, d: None)

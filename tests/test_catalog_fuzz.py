@@ -16,10 +16,10 @@ import tomlkit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, METHOD_OPTIONS, NAME_RE, Catalog, CatalogKeeper,
-                            CatalogMemo,
+from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, NAME_RE, Catalog, CatalogKeeper, CatalogMemo,
                             catalog_from_bytes, parse_catalog)
 from modeld.errors import CatalogError
+from modeld.methods import METHODS
 
 #: MODELD_FUZZ_SCALE=20 runs 20 times the examples with a random seed: a deeper hunt by hand;
 #: CI keeps 1 (derandomized, so a run is reproducible)
@@ -72,9 +72,9 @@ repo_paths = st.lists(
            st.sampled_from(["..", ".", "", "\\", "x\x00", "/", "a\n"])),
     min_size=1, max_size=4).map("/".join)
 quantize_keys = sorted({"enabled", "method", "calibration", *GATE_KEYS,
-                        *(k for options in METHOD_OPTIONS.values() for k in options)})
+                        *(k for method in METHODS.values() for k in method.options)})
 good_quantize = st.fixed_dictionaries(
-    {"method": st.sampled_from(sorted(METHOD_OPTIONS))},
+    {"method": st.sampled_from(sorted(METHODS))},
     optional={"enabled": st.booleans(), "min_cosine": st.floats(0.01, 1.0),
               "min_speedup": st.floats(0, 10), "max_abs_error": st.floats(0.001, 10),
               "allow_slower": st.booleans(), "samples": st.integers(1, 10_000),

@@ -99,3 +99,53 @@ def test_a_file_that_vanishes_under_a_worker_is_retried_not_final(tmp_path):
     assert isinstance(error, FileVanishedError) and isinstance(error, TemporaryError)
     assert "labels.txt" in str(error) and "\n" not in str(error)
     assert isinstance(_to_modeld_error(PermissionError(13, "denied")), PermanentError)
+
+
+# ---- the backoff itself (modeld.failures, no reconciler) ---------------------------------------
+
+def _failures():
+    from modeld.failures import Failures
+    return Failures(base_s=2.0, cap_s=10.0, max_timeouts=3, jitter=lambda: 1.0)
+
+
+def _entry(revision: str | None = None, quantize: str | None = None):
+    from modeld.catalog import parse_catalog
+    text = entry_toml("det", labels=None, revision=revision, quantize=quantize)
+    return parse_catalog(text).entries["det"]
+
+
+def test_a_temporary_failure_backs_off_exponentially_up_to_the_cap():
+    from modeld.errors import HubUnavailableError
+    from modeld.planning import Pull
+    failures = _failures()
+    action = Pull("det", _entry(), "test")
+    delays = [failures.record(action, HubUnavailableError("down", retry_after_s=0),
+                              now=100.0).delay_s
+              for _ in range(5)]
+    assert delays == [2.0, 4.0, 8.0, 10.0, 10.0]
+    assert failures.hold(action, now=105.0) == 5.0          # retry_at 110
+    assert failures.hold(action, now=110.0) is None
+    assert failures.hold(action, now=105.0, oneshot=True) == float("inf")
+    other = Pull("det", _entry(revision="v2"), "test")      # another desired state: runs now
+    assert failures.hold(other, now=105.0) is None
+    assert failures.record(other, HubUnavailableError("down"), now=0).attempts == 1
+    assert failures.forget_pulls() == ["det"] and failures.get("det") is None
+
+
+def test_a_permanent_failure_holds_until_an_input_changes_and_timeouts_become_permanent():
+    from modeld.errors import PermanentError, WorkerTimeoutError
+    from modeld.planning import PlanContext
+    failures = _failures()
+    entry = _entry(quantize="dynamic_int8")
+    ctx = PlanContext(providers=("CPUExecutionProvider",), onnx_version="1",
+                      onnxruntime_version="1")
+    derivation = desired_derivation(entry, FileRecord("model.onnx", "f" * 64, 1, 1, 1), ctx)
+    action = Derive("det", entry, derivation, "test")
+    assert failures.record(action, QuantizeError("boom", entry="det"), now=0).retry_at is None
+    assert failures.hold(action, now=1e9) == float("inf")
+    failures.succeeded("det")
+    errors = [failures.record(action, WorkerTimeoutError("slow"), now=0).error
+              for _ in range(3)]
+    assert [type(e) for e in errors] == [WorkerTimeoutError, WorkerTimeoutError, PermanentError]
+    assert "3 times in a row: given up" in str(errors[-1])
+    assert failures.forget("det") and not failures.forget("det")

@@ -267,3 +267,59 @@ def test_a_node_runtime_is_an_input_of_the_proofs_on_its_provider():
     assert isinstance(upgraded, Prove) and "stale" in upgraded.reason
     assert Planner().plan(_catalog_of(E), Inventory(models={E.name: state(proven)}), v2) == \
         [upgraded]
+
+
+STATIC = '[models.quantize]\nmethod = "static_int8"\ncalibration = "/cal"'
+AUTO = '[models.quantize]\nmethod = "auto"'
+
+
+def test_the_derivation_changes_when_any_input_changes():
+    """``desired_derivation`` is the one derivation (the quantize request carries it): every
+    option of the method's table, the calibration inputs, the source and the versions count,
+    and a default spelled out is the default."""
+    fp32 = pulled(EQ).files[FP32_FILE]
+    base = desired_derivation(entry(STATIC), fp32, CTX)
+    changed = [desired_derivation(entry(STATIC + extra), fp32, CTX) for extra in (
+        "\nsamples = 8", '\ncalibrate_method = "Entropy"', '\nformat = "QOperator"',
+        "\nper_channel = false", "\nreduce_range = true", '\nweight_type = "QUInt8"')]
+    changed += [desired_derivation(entry(STATIC.replace("/cal", "/other")), fp32, CTX),
+                desired_derivation(replace(entry(STATIC), preprocessing_preset="yolo"), fp32, CTX),
+                desired_derivation(replace(entry(STATIC), input_size=64), fp32, CTX),
+                desired_derivation(entry(QUANT), fp32, CTX),
+                desired_derivation(entry(STATIC), replace(fp32, sha256="0" * 64), CTX),
+                desired_derivation(entry(STATIC), fp32, replace(CTX, onnxruntime_version="9")),
+                desired_derivation(entry(STATIC), fp32, replace(CTX, onnx_version="9"))]
+    keys = [d.key() for d in (base, *changed)]
+    assert len(set(keys)) == len(keys)
+    assert desired_derivation(entry(STATIC + "\nsamples = 32"), fp32, CTX) == base  # the default
+    auto = desired_derivation(entry(AUTO), fp32, CTX)
+    assert desired_derivation(entry(AUTO + "\nmin_speedup = 1.5"), fp32, CTX) != auto
+    assert desired_derivation(entry(AUTO), fp32, replace(CTX, providers=("X",))) != auto
+    # an explicit method's choice does not depend on the gates
+    assert desired_derivation(entry(STATIC + "\nmin_speedup = 1.5"), fp32, CTX) == base
+
+
+def test_a_fake_option_in_the_one_table_reaches_catalog_derivation_and_worker(monkeypatch):
+    """Adding an option is one line in ``modeld.methods``: the catalog accepts it (and checks
+    its values), the derivation keys on it, and the quantize request and recipe carry it."""
+    from modeld import methods
+    from modeld.handoff import request_for
+    from modeld.settings import Settings
+    from modeld.workers.recipes import recipe_for
+    dynamic = methods.METHODS["dynamic_int8"]
+    monkeypatch.setitem(methods.METHODS, "dynamic_int8", replace(dynamic, options={
+        **dynamic.options, "fake_knob": methods.Option(3, kind=int, minimum=0, maximum=9)}))
+    fp32 = pulled(EQ).files[FP32_FILE]
+    assert entry(QUANT).quantize.params["fake_knob"] == 3                    # the default
+    spec = entry(QUANT + "\nfake_knob = 7")
+    assert spec.quantize.params["fake_knob"] == 7
+    bad = parse_catalog(f'[[models]]\nname = "det"\nrepo = "a/b"\nfilename = "m.onnx"\n'
+                        f'{QUANT}\nfake_knob = 10').entries["det"]
+    assert bad.quantize is None and bad.quantize_error.field == "quantize.fake_knob"
+    derivation = desired_derivation(spec, fp32, CTX)
+    assert derivation.params["fake_knob"] == 7
+    assert derivation.key() != desired_derivation(entry(QUANT), fp32, CTX).key()
+    request = request_for(Derive("det", spec, derivation, "test"), model_dir="/m/det",
+                          settings=Settings(), context=CTX)
+    assert request.params["fake_knob"] == 7 and request.derivation is derivation
+    assert recipe_for(request.method, request.params).options["fake_knob"] == 7

@@ -22,12 +22,14 @@ import structlog
 from . import reports
 from .catalog import CatalogKeeper
 from .errors import CatalogError, ModeldError, UsageError
+from .handoff import runtimes_for
 from .jobs import JobRunner, JobSpec
 from .protocol import Admin, error_event
 from .reconciler import Reconciler
 from .settings import Settings
 from .store import Store
 from .variants import FP32, VARIANT_FILES
+from .work import BenchRequest
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +86,7 @@ def socket_owner(path: Path) -> Allowed:
 # -- the operations both modes share ------------------------------------------------------------
 
 def bench_job(settings: Settings, store: Store, keeper: CatalogKeeper, name: str,
-              candidates: bool) -> tuple[JobSpec, dict[str, Any]]:
+              candidates: bool) -> tuple[JobSpec, BenchRequest]:
     """The ``bench`` worker job for catalog entry ``name`` (its files must be pulled)."""
     entry = require_entry(keeper, name)
     folder = store.model_dir(name)
@@ -92,20 +94,20 @@ def bench_job(settings: Settings, store: Store, keeper: CatalogKeeper, name: str
         raise UsageError(f"{name} is not pulled yet", hint=f"run `mecha10-modeld pull {name}` "
                                                            "first")
     q = entry.quantize
-    request = dict(model_dir=str(folder), providers=tuple(entry.providers or settings.providers),
-                   calibration=q.calibration if q else None,
-                   preprocessing_preset=entry.preprocessing_preset, input_size=entry.input_size,
-                   gates=q.gates if q else None, candidates=candidates,
-                   simulated=dict(settings.simulated_providers), name=name,
-                   task=entry.task or None,
-                   runtimes={p: py for p, py in settings.runtimes.items()
-                             if p in (entry.providers or settings.providers)})
-    spec = JobSpec("modeld.workers.bench:bench_model", settings.quantize_timeout_s,
-                   settings.worker_memory_mb, "modeld.workers.bench:BenchRequest")
+    providers = tuple(entry.providers or settings.providers)
+    request = BenchRequest(model_dir=str(folder), providers=providers,
+                           calibration=q.calibration if q else None,
+                           preprocessing_preset=entry.preprocessing_preset,
+                           input_size=entry.input_size, gates=q.gates if q else None,
+                           candidates=candidates,
+                           simulated={k: tuple(v) for k, v in settings.simulated_providers.items()},
+                           name=name, task=entry.task or None,
+                           runtimes=runtimes_for(settings, providers))
+    spec = JobSpec(BenchRequest.target, settings.quantize_timeout_s, settings.worker_memory_mb)
     return spec, request
 
 
-BENCH_SAMPLES = 8   # modeld.workers.bench.BenchRequest.samples
+BENCH_SAMPLES = BenchRequest.samples
 
 
 def require_entry(keeper: CatalogKeeper, name: str):

@@ -25,7 +25,8 @@ from tomlkit.exceptions import ParseError, TOMLKitError
 from .catalog_blocks import BlockMemo
 from .errors import CatalogError
 from .tomlwords import explain as explain_toml_error
-from .variants import METHODS, Gates
+from .methods import METHODS, Option, broken_rule
+from .variants import Gates
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +41,6 @@ MAX_MODELS = 1000
 MAX_PATH_CHARS = 1024
 MAX_TEXT_CHARS = 4096
 MAX_INPUT_SIZE = 8192
-MAX_SAMPLES = 10_000
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _REPO_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -50,9 +50,6 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _SIMPLE_KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 PRESETS = ("yolo", "imagenet", "ocr", "none")
-QTYPES = ("QUInt8", "QInt8")
-CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
-QUANT_FORMATS = ("QDQ", "QOperator")
 
 TOP_LEVEL_KEYS = ("models",)
 ENTRY_KEYS = ("name", "description", "task", "repo", "filename", "revision", "labels",
@@ -83,7 +80,7 @@ class _Invalid(Exception):
 @dataclass(frozen=True)
 class QuantizeSpec:
     enabled: bool
-    method: str                      # key of modeld.variants.METHODS
+    method: str                      # key of modeld.methods.METHODS
     params: Mapping[str, Any]        # method options, defaults filled, sorted by key; JSON-able
     calibration: str | None          # absolute path (resolved against the catalog's folder) or None
     gates: Gates
@@ -278,31 +275,17 @@ def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str | None
 
 _Check = Callable[[Any], Any]
 
-#: method -> option -> (check, default). ``calibration`` is separate (a path, not a parameter).
-METHOD_OPTIONS: Mapping[str, Mapping[str, tuple[_Check, Any]]] = {
-    "dynamic_int8": {
-        "weight_type": (_one_of(QTYPES), "QUInt8"),
-        "per_channel": (_bool, False),
-        "reduce_range": (_bool, False),
-    },
-    "static_int8": {
-        "samples": (_int_in(1, MAX_SAMPLES), 32),
-        "calibrate_method": (_one_of(CALIBRATE_METHODS), "MinMax"),
-        "format": (_one_of(QUANT_FORMATS), "QDQ"),
-        "activation_type": (_one_of(QTYPES), "QUInt8"),
-        "weight_type": (_one_of(QTYPES), "QInt8"),
-        "per_channel": (_bool, True),
-        "reduce_range": (_bool, False),
-    },
-    "fp16": {
-        "keep_io_types": (_bool, True),
-    },
-    "auto": {
-        "samples": (_int_in(1, MAX_SAMPLES), 32),
-    },
-}
-#: method -> whether ``calibration`` is required (True), optional (False); absent = not accepted
-CALIBRATION_REQUIRED: Mapping[str, bool] = {"static_int8": True, "auto": False}
+
+def _option_check(option: Option) -> Callable[[Any], Any]:
+    """The catalog's check (and its messages) for one option of ``methods.METHODS``."""
+    if option.choices is not None:
+        return _one_of(option.choices)
+    if option.kind is bool:
+        return _bool
+    if option.kind is int:
+        return _int_in(option.minimum if option.minimum is not None else -2**63,
+                       option.maximum if option.maximum is not None else 2**63 - 1)
+    return _string
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -525,19 +508,23 @@ def _parse_quantize(raw: Any, where: _Where, base_dir: str) -> QuantizeSpec:
             method = _one_of(tuple(METHODS))(raw["method"])
         except _Invalid as bad:
             raise where.invalid("quantize.method", bad) from None
-    options = METHOD_OPTIONS[method]
+    definition = METHODS[method]
+    options = definition.options
     known = ["enabled", "method", *GATE_KEYS, *options]
-    if method in CALIBRATION_REQUIRED:
+    if definition.calibration is not None:
         known.append("calibration")
     for key in raw:
         if key not in known:
             raise where.unknown_key(key, known, prefix="quantize.")
     params = {}
-    for key, (check, default) in sorted(options.items()):
+    for key, option in sorted(options.items()):
         try:
-            params[key] = check(raw[key]) if key in raw else default
+            params[key] = _option_check(option)(raw[key]) if key in raw else option.default
         except _Invalid as bad:
             raise where.invalid(f"quantize.{key}", bad) from None
+    rule = broken_rule(method, params)
+    if rule is not None:
+        raise where.error(f"quantize.{rule.option}", rule.message, hint=rule.hint)
     calibration = None
     if "calibration" in raw:
         try:
@@ -545,7 +532,7 @@ def _parse_quantize(raw: Any, where: _Where, base_dir: str) -> QuantizeSpec:
                 os.path.join(base_dir, _calibration_path(raw["calibration"])))
         except _Invalid as bad:
             raise where.invalid("quantize.calibration", bad) from None
-    elif CALIBRATION_REQUIRED.get(method):
+    elif definition.calibration == "required":
         raise where.error("quantize.calibration", "missing required field",
                           hint=f"method {method!r} needs a folder of sample inputs (images or .npy)")
     return QuantizeSpec(enabled=enabled, method=method, params=params, calibration=calibration,

@@ -9,7 +9,6 @@ the daemon process never dies with it (uvicorn's ``_subprocess.py`` is the model
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import multiprocessing as mp
 import os
@@ -22,13 +21,10 @@ from typing import Any, Callable
 
 from .errors import (DiskFullError, FileVanishedError, ModeldError, PermanentError,
                      StoreWriteError, TemporaryError, WorkerCrashedError, WorkerTimeoutError)
+from .work import ProgressFn
 
 _CTX = mp.get_context("spawn")
 _PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
-#: results of classes defined here come back as dicts of their fields (their modules are heavy)
-WORKER_PACKAGE = "modeld.workers."
-
-ProgressFn = Callable[[float | None, str], None]
 
 
 class JobCancelledError(TemporaryError):
@@ -39,15 +35,14 @@ class JobCancelledError(TemporaryError):
 class JobSpec:
     """Which worker function to run: ``module:function``, resolved in the child.
 
-    With ``request_type`` (``module:Class``) the request is passed as a dict of fields and built
-    in the child, and a dataclass result comes back as a dict of its fields: the daemon never
-    imports a worker module (they import onnxruntime and huggingface_hub at the top).
+    The request and the result cross as they are (pickled): the worker requests and results are
+    the light dataclasses of ``modeld.work``, so the daemon never imports a worker module (they
+    import onnxruntime and huggingface_hub at the top).
     """
 
     target: str                      # e.g. "modeld.workers.fetch:fetch_model"
     timeout_s: float
     memory_mb: int | None = None
-    request_type: str | None = None  # e.g. "modeld.workers.fetch:FetchRequest"
 
 
 class Progress:
@@ -102,14 +97,9 @@ def _child_main(conn, spec: JobSpec, request: Any) -> None:
         limit = spec.memory_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        if spec.request_type:
-            request = _resolve(spec.request_type)(**request)
         target = _resolve(spec.target)
         _quiet_onnxruntime()
-        result = target(request, Progress(conn))
-        if dataclasses.is_dataclass(result) and type(result).__module__.startswith(WORKER_PACKAGE):
-            result = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-        conn.send(("ok", result))
+        conn.send(("ok", target(request, Progress(conn))))
     except BaseException as e:  # noqa: BLE001 - everything must reach the parent as a typed error
         conn.send(("error", _to_modeld_error(e)))
     finally:

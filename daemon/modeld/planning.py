@@ -14,8 +14,10 @@ from typing import Mapping, Union
 from .catalog import Catalog, ModelEntry
 from .manifest import FileRecord, Manifest
 from .store import UNREADABLE, Inventory, ModelState
-from .variants import (FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, VARIANT_FILES,
-                       Derivation, Gates, proof_key)
+from .methods import METHODS
+from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, VARIANT_FILES,
+                       Derivation, Gates, proof_key)  # noqa: F401 - proof_key: tests
+from .work import ProofBasis
 
 FP32_FILE = VARIANT_FILES[FP32]
 LABELS_FILE = "labels.txt"
@@ -181,9 +183,9 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
                context: PlanContext) -> Action | None:
     """Proofs and derived variants of the FP32 file that is on disk."""
     providers = providers_for(entry, context)
-    fp32_key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=providers,
-                         gates=Gates(), onnxruntime=context.onnxruntime_version,
-                         simulated=context.simulated, runtimes=context.runtimes)
+    fp32_key = proof_basis(context).key(file_sha256=fp32.sha256, reference_sha256=None,
+                                        providers=providers, gates=Gates(),
+                                        simulated=context.simulated)
     fp32_proof = manifest.proofs.get(FP32_FILE)
     if fp32_proof is None or fp32_proof.key != fp32_key:
         return Prove(entry.name, entry, FP32_FILE, FP32, fp32_key, None, Gates(),
@@ -268,13 +270,18 @@ def config_derivation(entry: ModelEntry, fp32: FileRecord, labels: FileRecord | 
 
 
 def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext) -> Derivation:
+    """The one derivation of a quantized file: the canonical options of the method's table
+    (``methods.METHODS``), what shapes the calibration and agreement inputs, the recipes
+    version, and for a method that chooses (``auto``) what its choice depends on. The quantize
+    request carries it (``handoff.request_for``); the worker records it as it is."""
     spec = entry.quantize
     assert spec is not None
+    method = METHODS[spec.method]
     # The preset and input size shape the calibration and agreement inputs: inputs too.
-    params = dict(spec.params) | {"calibration": spec.calibration,
-                                  "preprocessing_preset": entry.preprocessing_preset,
-                                  "input_size": entry.input_size, "recipes": RECIPES_VERSION}
-    if METHODS.get(spec.method) is None:
+    params = {k: spec.params[k] for k in sorted(method.options)} | {
+        "calibration": spec.calibration, "preprocessing_preset": entry.preprocessing_preset,
+        "input_size": entry.input_size, "recipes": RECIPES_VERSION}
+    if method.chooses:
         # auto chooses among candidates by the gates and the providers: they are inputs too
         providers = providers_for(entry, context)
         params |= {"gates": spec.gates.to_dict(), "providers": list(providers)}
@@ -297,10 +304,15 @@ def derived_record(manifest: Manifest, derivation: Derivation) -> FileRecord | N
 def derived_proof_key(entry: ModelEntry, record: FileRecord, fp32: FileRecord,
                       context: PlanContext) -> str:
     assert entry.quantize is not None
-    return proof_key(file_sha256=record.sha256, reference_sha256=fp32.sha256,
-                     providers=providers_for(entry, context), gates=entry.quantize.gates,
-                     onnxruntime=context.onnxruntime_version, simulated=context.simulated,
-                     runtimes=context.runtimes)
+    return proof_basis(context).key(file_sha256=record.sha256, reference_sha256=fp32.sha256,
+                                    providers=providers_for(entry, context),
+                                    gates=entry.quantize.gates, simulated=context.simulated)
+
+
+def proof_basis(context: PlanContext) -> ProofBasis:
+    """The daemon's proof key inputs besides the files: planned keys are made from it, and every
+    proving request carries it (``handoff.request_for``), so a proof comes back under its key."""
+    return ProofBasis(context.onnxruntime_version, context.runtimes)
 
 
 def variant_of(record: FileRecord) -> str:

@@ -6,13 +6,17 @@ state, never from the event. One job per model at a time, a bounded number of wo
 newest desired state wins (a running job that the plan no longer wants is cancelled). Retry is
 decided by the error's type: ``TemporaryError`` backs off, ``PermanentError`` waits for an input
 to change. Knows nothing of sockets: it hands ``ModelView``s to a ``publish`` callback.
+
+The loop, dispatch and cancellation live here; what a job is asked (the typed requests of
+``modeld.work``) and what its result changes in the manifest are ``modeld.handoff``'s pure
+functions, the backoff is ``modeld.failures``', nodes' rejections ``modeld.rejections``'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
-import random
 import time
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -21,26 +25,25 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
+from . import handoff
 from .catalog import Catalog, CatalogKeeper
 from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavailableError,
-                     TemporaryError, WorkerTimeoutError)
+                     TemporaryError)
+from .failures import Failures
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
-from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
-                       Planner, Pull, Quarantine, RestoreMode, config_derivation,
-                       derived_proof_key, providers_for, variant_of)
+from .rejections import Rejection, Rejections
+from .planning import (FP32_FILE, Action, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
+                       RestoreMode, variant_of)
 from .serving import ModelView
 from .settings import Settings
 from .store import Inventory, Store, sha256_file, stat_key
-from .variants import Gates
+from .variants import Gates, Proof
 from .views import Activity, ViewBuilder
+from .work import FetchRequest, ProveRequest, QuantizeRequest, QuantizeResult
 
 log = structlog.get_logger(__name__)
-
-FETCH = "modeld.workers.fetch"
-QUANTIZE = "modeld.workers.quantize"
-VERIFY = "modeld.workers.verify"
 
 _VERBS = {Pull: "pulling", Derive: "quantizing", Prove: "proving", RestoreMode: "repairing",
           Quarantine: "repairing"}
@@ -66,19 +69,12 @@ class _Running:
     handle: JobHandle | None = None  # the worker process, once it started
 
 
-@dataclass
-class _Failure:
-    identity: tuple
-    error: ModeldError
-    attempts: int
-    retry_at: float | None   # monotonic; None = permanent (until an input changes)
-
-
 class Reconciler:
     def __init__(self, settings: Settings, *, store: Store, catalog: CatalogKeeper,
                  jobs: JobRunner | None = None,
                  publish: Callable[[Mapping[str, ModelView]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
+                 rejections: Rejections | None = None,
                  backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0) -> None:
         self.settings = settings
         self.store = store
@@ -92,7 +88,11 @@ class Reconciler:
         self._view_builder = ViewBuilder()
         self.pending: frozenset[str] = frozenset()
         self._running: dict[str, _Running] = {}
-        self._failures: dict[str, _Failure] = {}
+        #: nodes' rejections, shared with the server (``modeld.rejections``); the manifests
+        #: keep the named nodes' ones across restarts
+        self.rejections = rejections if rejections is not None else Rejections()
+        self.failures = Failures(base_s=backoff_base_s, cap_s=backoff_cap_s,
+                                 max_timeouts=settings.max_timeouts)
         self._activity: dict[str, Activity] = {}
         self._refresh_due: set[str] = set()
         self._wake_event: asyncio.Event | None = None
@@ -100,8 +100,6 @@ class Reconciler:
         self._semaphore: asyncio.Semaphore | None = None
         self._oneshot = False
         self._catalog_error_logged: str | None = None
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
         #: model -> files to prove again because a node rejected them (see record_rejection)
         self._recheck: dict[str, set[str]] = {}
         #: (model, sha256) -> monotonic time of its last re-check: at most one per interval
@@ -309,10 +307,6 @@ class Reconciler:
         self.runtimes = probed
         return probed
 
-    def runtimes_for(self, providers: tuple[str, ...]) -> dict[str, str]:
-        """provider -> interpreter, for the providers of one job that a node runtime proves."""
-        return {p: py for p, py in self.settings.runtimes.items() if p in providers}
-
     async def reprove(self, model: str, file_name: str, provider: str) -> Any:
         """Prove ``file_name`` of ``model`` again on ``provider`` alone, in that provider's node
         runtime when one is mapped (else the daemon's own onnxruntime), against the entry's
@@ -329,10 +323,11 @@ class Reconciler:
                        FP32_FILE if derived else None,
                        entry.quantize.gates if derived and entry.quantize else Gates(),
                        f"re-prove on {provider}")
-        spec, request = self._job_for(action)
-        request = request | {"providers": (provider,),
-                             "runtimes": self.runtimes_for((provider,))}
-        proof = await asyncio.to_thread(self.jobs.run, spec, request)
+        request = self._request_for(action)
+        assert isinstance(request, ProveRequest)
+        request = replace(request, providers=(provider,),
+                          runtimes=handoff.runtimes_for(self.settings, (provider,)))
+        proof = await asyncio.to_thread(self.jobs.run, self._spec_for(request), request)
         return proof.on(provider)
 
     def _log_catalog_error(self) -> None:
@@ -367,14 +362,11 @@ class Reconciler:
         name = action.name
         if name in self._running:
             return True
-        failure = self._failures.get(name)
-        if failure is not None and failure.identity == action.identity:
-            if failure.retry_at is None or self._oneshot:
-                return False
-            delay = failure.retry_at - time.monotonic()
-            if delay > 0:
-                self._schedule_wake(delay)
-                return False
+        hold = self.failures.hold(action, time.monotonic(), oneshot=self._oneshot)
+        if hold is not None:
+            if hold != math.inf:
+                self._schedule_wake(hold)
+            return False
         assert self._semaphore is not None
         task = asyncio.get_running_loop().create_task(self._execute(action),
                                                       name=f"job:{name}")
@@ -412,7 +404,7 @@ class Reconciler:
                 elif isinstance(action, Quarantine):
                     result = self.store.quarantine(name)
                 else:
-                    spec, request = self._job_for(action)
+                    request = self._request_for(action)
 
                     def on_progress(fraction: float | None, detail: str) -> None:
                         loop.call_soon_threadsafe(self._progress, name, verb, fraction, detail)
@@ -420,10 +412,11 @@ class Reconciler:
                     def on_start(handle: JobHandle) -> None:
                         loop.call_soon_threadsafe(self._attach_handle, name, handle)
 
-                    result = await asyncio.to_thread(self.jobs.run, spec, request,
-                                                     on_progress=on_progress, on_start=on_start)
+                    result = await asyncio.to_thread(self.jobs.run, self._spec_for(request),
+                                                     request, on_progress=on_progress,
+                                                     on_start=on_start)
                 self._apply(action, result, seconds=time.monotonic() - started)
-                self._failures.pop(name, None)
+                self.failures.succeeded(name)
                 self._activity.pop(name, None)
         except (JobCancelledError, asyncio.CancelledError):
             self._activity.pop(name, None)
@@ -462,31 +455,17 @@ class Reconciler:
 
     def _record_failure(self, action: Action, error: ModeldError) -> None:
         name = action.name
-        previous = self._failures.get(name)
-        attempts = previous.attempts + 1 if previous and previous.identity == action.identity else 1
-        if (isinstance(error, WorkerTimeoutError) and isinstance(action, (Derive, Prove))
-                and attempts >= self.settings.max_timeouts):
-            # A proof or quantization that never ends would hold a worker slot forever (local
-            # work on fixed inputs; a pull's timeout is the network's, and stays temporary).
-            error = PermanentError(f"{error.message}, {attempts} times in a row: given up",
-                                   entry=name, hint="fix the model or raise the timeout, then "
-                                   "`systemctl reload` (or `mecha10-modeld sync`) retries")
-        if isinstance(error, TemporaryError):
-            delay = min(self._backoff_cap_s, max(error.retry_after_s,
-                                                 self._backoff_base_s * 2 ** (attempts - 1)))
-            delay *= random.uniform(0.5, 1.0)   # jitter: a fleet must not retry in lockstep
-            retry_at: float | None = time.monotonic() + delay
-        else:
-            delay, retry_at = None, None
-            if isinstance(action, Derive) and self._source_unchanged(action):
-                # Persisted: the same inputs are not quantized again, even after a restart.
-                # (When the FP32 file vanished or changed under the job, its failure says nothing
-                # about these inputs: it stays in memory, and the pull that heals the file clears it.)
-                self._write(name, lambda m: m.with_failure(action.derivation.key(), str(error)))
-        self._failures[name] = _Failure(action.identity, error, attempts, retry_at)
+        failure = self.failures.record(action, error, time.monotonic())
+        error, delay = failure.error, failure.delay_s
+        if not isinstance(error, TemporaryError) and isinstance(action, Derive) \
+                and self._source_unchanged(action):
+            # Persisted: the same inputs are not quantized again, even after a restart.
+            # (When the FP32 file vanished or changed under the job, its failure says nothing
+            # about these inputs: it stays in memory, and the pull that heals the file clears it.)
+            self._write(name, lambda m: m.with_failure(action.derivation.key(), str(error)))
         self._activity[name] = Activity(error=str(error), error_type=type(error).__name__,
                                         retry_in_s=round(delay, 1) if delay else None)
-        log.error("job_failed", model=name, job=_VERBS[type(action)], attempts=attempts,
+        log.error("job_failed", model=name, job=_VERBS[type(action)], attempts=failure.attempts,
                   retry_in_s=round(delay, 1) if delay else None,
                   **{k: v for k, v in error.fields().items() if k != "entry"})
 
@@ -504,13 +483,15 @@ class Reconciler:
         names = set(self.catalog.current.entries) if names is None else names
         forgotten = set()
         for name in names:
-            if self._failures.pop(name, None) is not None:
+            if self.failures.forget(name):
                 self._activity.pop(name, None)
                 forgotten.add(name)
             manifest = self.store.read_manifest(name)
             if manifest.failures or manifest.rejections:
                 self._write(name, lambda m: replace(m, failures={}, rejections={}))
                 forgotten.add(name)
+        # the watchers (the server) offer these models' files to those nodes again
+        forgotten.update(r.model for r in self.rejections.forget(lambda r: r.model in names))
         if forgotten:
             log.info("failures_forgotten", models=sorted(forgotten))
         return sorted(forgotten)
@@ -564,132 +545,69 @@ class Reconciler:
         log.info("recheck_requested", model=model, file=file_name, node=node, provider=provider)
         self.wake()
 
-    def rejections(self) -> list[dict[str, Any]]:
-        """The recorded rejections of the catalog's models (for the server at start-up)."""
-        return [dict(r) for name in self.catalog.current.entries
-                for r in self.store.read_manifest(name).rejections.values()]
+    def restore_rejections(self) -> int:
+        """Start-up: the rejections the manifests of the catalog's models kept (named nodes')
+        go back into ``self.rejections``. Returns how many."""
+        return len(self.rejections.add(
+            Rejection.from_record(r) for name in self.catalog.current.entries
+            for r in self.store.read_manifest(name).rejections.values()))
 
     def _forget_permanent_pull_failures(self) -> None:
-        for name, failure in list(self._failures.items()):
-            if failure.identity[1] == "pull":
-                del self._failures[name]
-                self._activity.pop(name, None)
+        for name in self.failures.forget_pulls():
+            self._activity.pop(name, None)
 
     # -- worker requests and results ------------------------------------------------------------
-    def _job_for(self, action: Action) -> tuple[JobSpec, dict[str, Any]]:
-        s = self.settings
-        folder = str(self.store.model_dir(action.name))
-        entry = action.entry  # type: ignore[union-attr]
+    def _request_for(self, action: Pull | Derive | Prove
+                     ) -> FetchRequest | QuantizeRequest | ProveRequest:
+        known = None
         if isinstance(action, Pull):
             # Only intact files are "known": the fetch worker trusts a known record's stat, and
             # a damaged file (bit rot keeps the stat) must be downloaded again.
             state = self.store.scan_model(action.name)
             known = {n: r for n, r in (state.manifest.files.items() if state else ())
                      if state.intact(n)}
-            request = dict(name=action.name, model_dir=folder, repo=entry.repo,
-                           filename=entry.filename, revision=entry.revision, labels=entry.labels,
-                           task=entry.task, description=entry.description,
-                           preprocessing_preset=entry.preprocessing_preset,
-                           input_size=entry.input_size, known=known,
-                           endpoint=s.hub_endpoint, token=_hf_token(), offline=s.hub_offline,
-                           attempts=s.pull_attempts)
-            return JobSpec(f"{FETCH}:fetch_model", s.pull_timeout_s, s.worker_memory_mb,
-                           f"{FETCH}:FetchRequest"), request
-        providers = providers_for(entry, self.context())
-        if isinstance(action, Derive):
-            spec = entry.quantize
-            request = dict(name=action.name, model_dir=folder,
-                           source_sha256=action.derivation.source_sha256, method=spec.method,
-                           params=dict(spec.params), calibration=spec.calibration,
-                           preprocessing_preset=entry.preprocessing_preset,
-                           input_size=entry.input_size, providers=providers, gates=spec.gates,
-                           simulated=dict(s.simulated_providers), task=entry.task or None,
-                           runtimes=self.runtimes_for(providers))
-            return JobSpec(f"{QUANTIZE}:quantize_model", s.quantize_timeout_s,
-                           s.worker_memory_mb, f"{QUANTIZE}:QuantizeRequest"), request
-        assert isinstance(action, Prove)
-        # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
-        # load and run) never reads it: a broken calibration folder must not un-serve FP32.
-        calibration = (entry.quantize.calibration if entry.quantize and action.reference_file
-                       else None)
-        request = dict(model_dir=folder, file_name=action.file_name, variant=action.variant,
-                       reference_file=action.reference_file, providers=providers,
-                       gates=action.gates, calibration=calibration,
-                       preprocessing_preset=entry.preprocessing_preset,
-                       input_size=entry.input_size, simulated=dict(s.simulated_providers),
-                       task=entry.task or None, runtimes=self.runtimes_for(providers))
-        return JobSpec(f"{VERIFY}:prove", s.verify_timeout_s, s.worker_memory_mb,
-                       f"{VERIFY}:ProveRequest"), request
+        return handoff.request_for(action, model_dir=str(self.store.model_dir(action.name)),
+                                   settings=self.settings, context=self.context(), known=known,
+                                   token=_hf_token())
+
+    def _spec_for(self, request: FetchRequest | QuantizeRequest | ProveRequest) -> JobSpec:
+        s = self.settings
+        timeout_s = {FetchRequest: s.pull_timeout_s, QuantizeRequest: s.quantize_timeout_s,
+                     ProveRequest: s.verify_timeout_s}[type(request)]
+        return JobSpec(request.target, timeout_s, s.worker_memory_mb)
 
     def _apply(self, action: Action, result: Any, *, seconds: float) -> None:
+        """Record a finished job's result (``handoff.apply``) and say what it did."""
         name = action.name
+        if isinstance(action, Prove) and action.recheck:
+            self._judge_recheck(action, result)
+        if isinstance(action, (Pull, Derive, Prove)):
+            self.store.update_manifest(name, handoff.apply(action, result))
         if isinstance(action, Pull):
-            self._apply_pull(action, result, seconds)
+            self._refresh_due.discard(name)
+            log.info("pulled", model=name, repo=action.entry.repo, commit=result.commit,
+                     changed=result.changed, bytes=result.downloaded_bytes,
+                     seconds=round(seconds, 2))
         elif isinstance(action, Derive):
-            self._apply_derive(action, result, seconds)
+            self._log_derived(action, result, seconds)
         elif isinstance(action, Prove):
-            self._apply_prove(action, result, seconds)
-        else:
-            log.info("file_repaired", model=name, file=action.file_name, how="read permission restored")
+            refused = {p.provider: p.reason for p in result.providers if not p.passed}
+            log.info("proven", model=name, file=action.file_name,
+                     passed=[p.provider for p in result.providers if p.passed], refused=refused,
+                     checker_ok=result.checker_ok, seconds=round(seconds, 2))
+        elif isinstance(action, RestoreMode):
+            log.info("file_repaired", model=name, file=action.file_name,
+                     how="read permission restored")
 
-    def _apply_pull(self, action: Pull, result: Mapping[str, Any], seconds: float) -> None:
-        records = {r.name: r for r in result["files"]}
-
-        def change(m: Manifest) -> Manifest:
-            for record in records.values():
-                if record.name == CONFIG_FILE:
-                    continue
-                m = m.with_file(record)
-            config = records.get(CONFIG_FILE)
-            fp32 = m.files.get(FP32_FILE)
-            if config is not None and fp32 is not None:
-                derivation = config_derivation(action.entry, fp32, m.files.get(LABELS_FILE))
-                m = m.with_file(replace(config, derivation=derivation))
-            return m
-
-        self.store.update_manifest(action.name, change)
-        self._refresh_due.discard(action.name)
-        log.info("pulled", model=action.name, repo=action.entry.repo, commit=result["commit"],
-                 changed=result["changed"], bytes=result["downloaded_bytes"],
-                 seconds=round(seconds, 2))
-
-    def _apply_derive(self, action: Derive, result: Mapping[str, Any], seconds: float) -> None:
-        record = replace(result["record"], derivation=action.derivation)
-        proof = result["proof"]
-
-        def change(m: Manifest) -> Manifest:
-            m = m.with_file(record).with_failure(action.derivation.key(), None)
-            fp32 = m.files.get(FP32_FILE)
-            if fp32 is not None and proof is not None and proof.file_sha256 == record.sha256:
-                key = derived_proof_key(action.entry, record, fp32, self.context())
-                m = m.with_proof(record.name, replace(proof, key=key))
-            return m
-
-        self.store.update_manifest(action.name, change)
+    def _log_derived(self, action: Derive, result: QuantizeResult, seconds: float) -> None:
+        record, proof = result.record, result.proof
         fp32_size = (self.store.read_manifest(action.name).files.get(FP32_FILE) or record).size
         log.info("quantized", model=action.name, method=action.derivation.method,
                  file=record.name, seconds=round(seconds, 2),
                  size_ratio=round(record.size / max(1, fp32_size), 3),
-                 served=bool(proof and proof.passed_anywhere),
-                 warnings=list(result.get("warnings", ())))
+                 served=bool(proof and proof.passed_anywhere), warnings=list(result.warnings))
 
-    def _apply_prove(self, action: Prove, proof: Any, seconds: float) -> None:
-        if action.recheck:
-            self._judge_recheck(action, proof)
-
-        def change(m: Manifest) -> Manifest:
-            record = m.files.get(action.file_name)
-            if record is None or record.sha256 != proof.file_sha256:
-                return m  # the file changed while it was being proven: the next pass re-plans
-            return m.with_proof(action.file_name, replace(proof, key=action.key))
-
-        self.store.update_manifest(action.name, change)
-        refused = {p.provider: p.reason for p in proof.providers if not p.passed}
-        log.info("proven", model=action.name, file=action.file_name,
-                 passed=[p.provider for p in proof.providers if p.passed], refused=refused,
-                 checker_ok=proof.checker_ok, seconds=round(seconds, 2))
-
-    def _judge_recheck(self, action: Prove, proof: Any) -> None:
+    def _judge_recheck(self, action: Prove, proof: Proof) -> None:
         """A node rejected the file and the worker hashed and proved it again: bytes that are
         not the recorded ones (under an unchanged stat) mean the node was right, and the file is
         damaged for everyone (healed by the next pass); a proof that still passes leaves the
@@ -717,7 +635,7 @@ class Reconciler:
     def _activity_now(self) -> dict[str, Activity]:
         now = time.monotonic()
         out = dict(self._activity)
-        for name, failure in self._failures.items():
+        for name, failure in self.failures.items():
             if name in out and failure.retry_at is not None and out[name].error:
                 out[name] = replace(out[name], retry_in_s=round(max(0.0, failure.retry_at - now), 1))
         return out
@@ -727,7 +645,7 @@ class Reconciler:
         return dict(self._activity)
 
     def failed_models(self) -> dict[str, ModeldError]:
-        return {n: f.error for n, f in self._failures.items()}
+        return {n: f.error for n, f in self.failures.items()}
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: '3 models ready, 1 quantizing (yolov8s 40%), catalog ok'."""

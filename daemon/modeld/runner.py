@@ -23,7 +23,8 @@ from .admin import AdminService
 from .catalog import CatalogKeeper
 from .errors import ModeldError, StoreUnavailableError
 from .reconciler import Reconciler
-from .server import Rejection, Server
+from .rejections import Rejections
+from .server import Server
 from .settings import Settings
 from .store import Store
 from .watcher import Watcher
@@ -94,13 +95,18 @@ class Daemon:
         self.settings = settings
         self.store = Store(settings.models_dir)
         self.catalog = CatalogKeeper(settings.catalog_path)
+        #: the one record of nodes' rejections: the server adds and asks, the reconciler
+        #: restores, persists and forgets (modeld.rejections)
+        self.rejections = Rejections()
         self.server = Server(socket_path=settings.socket_path, socket_mode=settings.socket_mode,
                              socket_group=settings.socket_group,
                              max_clients=client_limit(settings.max_clients),
-                             on_rejection=self._on_rejection, status_extra=self._status_extra,
+                             on_rejection=self._on_rejection, rejections=self.rejections,
+                             status_extra=self._status_extra,
                              on_admin=lambda *a: self.admin.handle(*a))
         self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
                                      publish=self.server.publish, on_change=self._on_change,
+                                     rejections=self.rejections,
                                      backoff_base_s=settings.retry_backoff_base_s,
                                      backoff_cap_s=settings.retry_backoff_cap_s)
         self.admin = AdminService(settings, reconciler=self.reconciler,
@@ -140,8 +146,7 @@ class Daemon:
             watcher.start()
             try:
                 self.catalog.reload()
-                self.server.restore_rejections(Rejection.from_record(r)
-                                               for r in self.reconciler.rejections())
+                self.reconciler.restore_rejections()
                 await self.reconciler.reconcile()   # the first scan is served before READY
                 # What exists now lives as long as the daemon: keep the collector off it, so
                 # collections stay short (measured: the no-op pass p99 was GC pauses).

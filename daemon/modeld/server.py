@@ -31,6 +31,7 @@ from .errors import PermanentError
 from .protocol import (Ack, Admin, Ping, ProtocolError, Status, Subscribe, decode, encode,
                        error_event, hello_event, parse_request, pong_event, removed_event,
                        unavailable_event, variant_event, PROTOCOL_VERSION, DAEMON_NAME)
+from .rejections import Rejection, Rejections
 from .serving import Choice, ModelView, Unavailable, choose
 
 log = structlog.get_logger(__name__)
@@ -62,37 +63,6 @@ class SocketInUseError(SocketPathError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Rejection:
-    """A node nacked this file on this provider. Evidence, not a verdict (issue 11): only that
-    node is not offered the file again; the daemon proves the file again itself, and only its
-    own proof takes a file from every node. ``revision`` names the published copy (its inode):
-    a re-published copy (a heal) is offered again."""
-
-    model: str
-    variant: str
-    sha256: str
-    provider: str
-    node: str
-    error: str
-    generation: int
-    at_unix_s: float
-    revision: str = ""
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.node, self.sha256, self.provider)
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "Rejection":
-        """From a manifest's record (written by the reconciler; read back after a restart)."""
-        return cls(model=str(record.get("model", "")), variant=str(record.get("variant", "")),
-                   sha256=str(record.get("sha256", "")), provider=str(record.get("provider", "")),
-                   node=str(record.get("node", "")), error=str(record.get("error", "")),
-                   generation=0, at_unix_s=float(record.get("at_unix_s") or 0.0),
-                   revision=str(record.get("revision", "")))
-
-
-@dataclasses.dataclass(frozen=True)
 class AdminPeer:
     """Who sent an admin request: the connection and its peer credentials (SO_PEERCRED)."""
 
@@ -109,12 +79,15 @@ class Server:
     when a node nacks a file; ``status_extra()`` returns daemon-wide fields merged into every
     ``status`` answer. Both run on the event loop and must not block; their failures are logged.
     ``write_timeout_s`` bounds how long one client's write may wait before it is disconnected.
+    ``rejections`` is the daemon's one record of nodes' rejections (``modeld.rejections``),
+    shared with the reconciler: the server adds nacks to it and asks it per node.
     """
 
     def __init__(self, *, socket_path: Path, socket_mode: int = 0o660,
                  socket_group: str | None = None, max_clients: int = 1024,
                  max_line_bytes: int = 65536, queue_limit: int = 256,
                  on_rejection: Callable[..., None] | None = None,
+                 rejections: Rejections | None = None,
                  status_extra: Callable[[], dict] | None = None,
                  on_admin: Callable[..., None] | None = None,
                  write_timeout_s: float = 10.0,
@@ -141,8 +114,8 @@ class Server:
         # Seeded from the wall clock so generations keep increasing across daemon restarts.
         self._last_generation = _now_ms()
         #: (node, sha256, provider) -> the node's rejection; per node, never for every node
-        self._rejected: dict[tuple[str, str, str], Rejection] = {}
-        self._rejected_by_node: dict[str, frozenset[tuple[str, str]]] = {}
+        self.rejections = rejections if rejections is not None else Rejections()
+        self.rejections.watch(self._offer_again)
         self._clients: set[_Client] = set()
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
@@ -211,7 +184,7 @@ class Server:
         gone = set(old) - set(new)
         for name in gone:
             self._generations.pop(name, None)
-        if self._rejected and touched:
+        if self.rejections and touched:
             self._drop_healed(touched)
         if first:
             touched |= {m for c in self._clients for m in c.subscriptions}
@@ -251,7 +224,7 @@ class Server:
                     ("unknown", reason), None)
         providers, prefer = client.subscriptions[model]
         result = choose(view, providers, prefer,
-                        self._rejected_by_node.get(client.node_key, frozenset()))
+                        self.rejections.of_node(client.node_key))
         generation = self._generations[model]
         if isinstance(result, Unavailable):
             return (unavailable_event(model=model, reason=result.reason, generation=generation),
@@ -329,7 +302,7 @@ class Server:
         else is. The daemon is told (``on_rejection``) and decides about the file itself."""
         node = client.node_key
         key = (node, choice.sha256, choice.provider)
-        if key not in self._rejected:
+        if key not in self.rejections:
             view = self._views.get(ack.model)
             served = next((v for v in view.variants if v.sha256 == choice.sha256), None) \
                 if view is not None else None
@@ -338,7 +311,7 @@ class Server:
                                   error=(ack.error or "rejected by the node")[:500],
                                   generation=ack.generation, at_unix_s=time.time(),
                                   revision=served.revision if served is not None else "")
-            self._add_rejections([rejection])
+            self.rejections.add([rejection])
             log.warning("variant_rejected", client=client.id, node=node, model=ack.model,
                         variant=choice.variant, sha256=choice.sha256, provider=choice.provider,
                         error=rejection.error, scope="this node")
@@ -356,53 +329,40 @@ class Server:
             if other.node_key == node and ack.model in other.subscriptions:
                 self._refresh(other, ack.model)
 
-    def _add_rejections(self, rejections: Iterable[Rejection]) -> None:
-        nodes = set()
-        for rejection in rejections:
-            self._rejected.setdefault(rejection.key, rejection)
-            nodes.add(rejection.node)
-        for node in nodes:
-            self._index_node(node)
-
-    def _index_node(self, node: str) -> None:
-        keys = frozenset((s, p) for (n, s, p) in self._rejected if n == node)
-        if keys:
-            self._rejected_by_node[node] = keys
-        else:
-            self._rejected_by_node.pop(node, None)
-
     def _drop_healed(self, models: set[str]) -> None:
         """A rejected file that was published again (a new copy: the daemon healed it) is
         offered again: the node may have been right about the old copy."""
-        nodes = set()
-        for key, rejection in list(self._rejected.items()):
+        def healed(rejection: Rejection) -> bool:
             view = self._views.get(rejection.model)
             if rejection.model not in models or view is None or not rejection.revision:
-                continue
+                return False
             current = next((v for v in view.variants if v.sha256 == rejection.sha256), None)
-            if current is not None and current.revision and current.revision != rejection.revision:
-                del self._rejected[key]
-                nodes.add(rejection.node)
-                log.info("rejection_dropped", model=rejection.model, node=rejection.node,
-                         sha256=rejection.sha256[:12], why="the file was published again")
-        for node in nodes:
-            self._index_node(node)
+            return bool(current is not None and current.revision
+                        and current.revision != rejection.revision)
+
+        for rejection in self.rejections.forget(healed, tell=False):
+            log.info("rejection_dropped", model=rejection.model, node=rejection.node,
+                     sha256=rejection.sha256[:12], why="the file was published again")
 
     def restore_rejections(self, rejections: Iterable[Rejection]) -> None:
         """Rejections recorded before a restart: those nodes are not offered those files again."""
-        self._add_rejections(rejections)
+        self.rejections.add(rejections)
 
     def forget_rejections(self) -> int:
         """An operator's retry (SIGHUP): every file is offered again; returns how many."""
-        count = len(self._rejected)
-        self._rejected.clear()
-        self._rejected_by_node.clear()
-        for name in list(self._views):
-            self._bump(name)
+        count = len(self.rejections.forget(tell=False))
+        self._offer_again(set(self._views), every_client=True)
+        return count
+
+    def _offer_again(self, models: set[str], *, every_client: bool = False) -> None:
+        """Rejections of ``models`` were forgotten: choose for their subscribers again."""
+        for name in models:
+            if name in self._views:
+                self._bump(name)
         for client in list(self._clients):
             for model in client.subscriptions:
-                self._refresh(client, model)
-        return count
+                if every_client or model in models:
+                    self._refresh(client, model)
 
     # --- status ------------------------------------------------------------------------------
 
@@ -432,14 +392,13 @@ class Server:
                 "generation": self._generations.get(name), "detail": dict(view.detail),
                 "variants": [{"variant": v.variant, "path": v.path, "sha256": v.sha256,
                               "size": v.size, "proof": v.proof.to_dict() if v.proof else None,
-                              "rejected_on": sorted({p for (_, s, p) in self._rejected
-                                                     if s == v.sha256})}
+                              "rejected_on": self.rejections.providers_of(v.sha256)}
                              for v in view.variants],
                 "subscribers": by_model.get(name, [])}
         core = {"event": "status", "protocol": PROTOCOL_VERSION, "daemon": DAEMON_NAME,
                 "version": __version__, "clients": len(self._clients),
                 "models": models_out, "subscribers": subscribers,
-                "rejected": [dataclasses.asdict(r) for r in self._rejected.values()]}
+                "rejected": [dataclasses.asdict(r) for r in self.rejections]}
         extra: dict[str, Any] = {}
         if self._status_extra is not None:
             try:

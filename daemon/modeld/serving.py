@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .variants import FP16, FP32, INT8, METHODS, Proof, ProviderProof
+from .methods import METHODS
+from .variants import FP16, FP32, INT8, Proof, ProviderProof
 
 #: a tie in speed goes to the smaller risk of a wrong answer
 _RISK = {FP32: 0, FP16: 1, INT8: 2}
@@ -138,7 +139,8 @@ def _why_not_offered(view: ModelView, variant: str) -> str:
     if isinstance(quantize, Mapping):
         if quantize.get("enabled") is False:
             return "quantization disabled"
-        makes = METHODS.get(quantize.get("method"))
+        method = METHODS.get(quantize.get("method"))
+        makes = method.variant if method is not None else None
         if makes not in (None, variant):
             return f"quantize method {quantize['method']} makes {makes}"
     if detail.get("quantize_error"):

@@ -19,10 +19,6 @@ VARIANT_FILES: Mapping[str, str] = {FP32: "model.onnx", INT8: "model-int8.onnx",
                                     FP16: "model-fp16.onnx"}
 FILE_VARIANTS: Mapping[str, str] = {v: k for k, v in VARIANT_FILES.items()}
 
-#: quantization method -> the variant it produces (``auto`` picks at build time: INT8 or FP16)
-METHODS: Mapping[str, str | None] = {"dynamic_int8": INT8, "static_int8": INT8, "fp16": FP16,
-                                     "auto": None}
-
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
 
 #: The daemon's own quantization code is an input of every derived file, like the onnxruntime

@@ -92,14 +92,14 @@ def test_bench_runs_in_a_spawn_worker(model_dir: Path) -> None:
     assert not int8["passed"] and "< min_speedup 100.00" in int8["why"]
 
 
-def test_bench_takes_the_cli_request_dict_without_gates(model_dir: Path) -> None:
-    # the CLI sends fields as a dict (JobSpec.request_type) and gates=None for an entry
-    # without a quantize table: the default gates apply
-    spec = JobSpec("modeld.workers.bench:bench_model", 120, None,
-                   "modeld.workers.bench:BenchRequest")
-    rows = JobRunner().run(spec, dict(model_dir=str(model_dir), providers=(CPU,), gates=None,
-                                      calibration=None, preprocessing_preset=None,
-                                      input_size=None, candidates=False, simulated={}))
+def test_bench_takes_the_cli_request_without_gates(model_dir: Path) -> None:
+    # the CLI sends a typed BenchRequest as it is, and gates=None for an entry without a
+    # quantize table: the default gates apply
+    spec = JobSpec(BenchRequest.target, 120, None)
+    rows = JobRunner().run(spec, BenchRequest(model_dir=str(model_dir), providers=(CPU,),
+                                              gates=None, calibration=None,
+                                              preprocessing_preset=None, input_size=None,
+                                              candidates=False, simulated={}))
     assert {r["variant"] for r in rows} == {"fp32", "int8"}
     assert _by_variant(rows)["int8"]["cosine"] > 0.99
 

@@ -28,7 +28,8 @@ from modeld.errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOff
 from modeld.jobs import JobCancelledError, JobRunner, JobSpec
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
 from modeld.workers import fetch as fetch_module
-from modeld.workers.fetch import FetchRequest, clean_leftovers, fetch_model
+from modeld.work import FetchRequest, FetchResult
+from modeld.workers.fetch import clean_leftovers, fetch_model
 
 MODEL = tiny_cnn()
 
@@ -502,10 +503,8 @@ def test_worker_killed_mid_download_then_a_clean_pull(pulled):
     new_model = tiny_cnn(seed=8)
     commit = publish(hub, model=new_model)
     hub.faults.add("stall", "*model.onnx", method="GET", seconds=60, at_byte=1000)
-    spec = JobSpec("modeld.workers.fetch:fetch_model", timeout_s=60,
-                   request_type="modeld.workers.fetch:FetchRequest")
-    fields = {f: getattr(fetch_request(hub.endpoint, model_dir, known=records_of(first)), f)
-              for f in FetchRequest.__dataclass_fields__}
+    spec = JobSpec(FetchRequest.target, timeout_s=60)
+    request = fetch_request(hub.endpoint, model_dir, known=records_of(first))  # as it is
     runner = JobRunner()
 
     def kill_when_downloading(handle) -> None:
@@ -517,14 +516,15 @@ def test_worker_killed_mid_download_then_a_clean_pull(pulled):
         threading.Thread(target=watch, daemon=True).start()
 
     with pytest.raises(JobCancelledError):
-        runner.run(spec, fields, on_start=kill_when_downloading)
+        runner.run(spec, request, on_start=kill_when_downloading)
     assert snapshot(model_dir) == before                       # the old files keep serving
     assert leftovers(model_dir)                                 # the killed worker's scratch
     assert clean_leftovers(model_dir) and leftovers(model_dir) == []
 
     hub.faults.clear()
     progress: list[tuple] = []
-    result = runner.run(spec, fields, on_progress=lambda f, d: progress.append((f, d)))
-    assert result["commit"] == commit and result["changed"]
+    result = runner.run(spec, request, on_progress=lambda f, d: progress.append((f, d)))
+    assert isinstance(result, FetchResult) and pickle.loads(pickle.dumps(result)) == result
+    assert result.commit == commit and result.changed
     assert (model_dir / "model.onnx").read_bytes() == new_model
     assert progress and progress[-1][0] == 1.0

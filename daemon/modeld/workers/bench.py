@@ -11,44 +11,20 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import structlog
 
 from ..atomic import WORK_PREFIX
 from ..errors import StoreError
-from ..store import sha256_file
-from ..variants import DEFAULT_PROVIDERS, FILE_VARIANTS, FP32, VARIANT_FILES, Gates, Proof
+from ..methods import canonical
+from ..work import BenchRequest, ProgressFn, QuantizeRequest
+from ..variants import FILE_VARIANTS, FP32, VARIANT_FILES, Gates, Proof
 from .inputs import CalibrationError, sample_inputs
 from .verify import SYNTHETIC_WARNING, prove_file
 
 log = structlog.get_logger(__name__)
-
-ProgressFn = Callable[[float | None, str], None]
-
-
-@dataclass(frozen=True)
-class BenchRequest:
-    """Which model folder to bench, on which providers, against which gates."""
-
-    model_dir: str                       # models/<name>/ holding model.onnx
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    gates: Gates | None = None           # None: the default gates
-    calibration: str | None = None
-    preprocessing_preset: str | None = None
-    input_size: int | None = None
-    simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    samples: int = 8
-    seed: int = 0
-    #: also build and measure quantize's ``auto`` candidates (slow: minutes on a real model)
-    candidates: bool = False
-    name: str = ""                       # catalog entry, for messages
-    task: str | None = None              # the catalog's task: which task metric is shown
-    #: provider -> the Python of the node runtime that measures it (``Settings.runtimes``)
-    runtimes: Mapping[str, str] = field(default_factory=dict)
-
 
 def bench_model(request: BenchRequest, progress: ProgressFn) -> tuple[dict[str, Any], ...]:
     """One row per (file or candidate, provider): size, latency, speedup, agreement, verdict."""
@@ -127,10 +103,9 @@ def _candidate_rows(request: BenchRequest, fp32: Path, progress: ProgressFn
     scratch.mkdir()
     try:
         _link_or_copy(fp32, scratch / fp32.name)
-        result = quantize.quantize_model(quantize.QuantizeRequest(
-            name=request.name or fp32.parent.name, model_dir=str(scratch),
-            source_sha256=sha256_file(fp32), method="auto",
-            params={"samples": request.samples}, calibration=request.calibration,
+        result = quantize.quantize_model(QuantizeRequest(
+            name=request.name or fp32.parent.name, model_dir=str(scratch), method="auto",
+            params=canonical("auto", {"samples": request.samples}), calibration=request.calibration,
             preprocessing_preset=request.preprocessing_preset, input_size=request.input_size,
             providers=request.providers, gates=request.gates or Gates(),
             simulated=request.simulated, task=request.task, runtimes=request.runtimes),

@@ -45,6 +45,7 @@ from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineE
 from ..manifest import FileRecord, Provenance
 from ..progress import bytes_detail
 from ..store import sha256_file
+from ..work import FetchRequest, FetchResult, ProgressFn
 from .describe import NotAnOnnxModel, describe_model
 
 log = structlog.get_logger(__name__)
@@ -57,38 +58,7 @@ BACKOFF_CAP_S = 30.0
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
-ProgressFn = Callable[[float | None, str], None]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class FetchRequest:
-    name: str                      # validated model name (folder under models/)
-    model_dir: str                 # absolute path of models/<name>/ (created if missing)
-    repo: str                      # "owner/name"
-    filename: str                  # path inside the repo
-    revision: str | None           # branch/tag/commit; None = "main"
-    labels: str | None             # path inside the repo, or None
-    task: str
-    description: str
-    preprocessing_preset: str | None
-    input_size: int | None
-    known: Mapping[str, FileRecord]   # the manifest's current records by file name
-    endpoint: str | None = None       # hub endpoint; None = huggingface_hub's default/HF_ENDPOINT
-    token: str | None = None          # HF_TOKEN
-    offline: bool = False             # HF_HUB_OFFLINE
-    attempts: int = 5                 # bounded retries for temporary faults
-    timeout_s: float = 30.0           # per HTTP request (connect/read)
-    backoff_base_s: float = 0.5       # exponential backoff with full jitter, capped
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    files: tuple[FileRecord, ...]     # records of model.onnx, labels.txt, config.json as published
-    commit: str                       # resolved commit
-    downloaded_bytes: int
-    changed: bool                     # False when every record is as known (nothing downloaded,
-                                      # rewritten or re-stat'ed)
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,23 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import structlog
 
+from ..work import ProgressFn, QuantizeRequest, QuantizeResult
 from ..atomic import WORK_PREFIX, publish_file, real_folder, temp_path_for
 from ..errors import QuantizeError, StoreError
 from ..manifest import FileRecord
-from ..variants import FP32, VARIANT_FILES, Derivation, Gates, Proof
+from ..variants import FP32, VARIANT_FILES, Derivation, Proof
 from . import verify
 from .inputs import describe, sample_inputs
-from .recipes import Recipe, auto_candidates, canonical_params, derivation_for, recipe_for
+from .recipes import Recipe, auto_candidates, recipe_for
 from .rewrites import simplify
 from . import tasks
 from .selection import (CosineJudge, Verdict, cpu_session, exclusion_search,
@@ -38,7 +39,6 @@ from .selection import (CosineJudge, Verdict, cpu_session, exclusion_search,
 
 log = structlog.get_logger(__name__)
 
-ProgressFn = Callable[[float | None, str], None]
 #: feeds used for the agreement check of each candidate (fewer than calibration: it repeats);
 #: every held-out file of a folder (``inputs.HOLDOUT_MAX``): 4 frames held 3 detections of a
 #: YOLOv8n, too few for an F1 to mean anything
@@ -53,43 +53,7 @@ REFINE_SAMPLES = 2
 #: in them, and one 320x320 YOLOv8n run is ~20 ms here
 TASK_SELECTION_SAMPLES = 16
 
-__all__ = ["QuantizeRequest", "QuantizeResult", "quantize_model", "derivation_for"]
-
-
-@dataclass(frozen=True)
-class QuantizeRequest:
-    name: str
-    model_dir: str              # absolute models/<name>/ ; the source is model_dir/model.onnx
-    source_sha256: str
-    method: str                 # dynamic_int8 | static_int8 | fp16 | auto
-    params: Mapping[str, Any]   # canonical options (defaults filled by the catalog)
-    calibration: str | None     # absolute folder, or None
-    preprocessing_preset: str | None
-    input_size: int | None
-    providers: tuple[str, ...]
-    gates: Gates
-    simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    task: str | None = None     # the catalog's task: which task metric the proof gates
-    #: provider -> the Python of the node runtime that proves it (``Settings.runtimes``)
-    runtimes: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # built in the worker from the daemon's dict of fields (JobSpec.request_type): accept
-        # the JSON-ish forms of the nested values too
-        if isinstance(self.gates, Mapping):
-            object.__setattr__(self, "gates", Gates.from_dict(self.gates))
-        object.__setattr__(self, "providers", tuple(self.providers))
-        object.__setattr__(self, "simulated",
-                           {k: tuple(v) for k, v in dict(self.simulated or {}).items()})
-
-
-@dataclass(frozen=True)
-class QuantizeResult:
-    record: FileRecord          # the published variant file, derivation set
-    variant: str                # "int8" | "fp16"
-    proof: Proof                # of the published file (also when it is refused)
-    candidates: tuple[dict, ...]  # one row per recipe tried
-    warnings: tuple[str, ...]
+__all__ = ["QuantizeRequest", "QuantizeResult", "quantize_model"]
 
 
 def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeResult:
@@ -97,7 +61,7 @@ def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeRe
     started = time.monotonic()
     # the quantizer's sessions warn once per unused initializer: hundreds of lines per model
     ort.set_default_logger_severity(3)
-    params = canonical_params(request.method, request.params, entry=request.name)
+    params = request.params   # canonical: the catalog checked them against methods.METHODS
     model_dir = real_folder(Path(request.model_dir))   # never written through a symlink
     source = model_dir / VARIANT_FILES[FP32]
     if not source.is_file():
@@ -111,7 +75,7 @@ def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeRe
             built = _build_one(request, params, source, scratch, progress, warnings)
         progress(0.95, "publishing")
         record = _publish(built.path, model_dir / VARIANT_FILES[built.recipe.variant],
-                          derivation_for(request, params))
+                          request.derivation)
     result = QuantizeResult(record=record, variant=built.recipe.variant, proof=built.proof,
                             candidates=tuple(built.rows), warnings=tuple(warnings))
     primary = built.proof.on(request.providers[0]) if request.providers else None
@@ -252,7 +216,7 @@ def _build_auto(request: QuantizeRequest, params: Mapping[str, Any], source: Pat
     proofs = verify.prove_files([(out, recipe.variant) for recipe, out, _, _ in built],
                                 reference=source, providers=tuple(request.providers),
                                 gates=request.gates, feeds=agreement, simulated=request.simulated,
-                                runtimes=request.runtimes,
+                                runtimes=request.runtimes, basis=request.basis,
                                 model_dir=request.model_dir, task=request.task,
                                 preset=request.preprocessing_preset, synthetic=synthetic,
                                 time_refused=False)
@@ -620,7 +584,7 @@ def _prove(request: QuantizeRequest, path: Path, variant: str, source: Path,
     return verify.prove_file(path, variant=variant, reference=source,
                              providers=tuple(request.providers), gates=request.gates, feeds=feeds,
                              simulated=request.simulated, model_dir=request.model_dir,
-                             runtimes=request.runtimes,
+                             runtimes=request.runtimes, basis=request.basis,
                              task=request.task, preset=request.preprocessing_preset,
                              synthetic=synthetic)
 
@@ -640,7 +604,7 @@ def _row(recipe: Recipe, path: Path, proof: Proof, providers: tuple[str, ...],
         "passed": proof.passed_anywhere, "reason": reason}
 
 
-def _publish(built: Path, final: Path, derivation: Derivation) -> FileRecord:
+def _publish(built: Path, final: Path, derivation: Derivation | None) -> FileRecord:
     """Move the built file beside its final name, then publish it atomically."""
     temp = temp_path_for(final)
     os.replace(built, temp)  # same folder tree, same file system: a rename

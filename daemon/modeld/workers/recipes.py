@@ -1,94 +1,17 @@
-"""Quantization recipes: the options each method takes, their defaults and allowed values, and
-the candidates ``auto`` tries for a model's operator mix.
+"""Quantization recipes: the single recipe of an explicit method, and the candidates ``auto``
+tries for a model's operator mix.
 
-Pure (no onnx/onnxruntime import): ``workers.quantize`` turns a ``Recipe`` into library calls;
-the catalog may import ``METHOD_OPTIONS``/``canonical_params`` to validate and fill defaults.
+Pure (no onnx/onnxruntime import): ``workers.quantize`` turns a ``Recipe`` into library calls.
+The methods' options, defaults and allowed values are ``modeld.methods.METHODS`` (the catalog
+validates against it; a request's ``params`` are already canonical).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Mapping
 
-from ..errors import QuantizeError
-from ..variants import Derivation
-
-QUANT_TYPES = ("QUInt8", "QInt8")
-CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
-FORMATS = ("QDQ", "QOperator")
-
-
-@dataclass(frozen=True)
-class Option:
-    """One method option: its default and either the allowed values or the type it must have."""
-
-    default: Any
-    allowed: tuple[Any, ...] | None = None
-    kind: type | None = None
-    minimum: int | None = None
-
-    def check(self, value: Any) -> str:
-        """"" if ``value`` is acceptable, else what is wrong and what is allowed."""
-        if self.allowed is not None:
-            return "" if value in self.allowed else f"expected one of {', '.join(map(str, self.allowed))}"
-        if self.kind is bool:
-            return "" if isinstance(value, bool) else "expected true or false"
-        if self.kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                return "expected an integer"
-            if self.minimum is not None and value < self.minimum:
-                return f"expected an integer >= {self.minimum}"
-        return ""
-
-
-_SAMPLES = Option(32, kind=int, minimum=1)
-
-#: method -> option -> rule; the defaults are the catalog's (``catalog.METHOD_OPTIONS`` fills
-#: them in the daemon). From the measured facts of a non-VNNI AVX2 CPU: U8 weights for
-#: ConvInteger/MatMulInteger (S8 is 2-3x slower there), S8 weights with QDQ.
-METHOD_OPTIONS: Mapping[str, Mapping[str, Option]] = {
-    "dynamic_int8": {"weight_type": Option("QUInt8", QUANT_TYPES),
-                     "per_channel": Option(False, kind=bool),
-                     "reduce_range": Option(False, kind=bool)},
-    "static_int8": {"samples": _SAMPLES,
-                    "calibrate_method": Option("MinMax", CALIBRATE_METHODS),
-                    "format": Option("QDQ", FORMATS),
-                    "activation_type": Option("QUInt8", QUANT_TYPES),
-                    "weight_type": Option("QInt8", QUANT_TYPES),
-                    "per_channel": Option(True, kind=bool),
-                    "reduce_range": Option(False, kind=bool)},
-    "fp16": {"keep_io_types": Option(True, kind=bool)},
-    "auto": {"samples": _SAMPLES},
-}
-
-
-def canonical_params(method: str, params: Mapping[str, Any] | None, *, entry: str) -> dict[str, Any]:
-    """Validate ``params`` for ``method`` and fill defaults; ``QuantizeError`` names the entry,
-    the option and the allowed values."""
-    if method not in METHOD_OPTIONS:
-        raise QuantizeError(f"unknown quantization method {method!r}", entry=entry,
-                            hint=f"use one of {', '.join(METHOD_OPTIONS)}", option="method")
-    rules = METHOD_OPTIONS[method]
-    given = dict(params or {})
-    unknown = sorted(set(given) - set(rules))
-    if unknown:
-        raise QuantizeError(f"unknown option {unknown[0]!r} for method {method}", entry=entry,
-                            hint=f"{method} takes {', '.join(rules) or 'no options'}",
-                            option=unknown[0])
-    out = {}
-    for name, rule in rules.items():
-        value = given.get(name, rule.default)
-        problem = rule.check(value)
-        if problem:
-            raise QuantizeError(f"bad value {value!r} for option {name!r} of method {method}",
-                                entry=entry, hint=problem, option=name)
-        out[name] = value
-    if method == "static_int8" and (out["activation_type"], out["weight_type"]) == ("QInt8", "QUInt8"):
-        raise QuantizeError("static_int8 cannot pair activation_type QInt8 with weight_type QUInt8",
-                            entry=entry, hint="use QUInt8 activations or QInt8 weights",
-                            option="activation_type")
-    return out
+from ..methods import METHODS, recipe_options
 
 
 @dataclass(frozen=True)
@@ -127,13 +50,10 @@ class Recipe:
 
 def recipe_for(method: str, params: Mapping[str, Any]) -> Recipe:
     """The single recipe of an explicit method (``params`` already canonical)."""
-    if method == "dynamic_int8":
-        return Recipe("dynamic", "dynamic", dict(params))
-    if method == "static_int8":
-        return Recipe("static", "static", {k: v for k, v in params.items() if k != "samples"})
-    if method == "fp16":
-        return Recipe("fp16", "fp16", dict(params))
-    raise ValueError(f"{method} has no single recipe")
+    kinds = {"dynamic_int8": "dynamic", "static_int8": "static", "fp16": "fp16"}
+    if method not in kinds or METHODS[method].chooses:
+        raise ValueError(f"{method} has no single recipe")
+    return Recipe(kinds[method], kinds[method], recipe_options(method, params))
 
 
 @dataclass(frozen=True)
@@ -237,33 +157,3 @@ def _without_duplicates(recipes: list[Recipe]) -> list[Recipe]:
             seen.add(key)
             out.append(r)
     return out
-
-
-def derivation_for(request: Any, params: Mapping[str, Any] | None = None) -> Derivation:
-    """What a quantized file is derived from: source digest, method, canonical options, the
-    calibration inputs, the library versions, and for ``auto`` what its choice depends on (the
-    providers and gates). ``request`` is a ``QuantizeRequest`` or the dict of its fields that the
-    daemon hands to ``JobRunner``. Light: versions come from package metadata and nothing heavy
-    is imported, so the planner may call it to tell whether a variant is stale."""
-    field_of = request.get if isinstance(request, Mapping) else lambda k: getattr(request, k)
-    method = field_of("method")
-    canonical = dict(params if params is not None
-                     else canonical_params(method, field_of("params"), entry=field_of("name")))
-    if method in ("static_int8", "auto"):
-        canonical |= {"calibration": field_of("calibration"),
-                      "preprocessing_preset": field_of("preprocessing_preset"),
-                      "input_size": field_of("input_size")}
-    if method == "auto":
-        gates = field_of("gates")
-        canonical |= {"providers": list(field_of("providers")),
-                      "gates": gates.to_dict() if hasattr(gates, "to_dict") else dict(gates),
-                      "simulated": {k: sorted(v) for k, v in dict(field_of("simulated") or {}).items()}}
-    return Derivation(source_sha256=field_of("source_sha256"), method=method, params=canonical,
-                      onnx=_version("onnx"), onnxruntime=_version("onnxruntime"))
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -23,7 +23,8 @@ import structlog
 
 from ..errors import RuntimeUnavailableError, StoreError
 from ..store import sha256_file
-from ..variants import CALIBRATION, SYNTHETIC, Check, Gates, Proof, ProviderProof, proof_key
+from ..variants import CALIBRATION, SYNTHETIC, Check, Gates, Proof, ProviderProof
+from ..work import ProgressFn, ProofBasis, ProveRequest
 from . import runtime_worker, tasks
 from .inputs import CalibrationError, sample_inputs
 from .runtime_worker import adapt_feed, run_session
@@ -48,28 +49,6 @@ SYNTHETIC_WARNING = ("proven on synthetic inputs only (no calibration folder): w
                      "of the model's task")
 
 Feed = dict[str, np.ndarray]
-ProgressFn = Callable[[float | None, str], None]
-
-
-@dataclass(frozen=True)
-class ProveRequest:
-    """What the reconciler asks a verify worker to prove (pickles across the spawn boundary)."""
-
-    model_dir: str
-    file_name: str
-    variant: str
-    reference_file: str | None      # "model.onnx" for derived variants, None for fp32
-    providers: tuple[str, ...]
-    gates: Gates
-    calibration: str | None
-    preprocessing_preset: str | None
-    input_size: int | None
-    simulated: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    samples: int = 8
-    seed: int = 0
-    task: str | None = None         # the catalog's task: which task metric is gated
-    #: provider -> the Python of the node runtime that proves it (``Settings.runtimes``)
-    runtimes: Mapping[str, str] = field(default_factory=dict)
 
 
 def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
@@ -91,7 +70,8 @@ def prove(request: ProveRequest, progress: ProgressFn) -> Proof:
                        providers=request.providers, gates=request.gates, feeds=feeds,
                        simulated=request.simulated, model_dir=model_dir, seed=request.seed,
                        task=request.task, preset=request.preprocessing_preset,
-                       synthetic=synthetic, progress=progress, runtimes=request.runtimes)
+                       synthetic=synthetic, progress=progress, runtimes=request.runtimes,
+                       basis=request.basis)
     progress(1.0, f"proved {request.file_name}")
     return proof
 
@@ -101,12 +81,12 @@ def prove_file(path: str | Path, *, variant: str, reference: str | Path | None,
                simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
                task: str | None = None, preset: str | None = None, synthetic: bool = False,
                progress: ProgressFn | None = None,
-               runtimes: Mapping[str, str] | None = None) -> Proof:
+               runtimes: Mapping[str, str] | None = None, basis: ProofBasis | None = None) -> Proof:
     """Prove ``path`` on each provider (against ``reference``, the FP32 file, when derived)."""
     return prove_files([(path, variant)], reference=reference, providers=providers, gates=gates,
                        feeds=feeds, simulated=simulated, model_dir=model_dir, seed=seed,
                        task=task, preset=preset, synthetic=synthetic, progress=progress,
-                       runtimes=runtimes)[0]
+                       runtimes=runtimes, basis=basis)[0]
 
 
 def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | None,
@@ -114,7 +94,8 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
                 simulated: Mapping[str, tuple[str, ...]], model_dir: str | Path, seed: int = 0,
                 task: str | None = None, preset: str | None = None, synthetic: bool = False,
                 progress: ProgressFn | None = None, time_refused: bool = True,
-                runtimes: Mapping[str, str] | None = None) -> list[Proof]:
+                runtimes: Mapping[str, str] | None = None,
+                basis: ProofBasis | None = None) -> list[Proof]:
     """Prove each ``(path, variant)`` of ``files`` against one ``reference``, one proof each.
 
     The reference runs once per provider, and FP32 and the files are timed in one interleaved
@@ -124,7 +105,9 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
     catalog's) choose the task metric; ``synthetic`` says the given ``feeds`` were made up, not
     held out of a calibration folder: every proof says so. A provider that ``runtimes`` maps to a
     Python interpreter is proven in that runtime (``runtime_worker``), with CPU fallback off;
-    the others in this process's onnxruntime."""
+    the others in this process's onnxruntime. Proof keys are made from ``basis``, the daemon's
+    (its onnxruntime, its runtimes' identities); without one (``bench``, tests), from this
+    process's onnxruntime and the runtimes' paths."""
     model_dir = Path(model_dir)
     runtimes = {p: str(py) for p, py in (runtimes or {}).items() if p in providers}
     gates = gates or Gates()
@@ -132,13 +115,13 @@ def prove_files(files: list[tuple[str | Path, str]], *, reference: str | Path | 
     providers = tuple(providers)
     simulated = {k: tuple(v) for k, v in (simulated or {}).items()}
     ref_sha = _sha256_of(reference) if reference is not None else None
+    basis = basis or ProofBasis(ort.__version__, runtimes)
     bases, models, proofs = [], [], {}
     for i, (path, variant) in enumerate(files):
         path = Path(path)
         file_sha = _sha256_of(path)
-        key = proof_key(file_sha256=file_sha, reference_sha256=ref_sha, providers=providers,
-                        gates=gates, onnxruntime=ort.__version__, simulated=simulated,
-                        runtimes=runtimes)
+        key = basis.key(file_sha256=file_sha, reference_sha256=ref_sha, providers=providers,
+                        gates=gates, simulated=simulated)
         bases.append(dict(variant=variant, file_sha256=file_sha, key=key,
                           onnxruntime=ort.__version__))
         model, checker_error = check_file(path, model_dir)

@@ -1,0 +1,121 @@
+"""Pure: an action -> the worker request that does it; a worker's result -> the manifest change.
+
+The reconciler calls ``request_for`` before it starts a worker and ``apply`` when the worker is
+done (writing the change through ``Store.update_manifest``). No disk, no clock, no processes:
+tested in tests/test_handoff.py. The request carries the daemon's derivation and proof basis,
+and ``apply`` records the result as it came: nothing computed on one side is overwritten on the
+other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Mapping
+
+from .manifest import FileRecord, Manifest
+from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
+                       Pull, config_derivation, proof_basis, providers_for)
+from .settings import Settings
+from .variants import Proof
+from .work import FetchRequest, FetchResult, ProveRequest, QuantizeRequest, QuantizeResult
+
+Change = Callable[[Manifest], Manifest]
+Request = FetchRequest | QuantizeRequest | ProveRequest
+
+
+def runtimes_for(settings: Settings, providers: tuple[str, ...]) -> dict[str, str]:
+    """provider -> interpreter, for the providers of one job that a node runtime proves."""
+    return {p: py for p, py in settings.runtimes.items() if p in providers}
+
+
+def request_for(action: Pull | Derive | Prove, *, model_dir: str, settings: Settings,
+                context: PlanContext, known: Mapping[str, FileRecord] | None = None,
+                token: str | None = None) -> Request:
+    """The request that carries out ``action``. ``known``: the intact records of the model's
+    files (a pull trusts their stat); ``token``: the Hub token (HF_TOKEN)."""
+    entry = action.entry
+    if isinstance(action, Pull):
+        return FetchRequest(name=action.name, model_dir=model_dir, repo=entry.repo,
+                            filename=entry.filename, revision=entry.revision,
+                            labels=entry.labels, task=entry.task,
+                            description=entry.description,
+                            preprocessing_preset=entry.preprocessing_preset,
+                            input_size=entry.input_size, known=dict(known or {}),
+                            endpoint=settings.hub_endpoint, token=token,
+                            offline=settings.hub_offline, attempts=settings.pull_attempts)
+    providers = providers_for(entry, context)
+    simulated = {k: tuple(v) for k, v in settings.simulated_providers.items()}
+    if isinstance(action, Derive):
+        spec = entry.quantize
+        assert spec is not None
+        return QuantizeRequest(name=action.name, model_dir=model_dir, method=spec.method,
+                               params=dict(spec.params), calibration=spec.calibration,
+                               preprocessing_preset=entry.preprocessing_preset,
+                               input_size=entry.input_size, providers=providers,
+                               gates=spec.gates, simulated=simulated, task=entry.task or None,
+                               runtimes=runtimes_for(settings, providers),
+                               derivation=action.derivation, basis=proof_basis(context))
+    # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
+    # load and run) never reads it: a broken calibration folder must not un-serve FP32.
+    calibration = (entry.quantize.calibration if entry.quantize and action.reference_file
+                   else None)
+    return ProveRequest(model_dir=model_dir, file_name=action.file_name, variant=action.variant,
+                        reference_file=action.reference_file, providers=providers,
+                        gates=action.gates, calibration=calibration,
+                        preprocessing_preset=entry.preprocessing_preset,
+                        input_size=entry.input_size, simulated=simulated,
+                        task=entry.task or None, runtimes=runtimes_for(settings, providers),
+                        basis=proof_basis(context))
+
+
+def apply(action: Action, result: FetchResult | QuantizeResult | Proof | None) -> Change:
+    """The manifest change a finished job makes (the identity for repairs, which change files,
+    not records)."""
+    if isinstance(action, Pull):
+        assert isinstance(result, FetchResult)
+        return _pulled(action, result)
+    if isinstance(action, Derive):
+        assert isinstance(result, QuantizeResult)
+        return _derived(action, result)
+    if isinstance(action, Prove):
+        assert isinstance(result, Proof)
+        return _proven(action, result)
+    return lambda m: m
+
+
+def _pulled(action: Pull, result: FetchResult) -> Change:
+    records = {r.name: r for r in result.files}
+
+    def change(m: Manifest) -> Manifest:
+        for record in records.values():
+            if record.name == CONFIG_FILE:
+                continue
+            m = m.with_file(record)
+        config = records.get(CONFIG_FILE)
+        fp32 = m.files.get(FP32_FILE)
+        if config is not None and fp32 is not None:
+            # config.json's derivation names the FP32 and labels records just written
+            derivation = config_derivation(action.entry, fp32, m.files.get(LABELS_FILE))
+            m = m.with_file(replace(config, derivation=derivation))
+        return m
+    return change
+
+
+def _derived(action: Derive, result: QuantizeResult) -> Change:
+    record, proof = result.record, result.proof
+
+    def change(m: Manifest) -> Manifest:
+        m = m.with_file(record).with_failure(action.derivation.key(), None)
+        if m.files.get(FP32_FILE) is not None and proof.file_sha256 == record.sha256:
+            m = m.with_proof(record.name, proof)
+        return m
+    return change
+
+
+def _proven(action: Prove, proof: Proof) -> Change:
+    def change(m: Manifest) -> Manifest:
+        record = m.files.get(action.file_name)
+        if record is None or record.sha256 != proof.file_sha256:
+            return m  # the file changed while it was being proven: the next pass re-plans
+        return m.with_proof(action.file_name, proof)
+    return change
