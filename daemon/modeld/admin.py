@@ -27,7 +27,6 @@ from .protocol import Admin, error_event
 from .reconciler import Reconciler
 from .settings import Settings
 from .store import Store
-from .variants import FP32, VARIANT_FILES
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +87,7 @@ def bench_job(settings: Settings, store: Store, keeper: CatalogKeeper, name: str
     """The ``bench`` worker job for catalog entry ``name`` (its files must be pulled)."""
     entry = require_entry(keeper, name)
     folder = store.model_dir(name)
-    if not (folder / VARIANT_FILES[FP32]).exists():
+    if not store.is_pulled(name):
         raise UsageError(f"{name} is not pulled yet", hint=f"run `mecha10-modeld pull {name}` "
                                                            "first")
     q = entry.quantize
@@ -215,7 +214,7 @@ class AdminService:
     async def _cmd_list(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
         catalog = self.keeper.current
         doc = reports.list_document(
-            catalog, lambda n: (self.store.model_dir(n) / VARIANT_FILES[FP32]).exists(),
+            catalog, self.store.is_pulled,
             mode=self.mode(), states={n: v.state for n, v in self.reconciler.views.items()})
         if self.keeper.error is not None:
             doc["catalog_error"] = str(self.keeper.error)

@@ -17,13 +17,9 @@ import uuid
 from pathlib import Path
 
 from .errors import DiskFullError, StoreError, StoreWriteError
+from .layout import QUARANTINE_PREFIX, TEMP_PREFIX, WORK_PREFIX
 
-TEMP_PREFIX = ".modeld-tmp-"
-WORK_PREFIX = ".modeld-work-"
-#: what was found in the way of a final name (a folder where a file belongs, a model folder that
-#: is a file or a symlink) is renamed to this prefix, never deleted: hidden from scans, and not a
-#: temp name, so no clean-up removes what a person may want back
-QUARANTINE_PREFIX = ".modeld-quarantine-"
+
 #: errnos of a write that the disk refused for a while (full, read-only, failing): temporary
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _DISK_ERRNOS = (errno.EIO, errno.EROFS)

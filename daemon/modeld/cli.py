@@ -35,7 +35,6 @@ from .settings import (DEFAULT_CATALOG, DEFAULT_CONFIG, DEFAULT_MODELS, DEFAULT_
                        Settings, config_path, layered_values, parse_simulated, read_settings_file)
 from .runtimes import parse_runtimes
 from .store import Store
-from .variants import FP32, VARIANT_FILES
 
 log = structlog.get_logger(__name__)
 
@@ -252,7 +251,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace, display: ProgressDisp
             raise keeper.error
         store = Store(settings.models_dir)
         doc = reports.list_document(
-            keeper.current, lambda n: (store.model_dir(n) / VARIANT_FILES[FP32]).exists(),
+            keeper.current, store.is_pulled,
             mode=_folder_mode(settings))
         code = EXIT_FAILED if keeper.current.errors else EXIT_OK
     if _json(args):

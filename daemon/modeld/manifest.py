@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from .errors import ManifestError
+from .layout import MANIFEST_NAME
 from .variants import Derivation, Proof
 
-MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 #: a manifest is a few KiB; anything far larger is not one of ours (and is not read into memory)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -113,10 +113,6 @@ class Manifest:
         kept = {k: v for k, v in self.rejections.items() if v.get("sha256") in shas
                 and (not v.get("revision") or (v["sha256"], v["revision"]) in copies)}
         return self if len(kept) == len(self.rejections) else replace(self, rejections=kept)
-
-    def without_file(self, name: str) -> "Manifest":
-        return replace(self, files={k: v for k, v in self.files.items() if k != name},
-                       proofs={k: v for k, v in self.proofs.items() if k != name})
 
     def with_proof(self, file_name: str, proof: Proof) -> "Manifest":
         return replace(self, proofs={**self.proofs, file_name: proof})

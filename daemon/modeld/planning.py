@@ -12,14 +12,10 @@ from dataclasses import dataclass, field
 from typing import Mapping, Union
 
 from .catalog import Catalog, ModelEntry
+from .inventory import UNREADABLE, Inventory, ModelState
+from .layout import CONFIG_FILE, FP32_FILE, LABELS_FILE
 from .manifest import FileRecord, Manifest
-from .store import UNREADABLE, Inventory, ModelState
-from .variants import (FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, VARIANT_FILES,
-                       Derivation, Gates, proof_key)
-
-FP32_FILE = VARIANT_FILES[FP32]
-LABELS_FILE = "labels.txt"
-CONFIG_FILE = "config.json"
+from .variants import FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, Derivation, Gates, proof_key
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 RECHECK_REASON = "a node rejected it: hashing and proving it again"
 

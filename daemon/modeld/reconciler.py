@@ -24,15 +24,17 @@ import structlog
 from .catalog import Catalog, CatalogKeeper
 from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavailableError,
                      TemporaryError, WorkerTimeoutError)
+from .inventory import Inventory
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
+from .layout import CONFIG_FILE, FP32_FILE, LABELS_FILE
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
-from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
+from .planning import (Action, Derive, PlanContext, Prove,
                        Planner, Pull, Quarantine, RestoreMode, config_derivation,
                        derived_proof_key, providers_for, variant_of)
 from .serving import ModelView
 from .settings import Settings
-from .store import Inventory, Store, sha256_file, stat_key
+from .store import Store, sha256_file, stat_key
 from .variants import Gates
 from .views import Activity, ViewBuilder
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UsageError
+from .layout import LOCK_NAME
 from .tomlwords import explain
 from .variants import DEFAULT_PROVIDERS
 
@@ -75,7 +76,7 @@ class Settings:
 
     @property
     def lock_path(self) -> Path:
-        return self.models_dir / ".modeld.lock"
+        return self.models_dir / LOCK_NAME
 
 
 def parse_simulated(spec: str | None) -> dict[str, tuple[str, ...]]:

@@ -15,73 +15,24 @@ import os
 import shutil
 import stat
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import structlog
 
-from .atomic import (TEMP_PREFIX, describe_mode, disk_error, is_temp_name, open_regular,
+from .atomic import (describe_mode, disk_error, open_regular,
                      quarantine_path_for, read_regular, real_folder, remove_leftovers,
                      write_atomic)
 from .errors import (ManifestError, ModeldError, StoreError, StoreLockedError,
                      StoreUnavailableError)
-from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, Manifest, is_plain_name
+from .inventory import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
+from .layout import FP32_FILE, LOCK_NAME, MANIFEST_NAME, SCRUB_STAMP_NAME, TEMP_PREFIX
+from .manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest, is_plain_name
 
 log = structlog.get_logger(__name__)
 
-LOCK_NAME = ".modeld.lock"
-#: its mtime is when the scrub last went through every file (the schedule outlives restarts:
-#: a robot that is switched off every night still gets scrubbed)
-SCRUB_STAMP_NAME = ".modeld.scrubbed"
-
-OK, MISSING, DAMAGED, UNREADABLE = "ok", "missing", "damaged", "unreadable"
 _REGULAR_READABLE = stat.S_IFREG | stat.S_IRUSR
-
-
-@dataclass(frozen=True)
-class FileState:
-    """What a recorded file looks like now."""
-
-    name: str
-    status: str                     # ok | missing | damaged | unreadable
-    record: FileRecord | None
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == OK
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """One model folder: its manifest and the state of every recorded file."""
-
-    name: str
-    manifest: Manifest
-    files: Mapping[str, FileState] = field(default_factory=dict)
-    #: a file kept its content under a new stat (touched, copied back): see Store.refresh_stats
-    new_stats: bool = False
-    #: why the folder or its manifest cannot be used as it is (one line; "" when fine): this
-    #: model's error, healed by pulling again, never the daemon's
-    problem: str = ""
-    #: models/<name> is not a real folder (a file, a symlink, a loop): it is moved aside
-    misplaced: bool = False
-
-    def intact(self, file_name: str) -> bool:
-        state = self.files.get(file_name)
-        return state is not None and state.ok
-
-    def record(self, file_name: str) -> FileRecord | None:
-        return self.manifest.files.get(file_name)
-
-
-@dataclass(frozen=True)
-class Inventory:
-    models: Mapping[str, ModelState] = field(default_factory=dict)
-
-    def get(self, name: str) -> ModelState | None:
-        return self.models.get(name)
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -136,12 +87,9 @@ class Store:
             self._dirs[name] = path
         return path
 
-    def names_on_disk(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.root.iterdir()
-                          if p.is_dir() and not p.name.startswith(".") and not is_temp_name(p.name))
-        except FileNotFoundError:
-            return []
+    def is_pulled(self, name: str) -> bool:
+        """Whether ``models/<name>`` holds its FP32 file (pulled once; intact or not)."""
+        return os.path.exists(f"{self.model_dir(name)}/{FP32_FILE}")
 
     # -- manifest -------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> Manifest:
@@ -446,14 +394,6 @@ class Store:
         shutil.rmtree(aside, ignore_errors=True)
         self._forget(name)
         return True
-
-    def remove_file(self, name: str, file_name: str) -> None:
-        if not is_plain_name(file_name):
-            raise StoreError(f"not a file name of this folder: {file_name!r}", entry=name)
-        try:
-            (real_folder(self.model_dir(name)) / file_name).unlink()
-        except FileNotFoundError:
-            pass
 
     def tidy(self, name: str) -> list[str]:
         """After a job of ``name`` ended, however it ended (a killed worker runs no clean-up):

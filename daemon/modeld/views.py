@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .catalog import Catalog, ModelEntry
-from .planning import (FP32_FILE, PlanContext, derived_record, desired_derivation,
-                       source_problem, variant_of)
+from .inventory import Inventory, ModelState
+from .layout import FP32_FILE
+from .planning import PlanContext, derived_record, desired_derivation, source_problem, variant_of
 from .serving import ModelView, VariantView
-from .store import Inventory, ModelState
 from .variants import FP32
 
 

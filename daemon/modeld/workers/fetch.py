@@ -42,6 +42,8 @@ from ..atomic import (WORK_PREFIX, publish_file, read_regular, real_folder, remo
                       temp_path_for, write_atomic)
 from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                       HubUnavailableError, IntegrityError, ModeldError, StoreError)
+from ..layout import CONFIG_FILE, LABELS_FILE
+from ..layout import FP32_FILE as MODEL_FILE
 from ..manifest import FileRecord, Provenance
 from ..progress import bytes_detail
 from ..store import sha256_file
@@ -49,9 +51,6 @@ from .describe import NotAnOnnxModel, describe_model
 
 log = structlog.get_logger(__name__)
 
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.txt"
-CONFIG_FILE = "config.json"
 #: the longest single wait between two attempts, whatever the attempt number
 BACKOFF_CAP_S = 30.0
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -202,16 +201,6 @@ def fetch_model(request: FetchRequest, progress: ProgressFn) -> FetchResult:
     progress(1.0, "up to date" if not changed else f"published {request.repo}@{commit[:7]}")
     return FetchResult(files=ordered, commit=commit, downloaded_bytes=downloaded_bytes,
                        changed=changed)
-
-
-def clean_leftovers(model_dir: str | os.PathLike[str]) -> list[str]:
-    """Remove what an interrupted pull left in ``model_dir`` (temp files, scratch folders,
-    ``*.incomplete`` blobs); returns their names. Call it only when no job uses the folder."""
-    folder = Path(model_dir)
-    removed = remove_leftovers(folder)
-    if removed:
-        log.info("leftovers_removed", model_dir=str(folder), names=removed)
-    return removed
 
 
 # ------------------------------------------------------------------------------------------------
