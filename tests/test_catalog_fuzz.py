@@ -16,9 +16,10 @@ import tomlkit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, METHOD_OPTIONS, NAME_RE, Catalog, CatalogKeeper,
+from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, METHOD_OPTIONS, NAME_RE, Catalog,
                             CatalogMemo,
                             catalog_from_bytes, parse_catalog)
+from modeld.catalog_file import CatalogKeeper
 from modeld.errors import CatalogError
 
 #: MODELD_FUZZ_SCALE=20 runs 20 times the examples with a random seed: a deeper hunt by hand;

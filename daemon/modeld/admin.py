@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from . import reports
-from .catalog import CatalogKeeper
+from .catalog_file import CatalogKeeper
 from .errors import CatalogError, ModeldError, UsageError
 from .jobs import JobRunner, JobSpec
 from .protocol import Admin, error_event

@@ -25,7 +25,8 @@ import structlog
 from . import __version__, adminclient, logs, reports
 from .admin import BENCH_SAMPLES, bench_job, forget_proofs, require_entry
 from .benchtable import format_table, run_note
-from .catalog import Catalog, CatalogKeeper
+from .catalog import Catalog
+from .catalog_file import CatalogKeeper
 from .errors import CatalogError, ModeldError, StoreLockedError, UsageError
 from .jobs import JobRunner
 from .progress import ProgressDisplay

@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from .catalog import Catalog, CatalogKeeper
+from .catalog import Catalog
+from .catalog_file import CatalogKeeper
 from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavailableError,
                      TemporaryError, WorkerTimeoutError)
 from .inventory import Inventory

@@ -61,7 +61,8 @@ class Store:
         self._lock_fd: int | None = None
         self._dirs: dict[str, Path] = {}
         #: the last scan of each model: a rescan that finds the same manifest and the same file
-        #: states returns this very object, so the planner and the views can skip it
+        #: states returns this very object, so the planner and the views can skip it (the
+        #: identity contract: ``modeld.unchanged``)
         self._states: dict[str, ModelState] = {}
         self._folders: dict[str, str] = {}
         #: path -> stat key of a file whose content the scrub found changed under its old stat
