@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -213,8 +214,9 @@ class AdminService:
 
     async def _cmd_list(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
         catalog = self.keeper.current
-        doc = reports.list_document(
-            catalog, self.store.is_pulled,
+        # one stat per model, in a thread: a slow disk must not hold up the nodes' answers
+        doc = await asyncio.to_thread(
+            reports.list_document, catalog, self.store.is_pulled,
             mode=self.mode(), states={n: v.state for n, v in self.reconciler.views.items()})
         if self.keeper.error is not None:
             doc["catalog_error"] = str(self.keeper.error)
@@ -227,7 +229,7 @@ class AdminService:
         return await self._converge({name}, send, refresh=True)
 
     async def _cmd_sync(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
-        self.keeper.reload()
+        await self.reconciler.reload_catalog()   # in a thread: a hostile catalog parses slowly
         if self.keeper.error is not None:
             raise self.keeper.error
         return await self._converge(None, send, refresh=True)
@@ -240,8 +242,10 @@ class AdminService:
 
     async def _cmd_remove(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
         name = request.args["name"] or ""
-        if not self.store.remove_model(name):
+        aside = self.store.set_aside(name)
+        if aside is None:
             raise UsageError(f"{name} is not in {self.settings.models_dir}")
+        await asyncio.to_thread(shutil.rmtree, aside, True)   # off the loop: a model is large
         log.info("model_removed", model=name, by="admin")
         self.reconciler.wake()
         return {"mode": self.mode(), "removed": name,

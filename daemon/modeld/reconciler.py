@@ -230,7 +230,7 @@ class Reconciler:
         self._log_catalog_error()
         catalog = self.catalog.current
         names = [n for n in catalog.entries if only is None or n in only]
-        inventory = self._scan(names, dispatch)
+        inventory = await self._scan(names, dispatch)
         if dispatch and self.store_error is None:
             for state in inventory.models.values():
                 self.store.refresh_stats(state)
@@ -251,13 +251,13 @@ class Reconciler:
         self._on_change()
         return actions
 
-    def _scan(self, names: list[str], dispatch: bool) -> Inventory:
+    async def _scan(self, names: list[str], dispatch: bool) -> Inventory:
         """The store's state; models/ itself unusable (a file, unreadable) is the daemon's
         error, said once in the log and in every status, and nothing is done until it heals."""
         try:
             if dispatch and self.lock_later and not self.store.locked:
                 self.store.lock()   # models/ was not a folder at start-up
-            inventory = self.store.scan(names)
+            inventory = await self.store.scan_off_loop(names)   # hashing in a thread
         except (StoreUnavailableError, StoreLockedError) as e:
             if self.store_error is None or str(self.store_error) != str(e):
                 log.error("store_unavailable", **e.fields())
