@@ -33,7 +33,8 @@ from .progress import ProgressDisplay
 from .protocol import admin_request
 from .reconciler import Reconciler
 from .settings import (DEFAULT_CATALOG, DEFAULT_CONFIG, DEFAULT_MODELS, DEFAULT_SOCKET, CONFIG_ENV,
-                       Settings, config_path, layered_values, parse_simulated, read_settings_file)
+                       SETTINGS_KEYS, Settings, config_path, layered_values, parse_simulated,
+                       read_settings_file)
 from .runtimes import parse_runtimes
 from .store import Store
 
@@ -111,9 +112,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, attr, None) for key, attr in (
-        ("catalog", "catalog"), ("models", "models"), ("socket", "socket"),
-        ("providers", "providers"))}
+    """The settings given as flags (``--catalog`` ... : each flag is named by its settings key)."""
+    return {key: getattr(args, key, None) for key in SETTINGS_KEYS}
 
 
 def _file_values(env: dict[str, str]) -> dict[str, Any]:
