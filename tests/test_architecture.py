@@ -49,6 +49,9 @@ def test_runtime_worker_needs_only_stdlib_numpy_and_onnxruntime():
             assert root in allowed_anywhere, f"{name} imported at line {node.lineno}"
             if id(node) in top_level:
                 assert root in sys.stdlib_module_names, f"{name} imported at module level"
+    from modeld.protocol import CPU_PROVIDER
+    from modeld.workers import runtime_worker
+    assert runtime_worker.CPU == CPU_PROVIDER   # its own copy: it cannot import modeld
     code = ("import sys, modeld.workers.runtime_worker, modeld.runtimes; "
             "print(sorted(m for m in ('numpy', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

@@ -9,6 +9,7 @@ the store (manifest, config) and by the workers (downloads, variants). Temp name
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -159,6 +160,15 @@ def open_regular(path: Path | str, *, max_bytes: int | None = None, dir_fd: int 
         os.close(fd)
         raise
     return fd
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a regular file (a symlink, FIFO or device is refused with ``OSError``)."""
+    h = hashlib.sha256()
+    with open(open_regular(path), "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_regular(path: Path | str, max_bytes: int) -> bytes:

@@ -415,16 +415,16 @@ def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
         return tomlkit.parse(text).unwrap()
     except ParseError as e:
         if refused is not None:   # tomllib's message and position, in a person's words
-            raise where.error(None, _one_line(str(explain_toml_error(text, refused)))) from e
+            raise where.error(None, _flattened(str(explain_toml_error(text, refused)))) from e
         reason = str(e).rsplit(" at line ", 1)[0]
         raise where.error(None, f"TOML syntax error at line {e.line} column {e.col}: "
-                                f"{_one_line(reason)}") from e
+                                f"{_flattened(reason)}") from e
     except TOMLKitError as e:  # e.g. KeyAlreadyPresent inside a table: no position known
-        raise where.error(None, f"invalid TOML: {_one_line(str(e))}") from e
+        raise where.error(None, f"invalid TOML: {_flattened(str(e))}") from e
     except RecursionError as e:
         raise where.error(None, "nested too deeply to parse") from e
     except Exception as e:  # noqa: BLE001 - tomlkit raises assorted types on junk; all are bad input
-        raise where.error(None, f"cannot parse TOML: {type(e).__name__}: {_one_line(str(e))}") from e
+        raise where.error(None, f"cannot parse TOML: {type(e).__name__}: {_flattened(str(e))}") from e
 
 
 def _check_shape(text: str, where: _Where) -> None:
@@ -440,7 +440,9 @@ def _check_shape(text: str, where: _Where) -> None:
                           hint="a catalog is a short list of models; check the path")
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _flattened(text: str, limit: int = 200) -> str:
+    """Untrusted text (a TOML error quoting the file) on one line: whitespace runs as one space,
+    control characters as ``?``, at most ``limit`` characters."""
     flat = " ".join(text.split())
     flat = _CONTROL_RE.sub("?", flat)
     return flat if len(flat) <= limit else flat[:limit - 3] + "..."

@@ -17,7 +17,7 @@ import typing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from .errors import ManifestError
+from .errors import ManifestError, first_line
 from .layout import MANIFEST_NAME
 from .variants import Derivation, Proof
 
@@ -144,7 +144,7 @@ class Manifest:
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError) as e:
-            raise ManifestError(f"{MANIFEST_NAME} is not JSON: {_first_line(e)}") from None
+            raise ManifestError(f"{MANIFEST_NAME} is not JSON: {first_line(e, 200)}") from None
         if not isinstance(doc, dict):
             raise ManifestError(f"{MANIFEST_NAME} is {type(doc).__name__}, not an object")
         if doc.get("schema") != SCHEMA_VERSION:
@@ -170,10 +170,6 @@ class Manifest:
 
 def _short(value: object) -> str:
     return repr(value)[:60]
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
+from .atomic import sha256_file
 from .catalog import Catalog
 from .catalog_file import CatalogKeeper
 from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavailableError,
@@ -35,7 +36,7 @@ from .planning import (Action, Derive, PlanContext, Prove,
                        derived_proof_key, providers_for, variant_of)
 from .serving import ModelView
 from .settings import Settings
-from .store import Store, sha256_file, stat_key
+from .store import Store, stat_key
 from .variants import Gates
 from .views import Activity, ViewBuilder
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import stat
@@ -22,9 +21,8 @@ from typing import Callable, Iterable
 
 import structlog
 
-from .atomic import (describe_mode, disk_error, open_regular,
-                     quarantine_path_for, read_regular, real_folder, remove_leftovers,
-                     write_atomic)
+from .atomic import (describe_mode, disk_error, quarantine_path_for, read_regular,
+                     real_folder, remove_leftovers, sha256_file, write_atomic)
 from .errors import (ManifestError, ModeldError, StoreError, StoreLockedError,
                      StoreUnavailableError)
 from .inventory import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
@@ -44,15 +42,6 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int]:
     """What identifies a file's bytes without reading them: size, mtime_ns, inode. Files are only
     ever replaced whole (renamed over), so a new content always comes with a new key."""
     return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """sha256 of a regular file (a symlink, FIFO or device is refused with ``OSError``)."""
-    h = hashlib.sha256()
-    with open(open_regular(path), "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Store:

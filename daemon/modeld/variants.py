@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from .protocol import CPU_PROVIDER
+
 FP32, INT8, FP16 = "fp32", "int8", "fp16"
 
 #: variant -> file name inside models/<name>/ (the seeds' names)
@@ -23,7 +25,7 @@ FILE_VARIANTS: Mapping[str, str] = {v: k for k, v in VARIANT_FILES.items()}
 METHODS: Mapping[str, str | None] = {"dynamic_int8": INT8, "static_int8": INT8, "fp16": FP16,
                                      "auto": None}
 
-DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+DEFAULT_PROVIDERS: tuple[str, ...] = (CPU_PROVIDER,)
 
 #: The daemon's own quantization code is an input of every derived file, like the onnxruntime
 #: version: bump this when a change of recipes, graph rewrites or sample choice changes what a

@@ -17,9 +17,8 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from ..atomic import WORK_PREFIX
+from ..atomic import WORK_PREFIX, sha256_file
 from ..errors import StoreError
-from ..store import sha256_file
 from ..variants import DEFAULT_PROVIDERS, FILE_VARIANTS, FP32, VARIANT_FILES, Gates, Proof
 from .inputs import CalibrationError, sample_inputs
 from .verify import SYNTHETIC_WARNING, prove_file

@@ -38,15 +38,15 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from ..atomic import (WORK_PREFIX, publish_file, read_regular, real_folder, remove_leftovers,
+from ..atomic import (WORK_PREFIX, publish_file, read_regular, real_folder, sha256_file,
                       temp_path_for, write_atomic)
 from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                       HubUnavailableError, IntegrityError, ModeldError, StoreError)
+from ..errors import first_line as _one_line
 from ..layout import CONFIG_FILE, LABELS_FILE
 from ..layout import FP32_FILE as MODEL_FILE
 from ..manifest import FileRecord, Provenance
 from ..progress import bytes_detail
-from ..store import sha256_file
 from .describe import NotAnOnnxModel, describe_model
 
 log = structlog.get_logger(__name__)
@@ -614,8 +614,3 @@ def _read_config(path: Path) -> tuple[bytes | None, dict[str, Any]]:
 def _count_labels(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
