@@ -83,8 +83,8 @@ class Store:
         return path
 
     def is_pulled(self, name: str) -> bool:
-        """Whether ``models/<name>`` holds its FP32 file (pulled once; intact or not). One stat
-        and no state of the store's own: it may run in a thread."""
+        """Whether ``models/<name>`` holds its FP32 file (pulled once; intact or not). One stat;
+        of the store's state it only adds to the name cache, so it may run in a thread."""
         return os.path.exists(f"{self.model_dir(name)}/{FP32_FILE}")
 
     # -- manifest -------------------------------------------------------------------------------
