@@ -40,7 +40,7 @@ use_test_helpers()
 from conftest import LABELS, Workspace, entry_toml  # noqa: E402
 from daemonfixtures import DaemonProcess, variant_is, wait_event  # noqa: E402
 
-from modeld.catalog import CatalogKeeper  # noqa: E402
+from modeld.catalog_file import CatalogKeeper  # noqa: E402
 from modeld.manifest import FileRecord, Manifest, Provenance  # noqa: E402
 from modeld.planning import (CONFIG_FILE, FP32_FILE, config_derivation,  # noqa: E402
                              derived_proof_key, desired_derivation, providers_for)
@@ -215,7 +215,7 @@ async def _timed_passes(reconciler: Reconciler, passes: int) -> list[float]:
 
 
 #: what one reconcile pass is made of (file, function), and the hot spots seen inside them
-PASS_PHASES = (("catalog.py", "reload", "CatalogKeeper.reload"), ("store.py", "scan", "Store.scan"),
+PASS_PHASES = (("catalog_file.py", "reload", "CatalogKeeper.reload"), ("store.py", "scan", "Store.scan"),
                ("store.py", "refresh_stats", "Store.refresh_stats"),
                ("planning.py", "plan", "Planner.plan"), ("views.py", "build", "ViewBuilder.build"),
                ("server.py", "publish", "Server.publish"))

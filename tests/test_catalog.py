@@ -12,8 +12,9 @@ import tomlkit
 from structlog.testing import capture_logs
 
 from modeld.catalog import (EMPTY, MAX_CATALOG_BYTES, MAX_LINES, MAX_MODELS, MAX_STRUCTURE_CHARS,
-                            CatalogKeeper, QuantizeSpec, catalog_from_bytes,
-                            load_catalog, parse_catalog)
+                            QuantizeSpec, catalog_from_bytes,
+                            parse_catalog)
+from modeld.catalog_file import CatalogKeeper, load_catalog
 from modeld.errors import CatalogError
 from modeld.methods import METHODS
 from modeld.variants import Gates

@@ -16,8 +16,9 @@ import tomlkit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, NAME_RE, Catalog, CatalogKeeper, CatalogMemo,
+from modeld.catalog import (ENTRY_KEYS, GATE_KEYS, NAME_RE, Catalog, CatalogMemo,
                             catalog_from_bytes, parse_catalog)
+from modeld.catalog_file import CatalogKeeper
 from modeld.errors import CatalogError
 from modeld.methods import METHODS
 

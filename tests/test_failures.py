@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from conftest import entry_toml
-from modeld.catalog import CatalogKeeper
+from modeld.catalog_file import CatalogKeeper
 from modeld.errors import QuantizeError
 from modeld.manifest import FileRecord, Provenance
 from modeld.planning import Derive, config_derivation, desired_derivation

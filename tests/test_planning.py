@@ -12,7 +12,7 @@ from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Derive, PlanCo
                              Planner, Quarantine, RestoreMode, config_derivation, derived_proof_key,
                              desired_derivation,
                              plan, plan_model, proof_key)
-from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
+from modeld.inventory import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
 from modeld.variants import FP32, INT8, Gates, Proof, ProviderProof
 
 CTX = PlanContext(providers=("CPUExecutionProvider",), onnx_version="1.0", onnxruntime_version="1.2")

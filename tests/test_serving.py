@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modeld.serving import Choice, ModelView, Unavailable, VariantView, WHY_NOT_KEY, choose
+from modeld.serving import Choice, ModelView, Unavailable, VariantView, choose
 from modeld.variants import Proof, ProviderProof
 
 CPU, COREML, CUDA = "CPUExecutionProvider", "CoreMLExecutionProvider", "CUDAExecutionProvider"
@@ -48,8 +48,6 @@ CHOICES = [
      "fp32", COREML, CONV_INTEGER),
     ("prefer-int8-served", model(FP32_OK, INT8_SLOW), [CPU], "int8", (), "int8", CPU,
      "preferred"),
-    ("prefer-int8-not-built", model(FP32_OK, detail={WHY_NOT_KEY: {"int8": "quantization disabled"}}),
-     [CPU], "int8", (), "fp32", CPU, "int8 not built: quantization disabled"),
     ("prefer-int8-not-built-no-detail", model(FP32_OK), [CPU], "int8", (), "fp32", CPU,
      "int8 not built"),
     ("prefer-int8-quantize-disabled-in-catalog",

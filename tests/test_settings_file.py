@@ -4,13 +4,15 @@ a settings file's mistakes are one line with where and what."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from modeld.cli import build_parser, log_level, settings_from
 from modeld.errors import UsageError
-from modeld.settings import DEFAULT_CATALOG, DEFAULT_MODELS, SettingsFileError, read_settings_file
+from modeld.settings import (DEFAULT_CATALOG, DEFAULT_MODELS, SETTINGS_KEYS, Settings,
+                             SettingsFileError, read_settings_file)
 
 
 def args(*argv: str) -> argparse.Namespace:
@@ -70,3 +72,15 @@ def test_commands_other_than_run_log_nothing_unless_asked():
     assert log_level(args("status"), env={}) == "critical"
     assert log_level(args("-v", "status"), env={}) == "info"
     assert log_level(build_parser().parse_args(["run"]), env={}) == "info"
+
+
+def test_every_settings_field_is_a_file_key_and_a_variable_derived_from_the_dataclass():
+    """The file/environment/flag table comes from ``dataclasses.fields(Settings)``: a new field
+    is settable everywhere with no second list to edit (only the two mappings have their own
+    variables, MODELD_SIMULATE_PROVIDERS and MODELD_RUNTIMES)."""
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert {attr for attr, _, _ in SETTINGS_KEYS.values()} == fields - {"simulated_providers",
+                                                                         "runtimes"}
+    s = settings_from(args("status"), env={"MODELD_CATALOG_PARSE_TIMEOUT_S": "7",
+                                           "HF_HUB_OFFLINE": "1", "MODELD_SOCKET_MODE": "0640"})
+    assert (s.catalog_parse_timeout_s, s.hub_offline, s.socket_mode) == (7.0, True, 0o640)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from test_planning import CTX, QUANT, _catalog_of, entry, pulled, state, with_int8
 
-from modeld.store import Inventory
+from modeld.inventory import Inventory
 from modeld.views import Activity, ViewBuilder, build_views
 
 

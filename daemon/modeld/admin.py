@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from . import reports
-from .catalog import CatalogKeeper
+from .catalog_file import CatalogKeeper
 from .errors import CatalogError, ModeldError, UsageError
 from .handoff import runtimes_for
 from .jobs import JobRunner, JobSpec
@@ -28,7 +29,6 @@ from .protocol import Admin, error_event
 from .reconciler import Reconciler
 from .settings import Settings
 from .store import Store
-from .variants import FP32, VARIANT_FILES
 from .work import BenchRequest
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,7 @@ def bench_job(settings: Settings, store: Store, keeper: CatalogKeeper, name: str
     """The ``bench`` worker job for catalog entry ``name`` (its files must be pulled)."""
     entry = require_entry(keeper, name)
     folder = store.model_dir(name)
-    if not (folder / VARIANT_FILES[FP32]).exists():
+    if not store.is_pulled(name):
         raise UsageError(f"{name} is not pulled yet", hint=f"run `mecha10-modeld pull {name}` "
                                                            "first")
     q = entry.quantize
@@ -216,8 +216,9 @@ class AdminService:
 
     async def _cmd_list(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
         catalog = self.keeper.current
-        doc = reports.list_document(
-            catalog, lambda n: (self.store.model_dir(n) / VARIANT_FILES[FP32]).exists(),
+        # one stat per model, in a thread: a slow disk must not hold up the nodes' answers
+        doc = await asyncio.to_thread(
+            reports.list_document, catalog, self.store.is_pulled,
             mode=self.mode(), states={n: v.state for n, v in self.reconciler.views.items()})
         if self.keeper.error is not None:
             doc["catalog_error"] = str(self.keeper.error)
@@ -230,7 +231,7 @@ class AdminService:
         return await self._converge({name}, send, refresh=True)
 
     async def _cmd_sync(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
-        self.keeper.reload()
+        await self.reconciler.reload_catalog()   # in a thread: a hostile catalog parses slowly
         if self.keeper.error is not None:
             raise self.keeper.error
         return await self._converge(None, send, refresh=True)
@@ -243,8 +244,10 @@ class AdminService:
 
     async def _cmd_remove(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
         name = request.args["name"] or ""
-        if not self.store.remove_model(name):
+        aside = self.store.set_aside(name)
+        if aside is None:
             raise UsageError(f"{name} is not in {self.settings.models_dir}")
+        await asyncio.to_thread(shutil.rmtree, aside, True)   # off the loop: a model is large
         log.info("model_removed", model=name, by="admin")
         self.reconciler.wake()
         return {"mode": self.mode(), "removed": name,

@@ -9,6 +9,7 @@ the store (manifest, config) and by the workers (downloads, variants). Temp name
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -17,13 +18,9 @@ import uuid
 from pathlib import Path
 
 from .errors import DiskFullError, StoreError, StoreWriteError
+from .layout import QUARANTINE_PREFIX, TEMP_PREFIX, WORK_PREFIX
 
-TEMP_PREFIX = ".modeld-tmp-"
-WORK_PREFIX = ".modeld-work-"
-#: what was found in the way of a final name (a folder where a file belongs, a model folder that
-#: is a file or a symlink) is renamed to this prefix, never deleted: hidden from scans, and not a
-#: temp name, so no clean-up removes what a person may want back
-QUARANTINE_PREFIX = ".modeld-quarantine-"
+
 #: errnos of a write that the disk refused for a while (full, read-only, failing): temporary
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _DISK_ERRNOS = (errno.EIO, errno.EROFS)
@@ -163,6 +160,15 @@ def open_regular(path: Path | str, *, max_bytes: int | None = None, dir_fd: int 
         os.close(fd)
         raise
     return fd
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a regular file (a symlink, FIFO or device is refused with ``OSError``)."""
+    h = hashlib.sha256()
+    with open(open_regular(path), "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_regular(path: Path | str, max_bytes: int) -> bytes:

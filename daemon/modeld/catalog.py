@@ -1,8 +1,9 @@
-"""The model catalog: ``model_catalog.toml`` -> a validated, typed ``Catalog``; keeps the last good.
+"""The model catalog: ``model_catalog.toml``'s text -> a validated, typed ``Catalog``; the last good.
 
-The runner owns a ``CatalogKeeper`` and calls ``reload()`` on every wake-up; the planner reads
-``Catalog.entries``. Validation is strict (unknown keys refused) and hostile-proof: every problem
-is one ``CatalogError`` line naming file, entry and field, never a traceback.
+Pure: text or bytes in, ``Catalog`` out (``catalog_file`` reads the file and keeps the last good
+one for the runner); the planner reads ``Catalog.entries``. Validation is strict (unknown keys
+refused) and hostile-proof: every problem is one ``CatalogError`` line naming file, entry and
+field, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ import hashlib
 import math
 import os
 import re
-import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import structlog
 import tomlkit
 from tomlkit.exceptions import ParseError, TOMLKitError
 
@@ -27,8 +26,6 @@ from .errors import CatalogError
 from .tomlwords import explain as explain_toml_error
 from .methods import METHODS, Option, broken_rule
 from .variants import Gates
-
-log = structlog.get_logger(__name__)
 
 #: a catalog larger than this is refused before it is read
 MAX_CATALOG_BYTES = 4 * 1024 * 1024
@@ -401,16 +398,16 @@ def _parse_toml(text: str, where: _Where) -> dict[str, Any]:
         return tomlkit.parse(text).unwrap()
     except ParseError as e:
         if refused is not None:   # tomllib's message and position, in a person's words
-            raise where.error(None, _one_line(str(explain_toml_error(text, refused)))) from e
+            raise where.error(None, _flattened(str(explain_toml_error(text, refused)))) from e
         reason = str(e).rsplit(" at line ", 1)[0]
         raise where.error(None, f"TOML syntax error at line {e.line} column {e.col}: "
-                                f"{_one_line(reason)}") from e
+                                f"{_flattened(reason)}") from e
     except TOMLKitError as e:  # e.g. KeyAlreadyPresent inside a table: no position known
-        raise where.error(None, f"invalid TOML: {_one_line(str(e))}") from e
+        raise where.error(None, f"invalid TOML: {_flattened(str(e))}") from e
     except RecursionError as e:
         raise where.error(None, "nested too deeply to parse") from e
     except Exception as e:  # noqa: BLE001 - tomlkit raises assorted types on junk; all are bad input
-        raise where.error(None, f"cannot parse TOML: {type(e).__name__}: {_one_line(str(e))}") from e
+        raise where.error(None, f"cannot parse TOML: {type(e).__name__}: {_flattened(str(e))}") from e
 
 
 def _check_shape(text: str, where: _Where) -> None:
@@ -426,7 +423,9 @@ def _check_shape(text: str, where: _Where) -> None:
                           hint="a catalog is a short list of models; check the path")
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _flattened(text: str, limit: int = 200) -> str:
+    """Untrusted text (a TOML error quoting the file) on one line: whitespace runs as one space,
+    control characters as ``?``, at most ``limit`` characters."""
     flat = " ".join(text.split())
     flat = _CONTROL_RE.sub("?", flat)
     return flat if len(flat) <= limit else flat[:limit - 3] + "..."
@@ -566,45 +565,6 @@ def _parse_gates(raw: Mapping[str, Any], where: _Where) -> Gates:
     return Gates(**shares, min_speedup=min_speedup, max_abs_error=max_abs_error)
 
 
-# ----------------------------------------------------------------------------- the file
-
-def read_catalog_bytes(path: Path) -> bytes:
-    """The catalog file's bytes; every way of not being a readable small file is a CatalogError."""
-    where = _Where(str(path))
-    try:
-        # O_NONBLOCK: a FIFO put in the catalog's place must not hang the daemon in open()
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError as e:
-        raise where.error(None, "file not found",
-                          hint="create it (an empty file is an empty catalog)") from e
-    except OSError as e:
-        raise where.error(None, f"cannot open: {e.strerror or e}") from e
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise where.error(None, "is a directory; expected a TOML file")
-        if not stat.S_ISREG(st.st_mode):
-            raise where.error(None, "is not a regular file; expected a TOML file")
-        if st.st_size > MAX_CATALOG_BYTES:
-            raise _too_large(where)
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > MAX_CATALOG_BYTES:  # it grew after fstat
-                raise _too_large(where)
-        return b"".join(chunks)
-    except OSError as e:
-        raise where.error(None, f"cannot read: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
-
-
-def _too_large(where: _Where) -> CatalogError:
-    return where.error(None, f"larger than {MAX_CATALOG_BYTES // (1024 * 1024)} MiB",
-                       hint="a catalog is a short list of models; check the path")
-
-
 def catalog_from_bytes(raw: bytes, *, path: str, base_dir: Path | None = None,
                        memo: CatalogMemo | None = None) -> Catalog:
     """Decode and validate a catalog file's bytes (``digest`` is their sha256)."""
@@ -621,13 +581,6 @@ def catalog_from_bytes(raw: bytes, *, path: str, base_dir: Path | None = None,
                           hint="save the catalog as UTF-8") from e
     return parse_catalog(text, path=path, base_dir=base_dir,
                          digest=hashlib.sha256(raw).hexdigest(), memo=memo)
-
-
-def load_catalog(path: Path) -> Catalog:
-    """Read and validate the catalog at ``path``; raises ``CatalogError`` for file-level problems."""
-    path = Path(path)
-    return catalog_from_bytes(read_catalog_bytes(path), path=str(path),
-                              base_dir=path.absolute().parent)
 
 
 # ----------------------------------------------------------------------------- last good
@@ -658,7 +611,7 @@ def keep_last_good(fresh: Catalog, previous: Catalog) -> Catalog:
 
 def _same_as_before(entry: ModelEntry, old: ModelEntry | None) -> ModelEntry:
     """The previous object of an entry the edit did not touch: the reconciler's planner and
-    views recognise unchanged entries by identity and skip them."""
+    views recognise unchanged entries by identity and skip them (``modeld.unchanged``)."""
     if old is not None and old == entry and _error_texts(old) == _error_texts(entry):
         return old
     return entry
@@ -668,65 +621,7 @@ def _error_texts(entry: ModelEntry) -> tuple[str, str]:
     return str(entry.quantize_error or ""), str(entry.stale_error or "")
 
 
-def _signature(catalog: Catalog) -> tuple:
+def catalog_signature(catalog: Catalog) -> tuple:
     """What makes two catalogs different for the daemon: file, entries and the errors' text."""
     entries = tuple((e, *_error_texts(e)) for e in catalog.entries.values())
     return (catalog.path, catalog.digest, entries, tuple(str(e) for e in catalog.errors))
-
-
-class CatalogKeeper:
-    """Keeps the last good catalog: a catalog that fails to parse or validate never replaces it."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = Path(path)
-        self._base_dir = self._path.absolute().parent
-        self._current: Catalog = EMPTY
-        self._error: CatalogError | None = None
-        #: sha256 of the bytes of the latest attempt, good or bad (None: nothing read)
-        self._seen_digest: str | None = None
-        self._memo = CatalogMemo()
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    @property
-    def current(self) -> Catalog:
-        return self._current
-
-    @property
-    def error(self) -> CatalogError | None:
-        return self._error
-
-    def reload(self) -> bool:
-        """Re-read the file; True if ``current`` changed. Only hashes when the bytes are the same."""
-        try:
-            raw = read_catalog_bytes(self._path)
-        except CatalogError as e:
-            # Not logged here: the reconciler logs a file-level error once, with what it keeps.
-            self._seen_digest, self._error = None, e
-            return False
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest == self._seen_digest:
-            return False
-        self._seen_digest = digest
-        try:
-            fresh = catalog_from_bytes(raw, path=str(self._path), base_dir=self._base_dir,
-                                       memo=self._memo)
-        except CatalogError as e:
-            self._error = e
-            return False
-        merged = keep_last_good(fresh, self._current)
-        changed = _signature(merged) != _signature(self._current)
-        self._current, self._error = merged, None
-        log.info("catalog_loaded", path=str(self._path), models=len(merged.entries),
-                 errors=len(merged.errors), digest=merged.digest[:12], changed=changed)
-        for error in merged.errors:
-            log.warning("catalog_entry_error", stale=_is_stale(merged, error), **error.fields())
-        return changed
-
-
-
-def _is_stale(catalog: Catalog, error: CatalogError) -> bool:
-    entry = catalog.entries.get(error.name) if error.name else None
-    return entry is not None and entry.stale_error is error

@@ -1,6 +1,6 @@
 """Re-read only the ``[[models]]`` blocks that an edit changed.
 
-Used by ``catalog.parse_catalog`` through ``CatalogKeeper``: a 1,000-model catalog takes tens of
+Used by ``catalog.parse_catalog`` through ``catalog_file.CatalogKeeper``: a 1,000-model catalog takes tens of
 milliseconds to parse as a whole, most of an edit -> notify budget, while an edit touches one
 block. The text is cut at its ``[[models]]`` header lines; a block whose text is the same as in
 the last read keeps its parsed table (and, in ``catalog``, its validated entry).

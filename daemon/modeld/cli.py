@@ -25,17 +25,18 @@ import structlog
 from . import __version__, adminclient, logs, reports
 from .admin import BENCH_SAMPLES, bench_job, forget_proofs, require_entry
 from .benchtable import format_table, run_note
-from .catalog import Catalog, CatalogKeeper
+from .catalog import Catalog
+from .catalog_file import CatalogKeeper
 from .errors import CatalogError, ModeldError, StoreLockedError, UsageError
 from .jobs import JobRunner
 from .progress import ProgressDisplay
 from .protocol import admin_request
 from .reconciler import Reconciler
 from .settings import (DEFAULT_CATALOG, DEFAULT_CONFIG, DEFAULT_MODELS, DEFAULT_SOCKET, CONFIG_ENV,
-                       Settings, config_path, layered_values, parse_simulated, read_settings_file)
+                       SETTINGS_KEYS, Settings, config_path, layered_values, parse_simulated,
+                       read_settings_file)
 from .runtimes import parse_runtimes
 from .store import Store
-from .variants import FP32, VARIANT_FILES
 
 log = structlog.get_logger(__name__)
 
@@ -111,9 +112,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, attr, None) for key, attr in (
-        ("catalog", "catalog"), ("models", "models"), ("socket", "socket"),
-        ("providers", "providers"))}
+    """The settings given as flags (``--catalog`` ... : each flag is named by its settings key)."""
+    return {key: getattr(args, key, None) for key in SETTINGS_KEYS}
 
 
 def _file_values(env: dict[str, str]) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace, display: ProgressDisp
             raise keeper.error
         store = Store(settings.models_dir)
         doc = reports.list_document(
-            keeper.current, lambda n: (store.model_dir(n) / VARIANT_FILES[FP32]).exists(),
+            keeper.current, store.is_pulled,
             mode=_folder_mode(settings))
         code = EXIT_FAILED if keeper.current.errors else EXIT_OK
     if _json(args):

@@ -28,11 +28,11 @@ from typing import Any, Callable
 import numpy as np
 
 from . import client
+from .protocol import CPU_PROVIDER as CPU
 from .testing.hub import LocalHub
 from .testing.onnx_models import matmul_mlp
 
 OCR_WHEEL_MODEL = "ch_PP-OCRv4_det_infer.onnx"
-CPU = "CPUExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
 
 

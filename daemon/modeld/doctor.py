@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import adminclient
-from .catalog import load_catalog
+from .catalog_file import load_catalog
 from .errors import ModeldError
 from .jobs import JobRunner, JobSpec
 from .settings import Settings

@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """A library error as one short line for a message of ours: its first line, or its type's
+    name when it says nothing (onnx and onnxruntime errors run to pages)."""
+    text = str(error).strip()
+    return (text.splitlines()[0].strip() if text else type(error).__name__)[:limit]
+
+
 class ModeldError(Exception):
     """Root of the daemon's errors: one line for the user, structured fields for the log.
 

@@ -17,10 +17,10 @@ import typing
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from .errors import ManifestError
+from .errors import ManifestError, first_line
+from .layout import MANIFEST_NAME
 from .variants import Derivation, Proof
 
-MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 #: a manifest is a few KiB; anything far larger is not one of ours (and is not read into memory)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -114,10 +114,6 @@ class Manifest:
                 and (not v.get("revision") or (v["sha256"], v["revision"]) in copies)}
         return self if len(kept) == len(self.rejections) else replace(self, rejections=kept)
 
-    def without_file(self, name: str) -> "Manifest":
-        return replace(self, files={k: v for k, v in self.files.items() if k != name},
-                       proofs={k: v for k, v in self.proofs.items() if k != name})
-
     def with_proof(self, file_name: str, proof: Proof) -> "Manifest":
         return replace(self, proofs={**self.proofs, file_name: proof})
 
@@ -148,7 +144,7 @@ class Manifest:
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError) as e:
-            raise ManifestError(f"{MANIFEST_NAME} is not JSON: {_first_line(e)}") from None
+            raise ManifestError(f"{MANIFEST_NAME} is not JSON: {first_line(e, 200)}") from None
         if not isinstance(doc, dict):
             raise ManifestError(f"{MANIFEST_NAME} is {type(doc).__name__}, not an object")
         if doc.get("schema") != SCHEMA_VERSION:
@@ -174,10 +170,6 @@ class Manifest:
 
 def _short(value: object) -> str:
     return repr(value)[:60]
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def _section(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:

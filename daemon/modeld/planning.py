@@ -12,16 +12,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Union
 
 from .catalog import Catalog, ModelEntry
+from .inventory import UNREADABLE, Inventory, ModelState
+from .layout import CONFIG_FILE, FP32_FILE, LABELS_FILE
 from .manifest import FileRecord, Manifest
-from .store import UNREADABLE, Inventory, ModelState
 from .methods import METHODS
-from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, VARIANT_FILES,
-                       Derivation, Gates, proof_key)  # noqa: F401 - proof_key: tests
+from .unchanged import MISSING, PassMemo
+from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, Derivation, Gates,
+                       proof_key)  # noqa: F401 - proof_key: tests
 from .work import ProofBasis
-
-FP32_FILE = VARIANT_FILES[FP32]
-LABELS_FILE = "labels.txt"
-CONFIG_FILE = "config.json"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 RECHECK_REASON = "a node rejected it: hashing and proving it again"
 
@@ -120,12 +118,11 @@ def plan(catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[A
 
 class Planner:
     """``plan`` with a memory of the previous pass: a model whose entry and scanned state are the
-    very objects planned last time (the catalog keeps unchanged entries, the store returns an
-    unchanged ``ModelState`` as it was) gets its previous answer. A no-op pass over a large
-    catalog costs identity checks, not planning."""
+    very objects planned last time gets its previous answer (the identity contract:
+    ``modeld.unchanged``). A no-op pass over a large catalog costs identity checks, not planning."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[ModelEntry, ModelState | None, tuple, Action | None]] = {}
+        self._memo: PassMemo[Action | None] = PassMemo()
         self._context: tuple | None = None
 
     def plan(self, catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
@@ -136,22 +133,18 @@ class Planner:
             self._context = fixed
         memo, refresh = self._memo, context.refresh
         rechecked = {(name, f) for name, f in context.recheck}
-        fresh: dict[str, tuple[ModelEntry, ModelState | None, tuple, Action | None]] = {}
         actions = []
         for name, entry in catalog.entries.items():
             state = inventory.models.get(name)
             asked = (name in refresh, frozenset(f for n, f in rechecked if n == name)) \
                 if rechecked else (name in refresh,)
-            known = memo.get(name)
-            if known is not None and known[0] is entry and known[1] is state and known[2] == asked:
-                action = known[3]
-                fresh[name] = known
-            else:
+            action = memo.recall(name, (entry, state), asked)
+            if action is MISSING:
                 action = plan_model(entry, state, context)
-                fresh[name] = (entry, state, asked, action)
+            memo.remember(name, (entry, state), asked, action)
             if action is not None:
                 actions.append(action)
-        self._memo = fresh
+        memo.end_pass()
         return actions
 
 

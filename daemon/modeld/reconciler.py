@@ -26,19 +26,23 @@ from typing import Any, Callable, Mapping
 import structlog
 
 from . import handoff
-from .catalog import Catalog, CatalogKeeper
+from .atomic import sha256_file
+from .catalog import Catalog
+from .catalog_file import CatalogKeeper
 from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavailableError,
                      TemporaryError)
 from .failures import Failures
+from .inventory import Inventory
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
+from .layout import FP32_FILE
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
 from .rejections import Rejection, Rejections
-from .planning import (FP32_FILE, Action, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
+from .planning import (Action, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
                        RestoreMode, variant_of)
 from .serving import ModelView
 from .settings import Settings
-from .store import Inventory, Store, sha256_file, stat_key
+from .store import Store, stat_key
 from .variants import Gates, Proof
 from .views import Activity, ViewBuilder
 from .work import FetchRequest, ProveRequest, QuantizeRequest, QuantizeResult
@@ -225,7 +229,7 @@ class Reconciler:
         self._log_catalog_error()
         catalog = self.catalog.current
         names = [n for n in catalog.entries if only is None or n in only]
-        inventory = self._scan(names, dispatch)
+        inventory = await self._scan(names, dispatch)
         if dispatch and self.store_error is None:
             for state in inventory.models.values():
                 self.store.refresh_stats(state)
@@ -246,13 +250,13 @@ class Reconciler:
         self._on_change()
         return actions
 
-    def _scan(self, names: list[str], dispatch: bool) -> Inventory:
+    async def _scan(self, names: list[str], dispatch: bool) -> Inventory:
         """The store's state; models/ itself unusable (a file, unreadable) is the daemon's
         error, said once in the log and in every status, and nothing is done until it heals."""
         try:
             if dispatch and self.lock_later and not self.store.locked:
                 self.store.lock()   # models/ was not a folder at start-up
-            inventory = self.store.scan(names)
+            inventory = await self.store.scan_off_loop(names)   # hashing in a thread
         except (StoreUnavailableError, StoreLockedError) as e:
             if self.store_error is None or str(self.store_error) != str(e):
                 log.error("store_unavailable", **e.fields())

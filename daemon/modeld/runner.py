@@ -20,7 +20,7 @@ import structlog
 
 from . import systemd
 from .admin import AdminService
-from .catalog import CatalogKeeper
+from .catalog_file import CatalogKeeper
 from .errors import ModeldError, StoreUnavailableError
 from .reconciler import Reconciler
 from .rejections import Rejections

@@ -33,6 +33,7 @@ from .protocol import (Ack, Admin, Ping, ProtocolError, Status, Subscribe, decod
                        unavailable_event, variant_event, PROTOCOL_VERSION, DAEMON_NAME)
 from .rejections import Rejection, Rejections
 from .serving import Choice, ModelView, Unavailable, choose
+from .unchanged import differs
 
 log = structlog.get_logger(__name__)
 
@@ -176,9 +177,8 @@ class Server:
         self._views = new
         first = not self._published
         self._published = True
-        # Unchanged views are the very objects of the last pass (views.ViewBuilder): `is` first.
-        touched = {name for name, view in new.items()
-                   if (was := old.get(name)) is not view and was != view}
+        # Unchanged views are the very objects of the last pass (modeld.unchanged): `is` first.
+        touched = {name for name, view in new.items() if differs(old.get(name), view)}
         for name in touched:
             self._bump(name)
         gone = set(old) - set(new)

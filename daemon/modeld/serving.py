@@ -16,10 +16,6 @@ from .variants import FP16, FP32, INT8, Proof, ProviderProof
 #: a tie in speed goes to the smaller risk of a wrong answer
 _RISK = {FP32: 0, FP16: 1, INT8: 2}
 
-#: ``ModelView.detail[WHY_NOT_KEY]`` may map a variant that is not offered to a short human reason
-#: ("quantization disabled", "quantizing 40%", "failed: ..."); choose() quotes it.
-WHY_NOT_KEY = "why_not"
-
 
 @dataclass(frozen=True)
 class VariantView:
@@ -130,9 +126,6 @@ def _not_offered(view: ModelView, variant: str) -> str:
 def _why_not_offered(view: ModelView, variant: str) -> str:
     """Why ``variant`` is not among the offered ones, from what the view's detail tells."""
     detail = view.detail or {}
-    given = detail.get(WHY_NOT_KEY)
-    if isinstance(given, Mapping) and given.get(variant):
-        return str(given[variant])
     if variant == FP32:
         return view.reason or "no proven fp32 file"
     quantize = detail.get("quantize")  # views.py: {"enabled": bool, "method": str}
@@ -154,5 +147,5 @@ def _summary(view: ModelView, refusals: Mapping[str, str]) -> str:
     return ", ".join(refusals.values())
 
 
-__all__ = ["VariantView", "ModelView", "Choice", "Unavailable", "choose", "WHY_NOT_KEY",
+__all__ = ["VariantView", "ModelView", "Choice", "Unavailable", "choose",
            "FP32", "INT8", "FP16"]

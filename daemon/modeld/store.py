@@ -8,95 +8,40 @@ Only the reconciler writes manifests; workers publish files and return records.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import stat
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import structlog
 
-from .atomic import (TEMP_PREFIX, describe_mode, disk_error, is_temp_name, open_regular,
-                     quarantine_path_for, read_regular, real_folder, remove_leftovers,
-                     write_atomic)
+from .atomic import (describe_mode, disk_error, quarantine_path_for, read_regular,
+                     real_folder, remove_leftovers, sha256_file, write_atomic)
 from .errors import (ManifestError, ModeldError, StoreError, StoreLockedError,
                      StoreUnavailableError)
-from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, Manifest, is_plain_name
+from .inventory import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
+from .layout import FP32_FILE, LOCK_NAME, MANIFEST_NAME, SCRUB_STAMP_NAME, TEMP_PREFIX
+from .manifest import MAX_MANIFEST_BYTES, FileRecord, Manifest, is_plain_name
 
 log = structlog.get_logger(__name__)
 
-LOCK_NAME = ".modeld.lock"
-#: its mtime is when the scrub last went through every file (the schedule outlives restarts:
-#: a robot that is switched off every night still gets scrubbed)
-SCRUB_STAMP_NAME = ".modeld.scrubbed"
-
-OK, MISSING, DAMAGED, UNREADABLE = "ok", "missing", "damaged", "unreadable"
 _REGULAR_READABLE = stat.S_IFREG | stat.S_IRUSR
-
-
-@dataclass(frozen=True)
-class FileState:
-    """What a recorded file looks like now."""
-
-    name: str
-    status: str                     # ok | missing | damaged | unreadable
-    record: FileRecord | None
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == OK
-
-
-@dataclass(frozen=True)
-class ModelState:
-    """One model folder: its manifest and the state of every recorded file."""
-
-    name: str
-    manifest: Manifest
-    files: Mapping[str, FileState] = field(default_factory=dict)
-    #: a file kept its content under a new stat (touched, copied back): see Store.refresh_stats
-    new_stats: bool = False
-    #: why the folder or its manifest cannot be used as it is (one line; "" when fine): this
-    #: model's error, healed by pulling again, never the daemon's
-    problem: str = ""
-    #: models/<name> is not a real folder (a file, a symlink, a loop): it is moved aside
-    misplaced: bool = False
-
-    def intact(self, file_name: str) -> bool:
-        state = self.files.get(file_name)
-        return state is not None and state.ok
-
-    def record(self, file_name: str) -> FileRecord | None:
-        return self.manifest.files.get(file_name)
-
-
-@dataclass(frozen=True)
-class Inventory:
-    models: Mapping[str, ModelState] = field(default_factory=dict)
-
-    def get(self, name: str) -> ModelState | None:
-        return self.models.get(name)
+#: scans whose hashing runs in a thread before one hashes what is left on the loop itself
+_HASH_ROUNDS = 3
+#: a file a scan would hash: its path and the stat it was seen with
+Unhashed = tuple[str, os.stat_result]
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int]:
     """What identifies a file's bytes without reading them: size, mtime_ns, inode. Files are only
     ever replaced whole (renamed over), so a new content always comes with a new key."""
     return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """sha256 of a regular file (a symlink, FIFO or device is refused with ``OSError``)."""
-    h = hashlib.sha256()
-    with open(open_regular(path), "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Store:
@@ -110,7 +55,8 @@ class Store:
         self._lock_fd: int | None = None
         self._dirs: dict[str, Path] = {}
         #: the last scan of each model: a rescan that finds the same manifest and the same file
-        #: states returns this very object, so the planner and the views can skip it
+        #: states returns this very object, so the planner and the views can skip it (the
+        #: identity contract: ``modeld.unchanged``)
         self._states: dict[str, ModelState] = {}
         self._folders: dict[str, str] = {}
         #: path -> stat key of a file whose content the scrub found changed under its old stat
@@ -136,12 +82,10 @@ class Store:
             self._dirs[name] = path
         return path
 
-    def names_on_disk(self) -> list[str]:
-        try:
-            return sorted(p.name for p in self.root.iterdir()
-                          if p.is_dir() and not p.name.startswith(".") and not is_temp_name(p.name))
-        except FileNotFoundError:
-            return []
+    def is_pulled(self, name: str) -> bool:
+        """Whether ``models/<name>`` holds its FP32 file (pulled once; intact or not). One stat;
+        of the store's state it only adds to the name cache, so it may run in a thread."""
+        return os.path.exists(f"{self.model_dir(name)}/{FP32_FILE}")
 
     # -- manifest -------------------------------------------------------------------------------
     def read_manifest(self, name: str) -> Manifest:
@@ -205,16 +149,37 @@ class Store:
         return manifest
 
     # -- scan -----------------------------------------------------------------------------------
-    def scan(self, names: Iterable[str]) -> Inventory:
+    def scan(self, names: Iterable[str], *, defer_hashing: list[Unhashed] | None = None
+             ) -> Inventory:
         """The actual state of the named models (those with no folder are absent).
-        ``StoreUnavailableError`` when models/ itself is not a usable folder."""
+        ``StoreUnavailableError`` when models/ itself is not a usable folder. With a list as
+        ``defer_hashing``, a file that would have to be hashed is appended to it instead, and
+        the inventory is incomplete: see ``scan_off_loop``."""
         self.check_root()
         models = {}
         for name in names:
-            state = self.scan_model(name)
+            state = self.scan_model(name, defer_hashing=defer_hashing)
             if state is not None:
                 models[name] = state
         return Inventory(models=models)
+
+    async def scan_off_loop(self, names: Iterable[str]) -> Inventory:
+        """``scan`` for a caller on the event loop that serves the nodes: the stat-only scan runs
+        here, the hashing it needs (a file touched, copied back: its stat is new, its size the
+        same) in a thread, then the scan again, answered from the digests. The loop keeps
+        answering while a large file is read. Only the digests cross the thread: the store's
+        own state is touched on the loop alone."""
+        names = list(names)
+        for _ in range(_HASH_ROUNDS):
+            wanted: list[Unhashed] = []
+            inventory = self.scan(names, defer_hashing=wanted)
+            if not wanted:
+                return inventory
+            digests = await asyncio.to_thread(_hash_each, self._hasher, wanted)
+            for (path, st), digest in zip(wanted, digests):
+                if digest is not None:
+                    self._remember_digest(path, st, digest)
+        return self.scan(names)   # files rewritten during every round: what is left, here
 
     def check_root(self) -> None:
         try:
@@ -229,7 +194,8 @@ class Store:
                                         path=str(self.root),
                                         hint="make it a folder again; nothing is served meanwhile")
 
-    def scan_model(self, name: str) -> ModelState | None:
+    def scan_model(self, name: str, *, defer_hashing: list[Unhashed] | None = None
+                   ) -> ModelState | None:
         folder = self._folders.get(name) or self._folder(name)
         try:
             folder_mode = os.lstat(folder).st_mode
@@ -249,6 +215,7 @@ class Store:
             previous = None
         files = {}
         same = previous is not None
+        deferred = len(defer_hashing) if defer_hashing is not None else 0
         for file_name, record in manifest.files.items():
             path = f"{folder}/{file_name}"
             before = previous.files.get(file_name) if previous is not None else None
@@ -263,7 +230,7 @@ class Store:
                         and st.st_mtime_ns == record.mtime_ns and st.st_size == record.size):
                     files[file_name] = before
                     continue
-            state = self._check(path, record)
+            state = self._check(path, record, defer_hashing)
             same = False
             files[file_name] = state
         if same:
@@ -271,7 +238,8 @@ class Store:
         new_stats = any(s.record is not manifest.files[n] for n, s in files.items() if s.ok)
         state = ModelState(name=name, manifest=manifest, files=files, new_stats=new_stats,
                            problem=problem)
-        self._states[name] = state
+        if defer_hashing is None or len(defer_hashing) == deferred:
+            self._states[name] = state   # not a state with a file left unhashed
         return state
 
     def _broken(self, name: str, problem: str, *, misplaced: bool) -> ModelState:
@@ -310,7 +278,8 @@ class Store:
             self._folders[name] = folder
         return folder
 
-    def _check(self, path: str, record: FileRecord) -> FileState:
+    def _check(self, path: str, record: FileRecord, defer_hashing: list[Unhashed] | None = None
+               ) -> FileState:
         try:
             st = os.lstat(path)   # a symlink is never followed: it is damage, healed by a pull
         except FileNotFoundError:
@@ -331,6 +300,9 @@ class Store:
         if st.st_size != record.size:
             return FileState(record.name, DAMAGED, record,
                              f"size {st.st_size} != recorded {record.size}")
+        if defer_hashing is not None and _digest_key(path, st) not in self._hash_cache:
+            defer_hashing.append((path, st))
+            return FileState(record.name, DAMAGED, record, "not hashed yet")
         try:
             digest = self.digest(Path(path), st)
         except OSError as e:
@@ -342,20 +314,23 @@ class Store:
 
     def digest(self, path: Path, st: os.stat_result | None = None) -> str:
         st = st or path.stat()
-        key = (str(path), *stat_key(st))
-        cached = self._hash_cache.get(key)
+        cached = self._hash_cache.get(_digest_key(path, st))
         if cached is None:
-            self.hash_count += 1
-            cached = self._hasher(path)
-            if len(self._hash_cache) > 10_000:
-                self._hash_cache.clear()
-            self._hash_cache[key] = cached
+            cached = self._remember_digest(path, st, self._hasher(path))
         return cached
+
+    def _remember_digest(self, path: str | Path, st: os.stat_result, digest: str) -> str:
+        self.hash_count += 1
+        if len(self._hash_cache) > 10_000:
+            self._hash_cache.clear()
+        self._hash_cache[_digest_key(path, st)] = digest
+        return digest
 
     def scrub_targets(self, name: str) -> list[tuple[str, FileRecord, os.stat_result]]:
         """(path, record, stat) of each file of ``name`` that a scan calls intact: what the scrub
-        re-hashes (off the event loop: hashing reads whole files)."""
-        state = self.scan_model(name)
+        re-hashes (off the event loop: hashing reads whole files). A file the scan would have to
+        hash first is left to the next scan (``scan_off_loop``)."""
+        state = self.scan_model(name, defer_hashing=[])
         out = []
         for file_name, file_state in (state.files.items() if state is not None else ()):
             if file_state.ok and file_state.record is not None:
@@ -438,22 +413,22 @@ class Store:
     # -- removal and clean-up -------------------------------------------------------------------
     def remove_model(self, name: str) -> bool:
         """Delete ``models/<name>``: renamed aside first (atomic), then deleted."""
+        aside = self.set_aside(name)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return aside is not None
+
+    def set_aside(self, name: str) -> Path | None:
+        """Rename ``models/<name>`` to a temp name (atomic: it is gone for every scan at once)
+        and return that path, for the caller to delete (in a thread: a model is large); None
+        when there is no such folder. A temp name: an interrupted deletion is cleaned up."""
         folder = self.model_dir(name)
         if not folder.exists():
-            return False
+            return None
         aside = self.root / f"{TEMP_PREFIX}removed-{uuid.uuid4().hex[:8]}-{name}"
         os.replace(folder, aside)
-        shutil.rmtree(aside, ignore_errors=True)
         self._forget(name)
-        return True
-
-    def remove_file(self, name: str, file_name: str) -> None:
-        if not is_plain_name(file_name):
-            raise StoreError(f"not a file name of this folder: {file_name!r}", entry=name)
-        try:
-            (real_folder(self.model_dir(name)) / file_name).unlink()
-        except FileNotFoundError:
-            pass
+        return aside
 
     def tidy(self, name: str) -> list[str]:
         """After a job of ``name`` ended, however it ended (a killed worker runs no clean-up):
@@ -525,6 +500,22 @@ class Store:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _digest_key(path: str | Path, st: os.stat_result) -> tuple[str, int, int, int]:
+    return (os.fspath(path), *stat_key(st))
+
+
+def _hash_each(hasher: Callable[[Path], str], files: list[Unhashed]) -> list[str | None]:
+    """Run in a thread by ``scan_off_loop``: each file's digest (None: unreadable now; the scan
+    on the loop then says why)."""
+    out: list[str | None] = []
+    for path, _ in files:
+        try:
+            out.append(hasher(Path(path)))
+        except OSError:
+            out.append(None)
+    return out
 
 
 def _current_umask() -> int:

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from typing import Callable, TextIO
+from typing import TextIO
 
 import structlog
 
@@ -114,18 +114,15 @@ def watchdog_interval_s() -> float | None:
     return usec / 2 / 1_000_000 if usec > 0 else None
 
 
-async def keep_watchdog_fed(healthy: Callable[[], bool] | None = None) -> None:
-    """Ping the watchdog at half its timeout while ``healthy()`` holds; returns at once when the
-    watchdog is off. Run it as a task on the daemon's loop: a blocked loop then misses pings and
-    systemd restarts the daemon, which is the point."""
+async def keep_watchdog_fed() -> None:
+    """Ping the watchdog at half its timeout; returns at once when the watchdog is off. Run it
+    as a task on the daemon's loop: a blocked loop then misses pings and systemd restarts the
+    daemon, which is the point."""
     interval_s = watchdog_interval_s()
     if interval_s is None:
         return
     while True:
-        if healthy is None or healthy():
-            watchdog_ping()
-        else:
-            log.warning("watchdog_withheld", reason="health check failed")
+        watchdog_ping()
         await asyncio.sleep(interval_s)
 
 

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from .protocol import CPU_PROVIDER
+
 FP32, INT8, FP16 = "fp32", "int8", "fp16"
 
 #: variant -> file name inside models/<name>/ (the seeds' names)
@@ -19,7 +21,7 @@ VARIANT_FILES: Mapping[str, str] = {FP32: "model.onnx", INT8: "model-int8.onnx",
                                     FP16: "model-fp16.onnx"}
 FILE_VARIANTS: Mapping[str, str] = {v: k for k, v in VARIANT_FILES.items()}
 
-DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+DEFAULT_PROVIDERS: tuple[str, ...] = (CPU_PROVIDER,)
 
 #: The daemon's own quantization code is an input of every derived file, like the onnxruntime
 #: version: bump this when a change of recipes, graph rewrites or sample choice changes what a

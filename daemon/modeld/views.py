@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .catalog import Catalog, ModelEntry
-from .planning import (FP32_FILE, PlanContext, derived_record, desired_derivation,
-                       source_problem, variant_of)
+from .inventory import Inventory, ModelState
+from .layout import FP32_FILE
+from .planning import PlanContext, derived_record, desired_derivation, source_problem, variant_of
 from .serving import ModelView, VariantView
-from .store import Inventory, ModelState
+from .unchanged import MISSING, PassMemo
 from .variants import FP32
 
 
@@ -42,10 +43,10 @@ def build_views(catalog: Catalog, inventory: Inventory, context: PlanContext,
 class ViewBuilder:
     """``build_views`` with a memory of the previous pass: a model whose entry and scanned state
     are the very objects of last time, with the same activity and pending flag, keeps its view
-    object (which also lets ``Server.publish`` see at a glance that nothing changed)."""
+    object, so ``Server.publish`` sees at a glance that nothing changed (``modeld.unchanged``)."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[ModelEntry, ModelState | None, Activity, bool, ModelView]] = {}
+        self._memo: PassMemo[ModelView] = PassMemo()
         self._context: tuple | None = None
 
     def build(self, catalog: Catalog, inventory: Inventory, context: PlanContext,
@@ -57,21 +58,16 @@ class ViewBuilder:
             self._memo.clear()
             self._context = fixed
         memo, idle = self._memo, Activity()
-        fresh = {}
         views = {}
         for name, entry in catalog.entries.items():
             state = inventory.models.get(name)
             doing = activity.get(name, idle)
-            waiting = name in pending
-            known = memo.get(name)
-            if (known is not None and known[0] is entry and known[1] is state
-                    and known[3] == waiting and (known[2] is doing or known[2] == doing)):
-                view = known[4]
-            else:
-                view = model_view(entry, state, context, doing, waiting, models_root)
-            fresh[name] = (entry, state, doing, waiting, view)
-            views[name] = view
-        self._memo = fresh
+            key = (doing, name in pending)
+            view = memo.recall(name, (entry, state), key)
+            if view is MISSING:
+                view = model_view(entry, state, context, doing, key[1], models_root)
+            views[name] = memo.remember(name, (entry, state), key, view)
+        memo.end_pass()
         return views
 
 

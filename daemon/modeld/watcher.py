@@ -21,13 +21,10 @@ from watchdog.observers import Observer
 
 from .atomic import is_temp_name
 from .errors import CatalogError, StoreError
-from .manifest import MANIFEST_NAME
-from .settings import Settings
-from .store import SCRUB_STAMP_NAME
+from .layout import MANIFEST_NAME, OWN_NAMES
 
 log = structlog.get_logger(__name__)
 
-_LOCK_NAME = Settings().lock_path.name
 _REARM_POLL_S = 0.2
 
 #: the events that can change what the reconciler sees. Not opened/closed-without-write (the
@@ -146,7 +143,7 @@ class _EventSorter(ev.FileSystemEventHandler):
         parts = relative.split(os.sep)
         if any(is_temp_name(part) for part in parts):
             return WakeReason()
-        if parts == [_LOCK_NAME] or parts == [SCRUB_STAMP_NAME]:
+        if len(parts) == 1 and parts[0] in OWN_NAMES:
             return WakeReason()
         if parts[-1] == MANIFEST_NAME and event.event_type == ev.EVENT_TYPE_MOVED \
                 and is_temp_name(os.path.basename(os.fsdecode(event.src_path))):
@@ -258,7 +255,7 @@ class Watcher:
         self._root_missing = False
         # whatever appeared before the new watch was set is reported now, as a hint
         present = frozenset(n for n in os.listdir(self.models_dir)
-                            if not is_temp_name(n) and n not in (_LOCK_NAME, SCRUB_STAMP_NAME))
+                            if not is_temp_name(n) and n not in OWN_NAMES)
         log.info("models_dir_watched_again", models=str(self.models_dir), entries=len(present))
         self._queue(WakeReason(models=present, rescan=True))
 

@@ -23,13 +23,14 @@ import pytest
 from hubfixtures import (LABELS, MODEL_PATH, REPO, ProgressLog, dead_endpoint,
                          fetch_request, hub, model_dir, publish, records_of)  # noqa: F401
 from modeld import errors
+from modeld.atomic import remove_leftovers
 from modeld.errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                            HubUnavailableError, IntegrityError, StoreError)
 from modeld.jobs import JobCancelledError, JobRunner, JobSpec
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
 from modeld.workers import fetch as fetch_module
 from modeld.work import FetchRequest, FetchResult
-from modeld.workers.fetch import clean_leftovers, fetch_model
+from modeld.workers.fetch import fetch_model
 
 MODEL = tiny_cnn()
 
@@ -436,7 +437,7 @@ def test_cut_on_every_request_leaves_the_old_files_serving(pulled):
     # one attempt = the GET and huggingface_hub's own 5 resumes
     assert hub.log.count("GET", "*model.onnx") == 6
     assert snapshot(model_dir) == before
-    assert leftovers(model_dir) == [] and clean_leftovers(model_dir) == []
+    assert leftovers(model_dir) == [] and remove_leftovers(model_dir) == []
 
 
 def test_announced_size_beyond_free_space_is_disk_full_before_any_get(pulled):
@@ -482,17 +483,17 @@ def test_disk_full_while_downloading_keeps_the_old_files(pulled):
     assert hub.log.count("GET", "*model.onnx") == 1        # not retried: space will not come back
 
 
-def test_clean_leftovers_removes_temp_files_scratch_folders_and_incomplete_blobs(tmp_path):
+def test_remove_leftovers_removes_temp_files_scratch_folders_and_incomplete_blobs(tmp_path):
     folder = tmp_path / "det"
     (folder / ".modeld-work-abc" / "models--a--b" / "blobs").mkdir(parents=True)
     (folder / ".modeld-work-abc" / "models--a--b" / "blobs" / "x.1234.incomplete").write_bytes(b"1")
     (folder / ".modeld-tmp-123-model.onnx").write_bytes(b"partial")
     (folder / "orphan.incomplete").write_bytes(b"x")
     (folder / "model.onnx").write_bytes(b"keep")
-    removed = clean_leftovers(folder)
+    removed = remove_leftovers(folder)
     assert removed == [".modeld-tmp-123-model.onnx", ".modeld-work-abc", "orphan.incomplete"]
     assert os.listdir(folder) == ["model.onnx"]
-    assert clean_leftovers(tmp_path / "missing") == []
+    assert remove_leftovers(tmp_path / "missing") == []
 
 
 # ---- through the job runner, in a spawn process ------------------------------------------------
@@ -519,7 +520,7 @@ def test_worker_killed_mid_download_then_a_clean_pull(pulled):
         runner.run(spec, request, on_start=kill_when_downloading)
     assert snapshot(model_dir) == before                       # the old files keep serving
     assert leftovers(model_dir)                                 # the killed worker's scratch
-    assert clean_leftovers(model_dir) and leftovers(model_dir) == []
+    assert remove_leftovers(model_dir) and leftovers(model_dir) == []
 
     hub.faults.clear()
     progress: list[tuple] = []

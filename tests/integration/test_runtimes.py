@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from conftest import entry_toml
 from daemonfixtures import DaemonProcess, variant_is, wait_event
 
-from modeld.catalog import CatalogKeeper
+from modeld.catalog_file import CatalogKeeper
 from modeld.errors import RuntimeUnavailableError
 from modeld.reconciler import Reconciler
 from modeld.runtimes import parse_runtimes, probe

@@ -104,7 +104,8 @@ def test_publish_change_sends_higher_generation_only_on_change(server, sock_path
     first = client.read()
     # Quantization disabled: the reconciler stops offering int8.
     server.publish([view("yolo", files["fp32"],
-                         detail={"why_not": {"int8": "quantization disabled"}}),
+                         detail={"quantize": {"enabled": False,
+                                                 "method": "dynamic_int8"}}),
                     view("head", files["mlp"])])
     second = client.read()
     assert second["variant"] == "fp32" and second["generation"] > first["generation"]

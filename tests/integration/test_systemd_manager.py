@@ -31,9 +31,11 @@ NOTIFY_SERVICE = textwrap.dedent('''
     work = Path(sys.argv[1])
     pid = str(os.getpid())
 
-    def healthy() -> bool:   # the test writes our PID into this file to make us hang
+    async def feed_until_told(feeder) -> None:   # the test writes our PID here to make us hang
         flag = work / "stop-pinging"
-        return not (flag.exists() and flag.read_text() == pid)
+        while not (flag.exists() and flag.read_text() == pid):
+            await asyncio.sleep(0.05)
+        feeder.cancel()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -46,7 +48,8 @@ NOTIFY_SERVICE = textwrap.dedent('''
         await asyncio.sleep(0.5)              # start must not return before READY=1
         (work / f"ready-{pid}").write_text("")
         systemd.ready("serving generation 0")
-        feeder = asyncio.ensure_future(systemd.keep_watchdog_fed(healthy))
+        feeder = asyncio.ensure_future(systemd.keep_watchdog_fed())
+        hang = asyncio.ensure_future(feed_until_told(feeder))
         while not term.is_set():
             waiter = asyncio.ensure_future(hup.wait())
             stopper = asyncio.ensure_future(term.wait())
@@ -59,7 +62,7 @@ NOTIFY_SERVICE = textwrap.dedent('''
                 await asyncio.sleep(0.2)
                 systemd.ready(f"reloaded: {catalog}")
         systemd.stopping("stopping: bye")
-        feeder.cancel()
+        feeder.cancel(); hang.cancel()
         (work / f"stopped-{pid}").write_text("")
 
     asyncio.run(main())

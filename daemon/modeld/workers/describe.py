@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import first_line as _first_line
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -74,9 +76,3 @@ def _tensor_info(value) -> TensorInfo:
                  else (d.dim_param if d.HasField("dim_param") else None)
                  for d in tensor.shape.dim)
     return TensorInfo(value.name, dims, dtype)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line[:300]

@@ -38,21 +38,20 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from ..atomic import (WORK_PREFIX, publish_file, read_regular, real_folder, remove_leftovers,
+from ..atomic import (WORK_PREFIX, publish_file, read_regular, real_folder, sha256_file,
                       temp_path_for, write_atomic)
 from ..errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                       HubUnavailableError, IntegrityError, ModeldError, StoreError)
+from ..errors import first_line as _one_line
+from ..layout import CONFIG_FILE, LABELS_FILE
+from ..layout import FP32_FILE as MODEL_FILE
 from ..manifest import FileRecord, Provenance
 from ..progress import bytes_detail
-from ..store import sha256_file
 from ..work import FetchRequest, FetchResult, ProgressFn
 from .describe import NotAnOnnxModel, describe_model
 
 log = structlog.get_logger(__name__)
 
-MODEL_FILE = "model.onnx"
-LABELS_FILE = "labels.txt"
-CONFIG_FILE = "config.json"
 #: the longest single wait between two attempts, whatever the attempt number
 BACKOFF_CAP_S = 30.0
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -172,16 +171,6 @@ def fetch_model(request: FetchRequest, progress: ProgressFn) -> FetchResult:
     progress(1.0, "up to date" if not changed else f"published {request.repo}@{commit[:7]}")
     return FetchResult(files=ordered, commit=commit, downloaded_bytes=downloaded_bytes,
                        changed=changed)
-
-
-def clean_leftovers(model_dir: str | os.PathLike[str]) -> list[str]:
-    """Remove what an interrupted pull left in ``model_dir`` (temp files, scratch folders,
-    ``*.incomplete`` blobs); returns their names. Call it only when no job uses the folder."""
-    folder = Path(model_dir)
-    removed = remove_leftovers(folder)
-    if removed:
-        log.info("leftovers_removed", model_dir=str(folder), names=removed)
-    return removed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -595,8 +584,3 @@ def _read_config(path: Path) -> tuple[bytes | None, dict[str, Any]]:
 def _count_labels(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]

@@ -8,7 +8,6 @@ symbolic shape inference drop temp files in the working directory), removed in e
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -26,7 +25,9 @@ import structlog
 
 from ..work import ProgressFn, QuantizeRequest, QuantizeResult
 from ..atomic import WORK_PREFIX, publish_file, real_folder, temp_path_for
+from ..atomic import sha256_file as _sha256_of
 from ..errors import QuantizeError, StoreError
+from ..errors import first_line as _one_line
 from ..manifest import FileRecord
 from ..variants import FP32, VARIANT_FILES, Derivation, Proof
 from . import verify
@@ -616,19 +617,6 @@ def _publish(built: Path, final: Path, derivation: Derivation | None) -> FileRec
     st = final.stat()
     return FileRecord(name=final.name, sha256=_sha256_of(final), size=st.st_size,
                       mtime_ns=st.st_mtime_ns, inode=st.st_ino, derivation=derivation)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0].strip() if text else type(error).__name__)[:300]
 
 
 @contextmanager

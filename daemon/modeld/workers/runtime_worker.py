@@ -40,7 +40,7 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0] or ".") =
     sys.path.pop(0)
 
 PROTOCOL = 1
-CPU = "CPUExecutionProvider"
+CPU = "CPUExecutionProvider"   # modeld.protocol.CPU_PROVIDER: modeld is not importable here
 #: interleaved timing (verify.py uses the same function, in the daemon's own onnxruntime)
 WARMUP_RUNS = 2
 MAX_ROUNDS = 1000

@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 import structlog
 
+from ..protocol import CPU_PROVIDER as CPU
 from . import verify
 from .recipes import GraphSummary
 
 log = structlog.get_logger(__name__)
 
-CPU = "CPUExecutionProvider"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 #: convolutions that together hold this share of the conv work count as "heavy"
 HEAVY_CONV_SHARE = 0.8

@@ -21,8 +21,9 @@ import onnx
 import onnxruntime as ort
 import structlog
 
-from ..errors import RuntimeUnavailableError, StoreError
-from ..store import sha256_file
+from ..atomic import sha256_file
+from ..errors import RuntimeUnavailableError, StoreError, first_line
+from ..protocol import CPU_PROVIDER as CPU
 from ..variants import CALIBRATION, SYNTHETIC, Check, Gates, Proof, ProviderProof
 from ..work import ProgressFn, ProofBasis, ProveRequest
 from . import runtime_worker, tasks
@@ -32,7 +33,6 @@ from .runtimes import RuntimeProcess
 
 log = structlog.get_logger(__name__)
 
-CPU = "CPUExecutionProvider"
 #: protobuf cannot hold more than 2 GiB; anything larger is not a model we should parse
 MAX_PROTOBUF_BYTES = 2**31 - 1
 #: interleaved timing: wall-clock budget per provider, and the least/most rounds of each file
@@ -616,6 +616,4 @@ def _sha256_of(path: Path) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0].strip() if text else type(error).__name__
-    return line[:REASON_CHARS]
+    return first_line(error, REASON_CHARS)
