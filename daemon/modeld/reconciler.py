@@ -27,9 +27,10 @@ from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavail
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
-from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
-                       Planner, Pull, Quarantine, RestoreMode, config_derivation,
+from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Adopt, Derive, PlanContext,
+                       Prove, Planner, Pull, Quarantine, RestoreMode, Share, config_derivation,
                        derived_proof_key, providers_for, variant_of)
+from . import share
 from .serving import ModelView
 from .settings import Settings
 from .store import Inventory, Store, sha256_file, stat_key
@@ -41,9 +42,10 @@ log = structlog.get_logger(__name__)
 FETCH = "modeld.workers.fetch"
 QUANTIZE = "modeld.workers.quantize"
 VERIFY = "modeld.workers.verify"
+SHARE = "modeld.workers.share"
 
 _VERBS = {Pull: "pulling", Derive: "quantizing", Prove: "proving", RestoreMode: "repairing",
-          Quarantine: "repairing"}
+          Quarantine: "repairing", Adopt: "adopting", Share: "sharing"}
 #: how many files' re-check times are remembered (the oldest are forgotten first)
 _RECHECK_MEMORY = 4096
 
@@ -508,8 +510,8 @@ class Reconciler:
                 self._activity.pop(name, None)
                 forgotten.add(name)
             manifest = self.store.read_manifest(name)
-            if manifest.failures or manifest.rejections:
-                self._write(name, lambda m: replace(m, failures={}, rejections={}))
+            if manifest.failures or manifest.rejections or manifest.shares:
+                self._write(name, lambda m: replace(m, failures={}, rejections={}, shares={}))
                 forgotten.add(name)
         if forgotten:
             log.info("failures_forgotten", models=sorted(forgotten))
@@ -595,6 +597,8 @@ class Reconciler:
                            attempts=s.pull_attempts)
             return JobSpec(f"{FETCH}:fetch_model", s.pull_timeout_s, s.worker_memory_mb,
                            f"{FETCH}:FetchRequest"), request
+        if isinstance(action, (Adopt, Share)):
+            return self._share_job(action, folder)
         providers = providers_for(entry, self.context())
         if isinstance(action, Derive):
             spec = entry.quantize
@@ -629,6 +633,8 @@ class Reconciler:
             self._apply_derive(action, result, seconds)
         elif isinstance(action, Prove):
             self._apply_prove(action, result, seconds)
+        elif isinstance(action, (Adopt, Share)):
+            self._apply_share(action, result, seconds)
         else:
             log.info("file_repaired", model=name, file=action.file_name, how="read permission restored")
 
@@ -688,6 +694,48 @@ class Reconciler:
         log.info("proven", model=action.name, file=action.file_name,
                  passed=[p.provider for p in proof.providers if p.passed], refused=refused,
                  checker_ok=proof.checker_ok, seconds=round(seconds, 2))
+
+    # -- the share (modeld.share; the work is in modeld.workers.share) -------------------------
+    def _share_job(self, action: Adopt | Share, folder: str) -> tuple[JobSpec, dict[str, Any]]:
+        s = self.settings
+        spec = action.entry.quantize
+        assert spec is not None and spec.share
+        hub = dict(endpoint=s.hub_endpoint, token=_hf_token())
+        if isinstance(action, Adopt):
+            request = dict(name=action.name, model_dir=folder, share=spec.share,
+                           derivation=action.derivation, offline=s.hub_offline,
+                           file_name=share.file_for(action.derivation), **hub)
+            return JobSpec(f"{SHARE}:adopt", s.pull_timeout_s, s.worker_memory_mb,
+                           f"{SHARE}:AdoptRequest"), request
+        manifest = self.store.read_manifest(action.name)
+        request = dict(name=action.name, model_dir=folder, share=spec.share,
+                       record=manifest.files[action.file_name],
+                       proof=manifest.proofs[action.file_name], **hub)
+        return JobSpec(f"{SHARE}:upload", s.pull_timeout_s, s.worker_memory_mb,
+                       f"{SHARE}:UploadRequest"), request
+
+    def _apply_share(self, action: Adopt | Share, result: Mapping[str, Any], seconds: float) -> None:
+        outcome = {k: v for k, v in result.items() if k != "record"}
+        if isinstance(action, Adopt):
+            key = share.adopt_key(action.derivation)
+            record = result["record"]
+        else:
+            key, record = share.upload_key(action.sha256), None
+
+        def change(m: Manifest) -> Manifest:
+            m = m.with_share(key, outcome)
+            if record is not None:
+                m = m.with_file(replace(record, derivation=action.derivation))
+            return m
+
+        self.store.update_manifest(action.name, change)
+        fields = dict(model=action.name, share=action.entry.quantize.share,
+                      outcome=result["outcome"], detail=result["detail"],
+                      commit=result.get("commit") or None, seconds=round(seconds, 2))
+        if result["outcome"] in (share.DENIED, share.FAILED, share.REFUSED):
+            log.warning("not_shared" if isinstance(action, Share) else "share_refused", **fields)
+        else:
+            log.info("share_adopted" if isinstance(action, Adopt) else "share_uploaded", **fields)
 
     def _judge_recheck(self, action: Prove, proof: Any) -> None:
         """A node rejected the file and the worker hashed and proved it again: bytes that are
