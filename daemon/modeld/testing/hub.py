@@ -464,6 +464,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         range_header = self.headers.get("Range")
         fault = hub.faults.take(method, path)
+        if fault is not None and method in ("POST", "PUT"):
+            self.close_connection = True   # its body is never read: the connection is done
 
         def record(status: int) -> None:
             hub.log.append(RequestRecord(method, path, status, range_header,
@@ -592,6 +594,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                     commit: str | None = None, body: Mapping[str, object] | None = None) -> None:
         body = json.dumps({"error": message, **(body or {})}).encode()
         self.send_response(status)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         if code:
             self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message)
@@ -857,6 +861,7 @@ class _WriteAPI:
         doc = self._json()
         commit = self.store.resolve(repo_id, revision)
         current = self.store.files(repo_id, commit) if commit else {}
+        lfs_globs = self._lfs_globs(repo_id, commit)
         answer = []
         for f in doc.get("files") or ():
             if not isinstance(f, dict) or not isinstance(f.get("path"), str):
@@ -866,11 +871,20 @@ class _WriteAPI:
             except ValueError:
                 raise _Refused(400, f"preupload: {f['path']}: sample is not base64") from None
             size = int(f.get("size") or 0)
-            lfs = b"\0" in sample or size >= self.hub.lfs_threshold_bytes
+            lfs = (b"\0" in sample or size >= self.hub.lfs_threshold_bytes
+                   or any(fnmatch.fnmatchcase(f["path"].rsplit("/", 1)[-1], g) for g in lfs_globs))
             answer.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
                            "shouldIgnore": False,
                            "oid": current.get(f["path"]) if lfs else None})
         return 200, {"files": answer, "commitOid": commit}, "application/json"
+
+    def _lfs_globs(self, repo_id: str, commit: str | None) -> list[str]:
+        """The patterns the repo's .gitattributes sends to LFS (``*.onnx filter=lfs ...``)."""
+        info = self.store.blob(repo_id, commit, ".gitattributes") if commit else None
+        if info is None:
+            return []
+        return [line.split()[0] for line in info.blob.read_text(errors="replace").splitlines()
+                if "filter=lfs" in line.split()[1:]]
 
     def _lfs_batch(self, repo_id: str) -> tuple[int, object, str]:
         self._writer(repo_id)
