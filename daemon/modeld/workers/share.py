@@ -125,8 +125,6 @@ def adopt(request: AdoptRequest, progress: ProgressFn) -> AdoptResult:
                                      f"{shared.sha256[:12]}")
         except (IntegrityError, ValueError) as e:
             detail = f"shared variant at {request.share}@{head.commit[:7]} refused: {_text(e)}"
-            log.warning("share_refused", entry=request.name, share=request.share,
-                        commit=head.commit, reason=_text(e))
             return AdoptResult(REFUSED, detail, commit=head.commit)
         except HubError as e:
             return AdoptResult(NONE, f"{where} not downloaded: {e.message}", commit=head.commit)
