@@ -1,8 +1,11 @@
 """A small Hugging Face Hub server on 127.0.0.1 for tests, the demo and the benchmarks.
 
 ``HubStore`` keeps repos as immutable commits in a folder; ``LocalHub`` serves them with the
-``/resolve`` endpoints huggingface_hub's ``hf_hub_download`` uses, and injects faults on request
-(``hub.faults.add("cut", "*model.onnx", times=2)``) so retry paths are tested for real.
+``/resolve`` endpoints huggingface_hub's ``hf_hub_download`` uses, takes uploads the way
+``HfApi.create_repo`` and ``create_commit`` send them (preupload, LFS batch/upload/verify, the
+NDJSON commit: all or nothing, 412 on a stale parent, writes only with a token in
+``write_tokens``), and injects faults on request (``hub.faults.add("cut", "*model.onnx",
+times=2)``) so retry paths are tested for real.
 Run it standalone with ``python -m modeld.testing.hub --root DIR --port N``.
 """
 
@@ -1162,10 +1165,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="commit <owner>/<name>/ folders of plain files from here first")
     parser.add_argument("--cdn-redirects", action="store_true",
                         help="answer /resolve with 302 to a CDN stand-in, as the Hub does for LFS")
+    parser.add_argument("--write-token", action="append", default=[], metavar="TOKEN",
+                        help="a token that may create repos and commit (repeatable)")
     parser.add_argument("--fault", action="append", default=[], metavar="KIND[:GLOB[:TIMES]]",
                         help=f"inject a fault (repeatable); kinds: {', '.join(FAULT_KINDS)}")
     args = parser.parse_args(argv)
-    hub = LocalHub(args.root, host=args.host, port=args.port, cdn_redirects=args.cdn_redirects)
+    hub = LocalHub(args.root, host=args.host, port=args.port, cdn_redirects=args.cdn_redirects,
+                   write_tokens=args.write_token)
     for spec in args.fault:
         kind, _, rest = spec.partition(":")
         glob, _, times = rest.partition(":")
