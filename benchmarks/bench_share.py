@@ -32,12 +32,12 @@ TOKEN = "hf_bench_writer"
 SHARE = "fleet/variants"
 
 
-def entry(model: realdata.RealModel, calibration: Path, method: str) -> str:
+def entry(model: realdata.RealModel, calibration: Path, method: str, extra: str = "") -> str:
     size = f"input_size = {model.input_size}\n" if model.input_size else ""
     return (f'[[models]]\nname = "m"\nrepo = "acme/real"\nfilename = "model.onnx"\n'
             f'task = "{model.task}"\npreprocessing_preset = "{model.preset}"\n{size}\n'
             f'[models.quantize]\nmethod = "{method}"\ncalibration = "{calibration}"\n'
-            f'share = "{SHARE}"\n')
+            f'share = "{SHARE}"\n{extra}\n')
 
 
 def save_to_int8(robot: DaemonProcess, ws: Workspace, catalog: str, timeout_s: float) -> tuple[float, dict]:
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="yolov8n-nudenet", choices=sorted(realdata.MODELS))
     parser.add_argument("--method", default="auto")
     parser.add_argument("--timeout-s", type=float, default=900)
+    parser.add_argument("--gates", default="", help='more [models.quantize] lines, e.g. '
+                        '"allow_slower = true" (both robots get the same entry)')
     parser.add_argument("--quick", action="store_true", help="the orientation classifier")
     args = parser.parse_args(argv)
     results = Results()
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 ws = Workspace(root=folder, hub=hub, endpoint=hub.endpoint)
                 ws.write_catalog("")
                 robots.append((ws, DaemonProcess(ws, env=env).start()))
-            catalog = entry(model, calibration, args.method)
+            catalog = entry(model, calibration, args.method, args.gates.replace(";", "\n"))
             (ws_a, a), (ws_b, b) = robots
             built_s, built = save_to_int8(a, ws_a, catalog, args.timeout_s)
             deadline = time.monotonic() + 120
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             local_proof = any(p["passed"] for p in proof["providers"])
             quantized_b = jobs(b, "quantizing")
             ratio = second_s / built_s
-            note = (f"{name}, method {args.method}: builder {built_s:.1f} s (pull, FP32 proof, "
+            note = (f"{name}, method {args.method} {args.gates}: builder {built_s:.1f} s (pull, FP32 proof, "
                     f"quantize + proof, served), second robot {second_s:.1f} s (pull, FP32 "
                     f"proof, download from the share, its own proof); sha256 "
                     f"{second['sha256'][:12]} on both; second robot ran {quantized_b} quantize "

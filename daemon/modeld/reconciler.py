@@ -734,8 +734,10 @@ class Reconciler:
                       commit=result.get("commit") or None, seconds=round(seconds, 2))
         if result["outcome"] in (share.DENIED, share.FAILED, share.REFUSED):
             log.warning("not_shared" if isinstance(action, Share) else "share_refused", **fields)
+        elif isinstance(action, Adopt):
+            log.info("share_adopted" if record is not None else "share_missed", **fields)
         else:
-            log.info("share_adopted" if isinstance(action, Adopt) else "share_uploaded", **fields)
+            log.info("share_uploaded", **fields)
 
     def _judge_recheck(self, action: Prove, proof: Any) -> None:
         """A node rejected the file and the worker hashed and proved it again: bytes that are
