@@ -8,12 +8,14 @@ import pytest
 
 from modeld.catalog import Catalog, parse_catalog
 from modeld.manifest import FileRecord, Manifest, Provenance
-from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Derive, PlanContext, Prove, Pull,
-                             Planner, Quarantine, RestoreMode, config_derivation, derived_proof_key,
+from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Adopt, Derive, PlanContext, Prove,
+                             Pull, Planner, Quarantine, RestoreMode, Share, config_derivation,
+                             derived_proof_key,
                              desired_derivation,
                              plan, plan_model, proof_key)
 from modeld.inventory import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
-from modeld.variants import FP32, INT8, Gates, Proof, ProviderProof
+from modeld.share import ADOPTED, DENIED, NONE, adopt_key, upload_key
+from modeld.variants import FP32, INT8, Derivation, Gates, Proof, ProviderProof
 
 CTX = PlanContext(providers=("CPUExecutionProvider",), onnx_version="1.0", onnxruntime_version="1.2")
 COMMIT = "a" * 40
@@ -323,3 +325,63 @@ def test_a_fake_option_in_the_one_table_reaches_catalog_derivation_and_worker(mo
                           settings=Settings(), context=CTX)
     assert request.params["fake_knob"] == 7 and request.derivation is derivation
     assert recipe_for(request.method, request.params).options["fake_knob"] == 7
+
+
+# -- the share (issue 15): adopt before building, share after proving --------------------
+
+SHARED = QUANT + '\nshare = "fleet/variants"'
+ES = entry(SHARED)
+SHARE_PROV = Provenance("fleet/variants", "variants/x/y/model-int8.onnx", None, "c" * 40, '"e"')
+
+
+def adopted(m: Manifest, *, passed: bool) -> Manifest:
+    m = with_int8(ES, m, proven=False)
+    r = replace(m.files["model-int8.onnx"], provenance=SHARE_PROV)
+    m = m.with_file(r)
+    key = derived_proof_key(ES, r, m.files[FP32_FILE], CTX)
+    return m.with_proof(r.name, proof_for(r, key, passed=passed))
+
+
+def derivation_of(m: Manifest) -> Derivation:
+    return with_int8(ES, m).files["model-int8.onnx"].derivation
+
+
+@pytest.mark.parametrize("case", [
+    ("no variant: look in the share first", lambda m: m, Adopt, "fleet/variants"),
+    ("none in the share: build", lambda m: m.with_share(adopt_key(derivation_of(m)),
+                                                        {"outcome": NONE}), Derive, "no dynamic"),
+    ("adopted: prove it here", lambda m: with_int8(ES, m, proven=False).with_file(replace(
+        with_int8(ES, m).files["model-int8.onnx"], provenance=SHARE_PROV)), Prove, "not proven"),
+    ("adopted and proven here: serve it", lambda m: adopted(m, passed=True), None, ""),
+    ("adopted, damaged here: fetch it again", "damaged", lambda m: adopted(m, passed=True)
+     .with_share(adopt_key(derivation_of(m)), {"outcome": ADOPTED}), Adopt, "model-int8.onnx"),
+    ("adopted, damaged, share gone: build", "damaged", lambda m: adopted(m, passed=True)
+     .with_share(adopt_key(derivation_of(m)), {"outcome": NONE}), Derive, "model-int8.onnx"),
+    ("adopted, fails here: build our own", lambda m: adopted(m, passed=False), Derive,
+     "did not prove on this host"),
+    ("built and proven: share it", lambda m: with_int8(ES, m), Share, "fleet/variants"),
+    ("already shared (or denied): nothing", lambda m: with_int8(ES, m).with_share(
+        upload_key("8" * 64), {"outcome": DENIED}), None, ""),
+    ("built but refused here: not shared", lambda m: with_int8(ES, m, proven=False).with_proof(
+        "model-int8.onnx", proof_for(rec("model-int8.onnx", "8" * 64), derived_proof_key(
+            ES, with_int8(ES, m).files["model-int8.onnx"], m.files[FP32_FILE], CTX),
+            passed=False)), None, ""),
+], ids=lambda c: c[0] if isinstance(c, tuple) else "")
+def test_share_planning(case):
+    if len(case) == 5:    # a variant damaged on disk
+        _, _, change, expected, reason = case
+        action = plan_model(ES, state(change(pulled(ES)), model_int8_onnx=DAMAGED), CTX)
+    else:
+        _, change, expected, reason = case
+        action = plan_model(ES, state(change(pulled(ES))), CTX)
+    if expected is None:
+        assert action is None
+    else:
+        assert isinstance(action, expected), action
+        assert reason in action.reason
+
+
+def test_without_a_share_nothing_is_adopted_or_shared():
+    e = entry(QUANT)
+    assert isinstance(plan_model(e, state(pulled(e)), CTX), Derive)
+    assert plan_model(e, state(with_int8(e, pulled(e))), CTX) is None

@@ -81,6 +81,8 @@ class QuantizeSpec:
     params: Mapping[str, Any]        # method options, defaults filled, sorted by key; JSON-able
     calibration: str | None          # absolute path (resolved against the catalog's folder) or None
     gates: Gates
+    #: "owner/repo" where proven variants are looked up and shared (``modeld.share``), or None
+    share: str | None = None
 
 
 @dataclass(frozen=True)
@@ -509,7 +511,7 @@ def _parse_quantize(raw: Any, where: _Where, base_dir: str) -> QuantizeSpec:
             raise where.invalid("quantize.method", bad) from None
     definition = METHODS[method]
     options = definition.options
-    known = ["enabled", "method", *GATE_KEYS, *options]
+    known = ["enabled", "method", *GATE_KEYS, *options, "share"]
     if definition.calibration is not None:
         known.append("calibration")
     for key in raw:
@@ -534,8 +536,14 @@ def _parse_quantize(raw: Any, where: _Where, base_dir: str) -> QuantizeSpec:
     elif definition.calibration == "required":
         raise where.error("quantize.calibration", "missing required field",
                           hint=f"method {method!r} needs a folder of sample inputs (images or .npy)")
+    share = None
+    if "share" in raw:
+        try:
+            share = _repo(raw["share"])
+        except _Invalid as bad:
+            raise where.invalid("quantize.share", bad) from None
     return QuantizeSpec(enabled=enabled, method=method, params=params, calibration=calibration,
-                        gates=_parse_gates(raw, where))
+                        gates=_parse_gates(raw, where), share=share)
 
 
 def _parse_gates(raw: Mapping[str, Any], where: _Where) -> Gates:

@@ -9,18 +9,21 @@ other.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Callable, Mapping
 
+from . import share
+
 from .manifest import FileRecord, Manifest
-from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
-                       Pull, config_derivation, proof_basis, providers_for)
+from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Adopt, Derive, PlanContext,
+                       Prove, Pull, Share, config_derivation, proof_basis, providers_for)
 from .settings import Settings
 from .variants import Proof
-from .work import FetchRequest, FetchResult, ProveRequest, QuantizeRequest, QuantizeResult
+from .work import (AdoptRequest, AdoptResult, FetchRequest, FetchResult, ProveRequest,
+                   QuantizeRequest, QuantizeResult, UploadRequest, UploadResult)
 
 Change = Callable[[Manifest], Manifest]
-Request = FetchRequest | QuantizeRequest | ProveRequest
+Request = FetchRequest | QuantizeRequest | ProveRequest | AdoptRequest | UploadRequest
 
 
 def runtimes_for(settings: Settings, providers: tuple[str, ...]) -> dict[str, str]:
@@ -28,12 +31,27 @@ def runtimes_for(settings: Settings, providers: tuple[str, ...]) -> dict[str, st
     return {p: py for p, py in settings.runtimes.items() if p in providers}
 
 
-def request_for(action: Pull | Derive | Prove, *, model_dir: str, settings: Settings,
-                context: PlanContext, known: Mapping[str, FileRecord] | None = None,
-                token: str | None = None) -> Request:
+def request_for(action: Pull | Derive | Prove | Adopt | Share, *, model_dir: str,
+                settings: Settings, context: PlanContext,
+                known: Mapping[str, FileRecord] | None = None, token: str | None = None,
+                manifest: Manifest | None = None) -> Request:
     """The request that carries out ``action``. ``known``: the intact records of the model's
-    files (a pull trusts their stat); ``token``: the Hub token (HF_TOKEN)."""
+    files (a pull trusts their stat); ``token``: the Hub token (HF_TOKEN); ``manifest``: the
+    model's manifest (a ``Share`` uploads the record and proof it holds)."""
     entry = action.entry
+    if isinstance(action, Adopt):
+        assert entry.quantize is not None and entry.quantize.share
+        return AdoptRequest(name=action.name, model_dir=model_dir, share=entry.quantize.share,
+                            derivation=action.derivation,
+                            file_name=share.file_for(action.derivation),
+                            endpoint=settings.hub_endpoint, token=token,
+                            offline=settings.hub_offline)
+    if isinstance(action, Share):
+        assert entry.quantize is not None and entry.quantize.share and manifest is not None
+        return UploadRequest(name=action.name, model_dir=model_dir, share=entry.quantize.share,
+                             record=manifest.files[action.file_name],
+                             proof=manifest.proofs[action.file_name],
+                             endpoint=settings.hub_endpoint, token=token)
     if isinstance(action, Pull):
         return FetchRequest(name=action.name, model_dir=model_dir, repo=entry.repo,
                             filename=entry.filename, revision=entry.revision,
@@ -68,7 +86,9 @@ def request_for(action: Pull | Derive | Prove, *, model_dir: str, settings: Sett
                         basis=proof_basis(context))
 
 
-def apply(action: Action, result: FetchResult | QuantizeResult | Proof | None) -> Change:
+def apply(action: Action,
+          result: FetchResult | QuantizeResult | Proof | AdoptResult | UploadResult | None
+          ) -> Change:
     """The manifest change a finished job makes (the identity for repairs, which change files,
     not records)."""
     if isinstance(action, Pull):
@@ -80,7 +100,26 @@ def apply(action: Action, result: FetchResult | QuantizeResult | Proof | None) -
     if isinstance(action, Prove):
         assert isinstance(result, Proof)
         return _proven(action, result)
+    if isinstance(action, (Adopt, Share)):
+        assert isinstance(result, (AdoptResult, UploadResult))
+        return _shared(action, result)
     return lambda m: m
+
+
+def _shared(action: Adopt | Share, result: AdoptResult | UploadResult) -> Change:
+    """The share's outcome is remembered (so nothing is asked twice until a reload or sync);
+    an adopted file is published like a pulled one, with the daemon's derivation."""
+    outcome = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "record"}
+    if isinstance(action, Adopt):
+        key = share.adopt_key(action.derivation)
+        record = result.record if isinstance(result, AdoptResult) else None
+    else:
+        key, record = share.upload_key(action.sha256), None
+
+    def change(m: Manifest) -> Manifest:
+        m = m.with_share(key, outcome)
+        return m.with_file(record) if record is not None else m
+    return change
 
 
 def _pulled(action: Pull, result: FetchResult) -> Change:

@@ -93,6 +93,9 @@ class Manifest:
     #: is not offered that copy again; kept while the file is, and dropped when the file is
     #: published again (a new inode: ``revision``)
     rejections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: "adopt:<derivation key>" / "upload:<sha256>" -> what the last look-up in or upload to the
+    #: entry's share did (``modeld.share``): an attempt made is not made again until a reload
+    shares: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def with_file(self, record: FileRecord) -> "Manifest":
         proofs = {k: v for k, v in self.proofs.items()
@@ -123,6 +126,13 @@ class Manifest:
             failures[key] = message
         return replace(self, failures=failures)
 
+    def with_share(self, key: str, outcome: Mapping[str, Any] | None) -> "Manifest":
+        """Record (None: forget) the outcome of a share look-up or upload."""
+        shares = {k: v for k, v in self.shares.items() if k != key}
+        if outcome is not None:
+            shares[key] = dict(outcome)
+        return replace(self, shares=shares)
+
     def with_rejections(self, rejections: Mapping[str, Mapping[str, Any]]) -> "Manifest":
         """Replace the rejections; only the newest ``MAX_REJECTIONS`` are kept."""
         kept = sorted(rejections.items(), key=lambda kv: kv[1].get("at_unix_s") or 0)
@@ -134,6 +144,8 @@ class Manifest:
                "proofs": {k: v.to_dict() for k, v in sorted(self.proofs.items())},
                "failures": dict(sorted(self.failures.items())),
                "rejections": {k: dict(v) for k, v in sorted(self.rejections.items())}}
+        if self.shares:   # absent without a share: manifests of other entries stay as they were
+            doc["shares"] = {k: dict(v) for k, v in sorted(self.shares.items())}
         return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
 
     @classmethod
@@ -160,10 +172,12 @@ class Manifest:
                         for k, v in _section(doc, "failures").items()}
             rejections = {k: _rejection(v, f"rejections.{k}")
                           for k, v in _section(doc, "rejections").items()}
+            shares = {k: _conform(v, Mapping[str, Any], f"shares.{k}")
+                      for k, v in _section(doc, "shares").items()}
         except RecursionError:
             raise ManifestError(f"{MANIFEST_NAME} is nested too deeply") from None
         return cls(name=name, files=files, proofs=proofs, failures=failures,
-                   rejections=rejections)
+                   rejections=rejections, shares=shares)
 
 
 # -- checking the shape of what was read ------------------------------------------------------

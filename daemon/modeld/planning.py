@@ -17,9 +17,11 @@ from .layout import CONFIG_FILE, FP32_FILE, LABELS_FILE
 from .manifest import FileRecord, Manifest
 from .methods import METHODS
 from .unchanged import MISSING, PassMemo
-from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, Derivation, Gates,
+from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, Derivation, Gates, Proof,
                        proof_key)  # noqa: F401 - proof_key: tests
+from .share import ADOPTED, adopt_key, is_adopted, upload_key
 from .work import ProofBasis
+
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 RECHECK_REASON = "a node rejected it: hashing and proving it again"
 
@@ -65,6 +67,36 @@ class Derive:
 
 
 @dataclass(frozen=True)
+class Adopt:
+    """Look in the entry's share for a variant of the same FP32 bytes and derivation, and
+    download it (digest-checked) in place of building one; a ``Prove`` follows as for any file."""
+
+    name: str
+    entry: ModelEntry
+    derivation: Derivation
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "adopt", self.derivation.key())
+
+
+@dataclass(frozen=True)
+class Share:
+    """Upload a variant built and proven here, with its record, to the entry's share."""
+
+    name: str
+    entry: ModelEntry
+    file_name: str
+    sha256: str
+    reason: str
+
+    @property
+    def identity(self) -> tuple:
+        return (self.name, "share", self.file_name, self.sha256)
+
+
+@dataclass(frozen=True)
 class Prove:
     name: str
     entry: ModelEntry
@@ -104,7 +136,7 @@ class Quarantine:
         return (self.name, "quarantine")
 
 
-Action = Union[Pull, Derive, Prove, RestoreMode, Quarantine]
+Action = Union[Pull, Derive, Prove, RestoreMode, Quarantine, Adopt, Share]
 
 
 def plan(catalog: Catalog, inventory: Inventory, context: PlanContext) -> list[Action]:
@@ -195,9 +227,14 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
         return None  # failed permanently for exactly these inputs; a change of any input retries
     record = derived_record(manifest, derivation)
     if record is None:
+        if spec.share and adopt_key(derivation) not in manifest.shares:
+            return Adopt(entry.name, entry, derivation, f"look in {spec.share} for this variant")
         return Derive(entry.name, entry, derivation, f"no {spec.method} variant for these inputs")
     if state is None or not state.intact(record.name):
         detail = state.files[record.name].detail if state and record.name in state.files else "missing"
+        if is_adopted(record) and (manifest.shares.get(adopt_key(derivation)) or {}).get(
+                "outcome") == ADOPTED:   # fetched from the share: fetch it again (once)
+            return Adopt(entry.name, entry, derivation, f"{record.name}: {detail}")
         return Derive(entry.name, entry, derivation, f"{record.name}: {detail}")
     key = derived_proof_key(entry, record, fp32, context)
     proof = manifest.proofs.get(record.name)
@@ -208,6 +245,22 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
     if (entry.name, record.name) in context.recheck:
         return Prove(entry.name, entry, record.name, variant_of(record), key, FP32_FILE,
                      spec.gates, RECHECK_REASON, recheck=True)
+    return share_work(entry, manifest, record, proof)
+
+
+def share_work(entry: ModelEntry, manifest: Manifest, record: FileRecord,
+               proof: Proof) -> Action | None:
+    """After a current proof: a shared variant that fails here is replaced by our own build; one
+    built and proven here is shared (once: the outcome is kept in the manifest)."""
+    spec = entry.quantize
+    assert spec is not None and record.derivation is not None
+    if is_adopted(record):
+        if not proof.passed_anywhere:
+            return Derive(entry.name, entry, record.derivation,
+                          "the shared variant did not prove on this host: building our own")
+        return None
+    if spec.share and proof.passed_anywhere and upload_key(record.sha256) not in manifest.shares:
+        return Share(entry.name, entry, record.name, record.sha256, f"share it in {spec.share}")
     return None
 
 

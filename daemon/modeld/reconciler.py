@@ -37,20 +37,22 @@ from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .layout import FP32_FILE
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
+from . import share
 from .rejections import Rejection, Rejections
-from .planning import (Action, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
-                       RestoreMode, variant_of)
+from .planning import (Action, Adopt, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
+                       RestoreMode, Share, variant_of)
 from .serving import ModelView
 from .settings import Settings
 from .store import Store, stat_key
 from .variants import Gates, Proof
 from .views import Activity, ViewBuilder
-from .work import FetchRequest, ProveRequest, QuantizeRequest, QuantizeResult
+from .work import (AdoptRequest, AdoptResult, FetchRequest, ProveRequest, QuantizeRequest,
+                   QuantizeResult, Request, UploadRequest, UploadResult)
 
 log = structlog.get_logger(__name__)
 
 _VERBS = {Pull: "pulling", Derive: "quantizing", Prove: "proving", RestoreMode: "repairing",
-          Quarantine: "repairing"}
+          Quarantine: "repairing", Adopt: "adopting", Share: "sharing"}
 #: how many files' re-check times are remembered (the oldest are forgotten first)
 _RECHECK_MEMORY = 4096
 
@@ -491,8 +493,8 @@ class Reconciler:
                 self._activity.pop(name, None)
                 forgotten.add(name)
             manifest = self.store.read_manifest(name)
-            if manifest.failures or manifest.rejections:
-                self._write(name, lambda m: replace(m, failures={}, rejections={}))
+            if manifest.failures or manifest.rejections or manifest.shares:
+                self._write(name, lambda m: replace(m, failures={}, rejections={}, shares={}))
                 forgotten.add(name)
         # the watchers (the server) offer these models' files to those nodes again
         forgotten.update(r.model for r in self.rejections.forget(lambda r: r.model in names))
@@ -561,8 +563,7 @@ class Reconciler:
             self._activity.pop(name, None)
 
     # -- worker requests and results ------------------------------------------------------------
-    def _request_for(self, action: Pull | Derive | Prove
-                     ) -> FetchRequest | QuantizeRequest | ProveRequest:
+    def _request_for(self, action: Pull | Derive | Prove | Adopt | Share) -> Request:
         known = None
         if isinstance(action, Pull):
             # Only intact files are "known": the fetch worker trusts a known record's stat, and
@@ -570,14 +571,17 @@ class Reconciler:
             state = self.store.scan_model(action.name)
             known = {n: r for n, r in (state.manifest.files.items() if state else ())
                      if state.intact(n)}
+        manifest = (self.store.read_manifest(action.name) if isinstance(action, Share)
+                    else None)
         return handoff.request_for(action, model_dir=str(self.store.model_dir(action.name)),
                                    settings=self.settings, context=self.context(), known=known,
-                                   token=_hf_token())
+                                   token=_hf_token(), manifest=manifest)
 
-    def _spec_for(self, request: FetchRequest | QuantizeRequest | ProveRequest) -> JobSpec:
+    def _spec_for(self, request: Request) -> JobSpec:
         s = self.settings
         timeout_s = {FetchRequest: s.pull_timeout_s, QuantizeRequest: s.quantize_timeout_s,
-                     ProveRequest: s.verify_timeout_s}[type(request)]
+                     ProveRequest: s.verify_timeout_s, AdoptRequest: s.pull_timeout_s,
+                     UploadRequest: s.pull_timeout_s}[type(request)]
         return JobSpec(request.target, timeout_s, s.worker_memory_mb)
 
     def _apply(self, action: Action, result: Any, *, seconds: float) -> None:
@@ -585,7 +589,7 @@ class Reconciler:
         name = action.name
         if isinstance(action, Prove) and action.recheck:
             self._judge_recheck(action, result)
-        if isinstance(action, (Pull, Derive, Prove)):
+        if isinstance(action, (Pull, Derive, Prove, Adopt, Share)):
             self.store.update_manifest(name, handoff.apply(action, result))
         if isinstance(action, Pull):
             self._refresh_due.discard(name)
@@ -602,6 +606,8 @@ class Reconciler:
         elif isinstance(action, RestoreMode):
             log.info("file_repaired", model=name, file=action.file_name,
                      how="read permission restored")
+        elif isinstance(action, (Adopt, Share)):
+            self._log_shared(action, result, seconds)
 
     def _log_derived(self, action: Derive, result: QuantizeResult, seconds: float) -> None:
         record, proof = result.record, result.proof
@@ -610,6 +616,19 @@ class Reconciler:
                  file=record.name, seconds=round(seconds, 2),
                  size_ratio=round(record.size / max(1, fp32_size), 3),
                  served=bool(proof and proof.passed_anywhere), warnings=list(result.warnings))
+
+    def _log_shared(self, action: Adopt | Share, result: AdoptResult | UploadResult,
+                    seconds: float) -> None:
+        fields = dict(model=action.name, share=action.entry.quantize.share,
+                      outcome=result.outcome, detail=result.detail,
+                      commit=result.commit or None, seconds=round(seconds, 2))
+        if result.outcome in (share.DENIED, share.FAILED, share.REFUSED):
+            log.warning("not_shared" if isinstance(action, Share) else "share_refused", **fields)
+        elif isinstance(action, Adopt):
+            adopted = isinstance(result, AdoptResult) and result.record is not None
+            log.info("share_adopted" if adopted else "share_missed", **fields)
+        else:
+            log.info("share_uploaded", **fields)
 
     def _judge_recheck(self, action: Prove, proof: Proof) -> None:
         """A node rejected the file and the worker hashed and proved it again: bytes that are

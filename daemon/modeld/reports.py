@@ -199,9 +199,29 @@ def format_status(doc: Mapping[str, Any]) -> str:
                              _agreement(e)))
     if len(evidence) > 1:
         lines += ["", table(evidence)]
+    provenance = [share_line(name, m["detail"]["shared"]) for name, m in models.items()
+                  if (m.get("detail") or {}).get("shared")]
+    if provenance:
+        lines += ["", *provenance]
     if doc.get("nodes") is not None:
         lines += ["", format_nodes(doc["nodes"])]
     return "\n".join(lines)
+
+
+def share_line(name: str, shared: Mapping[str, Any]) -> str:
+    """"mlp: model-int8.onnx from the share fleet/v@1a2b3c4 (built on x86_64 ...: CPU 2.91x);
+    measured here: CPU 2.75x passed"."""
+    def measured(per_provider: Iterable[tuple[str, Mapping[str, Any]]]) -> str:
+        return ", ".join(
+            f"{p.removesuffix('ExecutionProvider')} "
+            + ("-" if m.get("speedup") is None else f"{m['speedup']:.2f}x")
+            + ("" if m.get("passed") else " refused") for p, m in per_provider) or "-"
+    builder = shared.get("builder") or {}
+    built = measured((m.get("provider", "?"), m) for m in builder.get("providers") or ())
+    here = measured((shared.get("measured_here") or {}).items())
+    return (f"{name}: {shared['file']} from the share {shared['repo']}@{shared['commit'][:7]} "
+            f"(built on {builder.get('host') or 'an unnamed host'}: {built}); "
+            f"measured here: {here}")
 
 
 def format_nodes(nodes: Sequence[Mapping[str, Any]]) -> str:

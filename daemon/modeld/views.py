@@ -17,6 +17,7 @@ from .layout import FP32_FILE
 from .planning import PlanContext, derived_record, desired_derivation, source_problem, variant_of
 from .serving import ModelView, VariantView
 from .unchanged import MISSING, PassMemo
+from .share import adopt_key, is_adopted, provenance_detail
 from .variants import FP32
 
 
@@ -153,4 +154,11 @@ def _detail(entry: ModelEntry, state: ModelState | None, activity: Activity) -> 
         if fp32 is not None and fp32.provenance is not None:
             detail["source"] = {"repo": fp32.provenance.repo, "revision": fp32.provenance.revision,
                                 "commit": fp32.provenance.commit}
+        if state.manifest.shares:
+            detail["share"] = {k: dict(v) for k, v in state.manifest.shares.items()}
+        for record in state.manifest.files.values():
+            if is_adopted(record):
+                detail["shared"] = provenance_detail(
+                    record, state.manifest.shares.get(adopt_key(record.derivation)),
+                    state.manifest.proofs.get(record.name))
     return detail

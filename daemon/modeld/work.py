@@ -163,5 +163,59 @@ class BenchRequest:
     runtimes: Mapping[str, str] = field(default_factory=dict)
 
 
-Request = FetchRequest | QuantizeRequest | ProveRequest | BenchRequest
-Result = FetchResult | QuantizeResult | Proof
+# -- the share (issue 15: modeld.share; the work is in modeld.workers.share) ---------------------
+
+@dataclass(frozen=True)
+class AdoptRequest:
+    """Look in the share for the variant of ``derivation`` and download it into ``model_dir``."""
+
+    target: ClassVar[str] = "modeld.workers.share:adopt"
+
+    name: str
+    model_dir: str
+    share: str                        # "owner/repo"
+    derivation: Derivation            # the daemon's (source sha256 included): the record's too
+    file_name: str | None             # "model-int8.onnx"; None for auto (the record names it)
+    endpoint: str | None = None
+    token: str | None = None
+    offline: bool = False
+    attempts: int = 2
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AdoptResult:
+    outcome: str                      # share.ADOPTED | share.NONE | share.REFUSED
+    detail: str                       # one line for the log and status
+    record: FileRecord | None = None  # the published file, the request's derivation set
+    commit: str = ""
+    builder: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadRequest:
+    """Commit a variant built and proven here, with its record, to the share."""
+
+    target: ClassVar[str] = "modeld.workers.share:upload"
+
+    name: str
+    model_dir: str
+    share: str
+    record: FileRecord                # the variant as published here, derivation set
+    proof: Proof                      # its proof on this host (the builder's evidence)
+    endpoint: str | None = None
+    token: str | None = None
+    attempts: int = 3                 # look-and-commit rounds when another builder commits first
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    outcome: str                      # share.SHARED | ALREADY_SHARED | DENIED | FAILED
+    detail: str
+    commit: str = ""
+    path: str = ""
+
+
+Request = FetchRequest | QuantizeRequest | ProveRequest | BenchRequest | AdoptRequest | UploadRequest
+Result = FetchResult | QuantizeResult | Proof | AdoptResult | UploadResult

@@ -1,14 +1,18 @@
 """A small Hugging Face Hub server on 127.0.0.1 for tests, the demo and the benchmarks.
 
 ``HubStore`` keeps repos as immutable commits in a folder; ``LocalHub`` serves them with the
-``/resolve`` endpoints huggingface_hub's ``hf_hub_download`` uses, and injects faults on request
-(``hub.faults.add("cut", "*model.onnx", times=2)``) so retry paths are tested for real.
+``/resolve`` endpoints huggingface_hub's ``hf_hub_download`` uses, takes uploads the way
+``HfApi.create_repo`` and ``create_commit`` send them (preupload, LFS batch/upload/verify, the
+NDJSON commit: all or nothing, 412 on a stale parent, writes only with a token in
+``write_tokens``), and injects faults on request (``hub.faults.add("cut", "*model.onnx",
+times=2)``) so retry paths are tested for real.
 Run it standalone with ``python -m modeld.testing.hub --root DIR --port N``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import fnmatch
 import hashlib
 import json
@@ -43,6 +47,10 @@ _BODY_FAULTS = ("cut", "corrupt")
 
 class HubStoreError(ValueError):
     """Bad use of the store in a test (unknown repo, unsafe name)."""
+
+
+class StaleParentError(HubStoreError):
+    """A commit named a parent that is no longer its branch's head."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,16 +111,40 @@ class HubStore:
         folder = self._repo_dir(repo_id)
         if not (folder / "repo.json").exists():
             self.create_repo(repo_id)
+        for path in files:
+            _check_repo_path(path)
+        stored = {path: None if content is None else self._store_object(folder, content)
+                  for path, content in files.items()}
+        return self.commit_objects(repo_id, stored, branch=branch, message=message)
+
+    def commit_objects(self, repo_id: str, changes: Mapping[str, str | None], *,
+                       branch: str = "main", message: str = "", parent_commit: str | None = None,
+                       deleted_folders: tuple[str, ...] = ()) -> str:
+        """Commit objects already stored (path -> sha256, ``None`` deletes) on ``branch``, all or
+        nothing: the commit and the branch move are written only once every object is there,
+        and the branch moves by one atomic rename. With ``parent_commit``, raise
+        ``StaleParentError`` unless it is still the branch's head (what the Hub answers 412 to).
+        """
+        folder = self._repo_dir(repo_id)
+        for path in [*changes, *deleted_folders]:
+            _check_repo_path(path)
+        missing = [p for p, sha in changes.items()
+                   if sha is not None and self.object(repo_id, sha) is None]
+        if missing:
+            raise HubStoreError(f"no stored object for {', '.join(sorted(missing))}")
         with self._lock:
             refs = self._refs(folder)
             parent = refs["branches"].get(branch)
+            if parent_commit is not None and parent_commit != parent:
+                raise StaleParentError(f"{branch} is at {parent}, not {parent_commit}")
             tree = dict(self._commit_doc(folder, parent)["files"]) if parent else {}
-            for path, content in files.items():
-                _check_repo_path(path)
-                if content is None:
+            for prefix in deleted_folders:
+                tree = {p: v for p, v in tree.items() if not p.startswith(prefix.rstrip("/") + "/")}
+            for path, sha256 in changes.items():
+                if sha256 is None:
                     tree.pop(path, None)
                 else:
-                    tree[path] = self._store_object(folder, content)
+                    tree[path] = sha256
             doc = {"parent": parent, "branch": branch, "message": message,
                    "time_ns": time.time_ns(), "nonce": uuid.uuid4().hex, "files": tree}
             sha = hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -120,6 +152,14 @@ class HubStore:
             refs["branches"][branch] = sha
             _write_json(folder / "refs.json", refs)
         return sha
+
+    def store_object(self, repo_id: str, content: bytes | os.PathLike[str] | IO[bytes], *,
+                     length: int | None = None, expected_sha256: str | None = None) -> str:
+        """Store a content (bytes, a path, or ``length`` bytes of a stream) by its sha256, as an
+        LFS upload does: stored contents are in no commit until one names them. A content whose
+        sha256 is not ``expected_sha256`` is discarded (``HubStoreError``)."""
+        return self._store_object(self._repo_dir(repo_id), content, length=length,
+                                  expected_sha256=expected_sha256)
 
     def tag(self, repo_id: str, name: str, commit: str) -> None:
         """Point tag ``name`` at ``commit`` (moving it if it exists)."""
@@ -201,22 +241,46 @@ class HubStore:
             _write_json(folder / "refs.json", refs)
 
     @staticmethod
-    def _store_object(folder: Path, content: bytes | os.PathLike[str]) -> str:
+    def _store_object(folder: Path, content: bytes | os.PathLike[str] | IO[bytes], *,
+                      length: int | None = None, expected_sha256: str | None = None) -> str:
         objects = folder / "objects"
         temp = objects / f".incoming-{uuid.uuid4().hex}"
         digest = hashlib.sha256()
-        with open(temp, "wb") as out:
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                digest.update(content)
-                out.write(content)
-            else:
-                with open(content, "rb") as src:
-                    while chunk := src.read(1024 * 1024):
+        try:
+            with open(temp, "wb") as out:
+                if isinstance(content, (bytes, bytearray, memoryview)):
+                    digest.update(content)
+                    out.write(content)
+                elif hasattr(content, "read"):
+                    for chunk in _chunks(content, length):
                         digest.update(chunk)
                         out.write(chunk)
-        sha256 = digest.hexdigest()
-        os.replace(temp, objects / sha256)
+                else:
+                    with open(content, "rb") as src:
+                        while chunk := src.read(1024 * 1024):
+                            digest.update(chunk)
+                            out.write(chunk)
+            sha256 = digest.hexdigest()
+            if expected_sha256 is not None and sha256 != expected_sha256:
+                raise HubStoreError(f"content has sha256 {sha256}, not {expected_sha256}")
+            os.replace(temp, objects / sha256)
+        finally:
+            temp.unlink(missing_ok=True)
         return sha256
+
+
+def _chunks(stream: IO[bytes], length: int | None) -> Iterator[bytes]:
+    """``length`` bytes of ``stream`` (all of it when None), in chunks."""
+    left = length
+    while left is None or left > 0:
+        chunk = stream.read(CHUNK_BYTES if left is None else min(CHUNK_BYTES, left))
+        if not chunk:
+            if left:
+                raise HubStoreError(f"the body ended {left} bytes early")
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
 
 
 def _check_repo_path(path: str) -> None:
@@ -390,6 +454,12 @@ class _HubHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._handle("GET")
 
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
     # ---- request handling ----
 
     def _handle(self, method: str) -> None:
@@ -397,6 +467,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         range_header = self.headers.get("Range")
         fault = hub.faults.take(method, path)
+        if fault is not None and method in ("POST", "PUT"):
+            self.close_connection = True   # its body is never read: the connection is done
 
         def record(status: int) -> None:
             hub.log.append(RequestRecord(method, path, status, range_header,
@@ -422,6 +494,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             if fault and fault.kind == "not_found":
                 record(404)
                 self._send_error(method, 404, "EntryNotFound", "injected fault")
+                return
+            if method in ("POST", "PUT") or path.startswith("/api/"):
+                _WriteAPI(self, method, path, record).answer()
                 return
             if path.startswith(CDN_PREFIX):
                 resolved = self._resolve_cdn(method, record)
@@ -509,9 +584,8 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _check_access(self, access: RepoAccess) -> tuple[int, str | None, str] | None:
         if not (access.private or access.gated):
             return None
-        auth = self.headers.get("Authorization", "")
-        token = auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else None
-        if token is not None and token in access.tokens:
+        token = self.bearer_token()
+        if token is not None and (token in access.tokens or token in self.server.hub.write_tokens):
             return None
         if access.gated and token is not None:
             return 403, "GatedRepo", "Access to this gated repo is restricted"
@@ -520,9 +594,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         return 401, "RepoNotFound", "Invalid username or password."
 
     def _send_error(self, method: str, status: int, code: str | None, message: str, *,
-                    commit: str | None = None) -> None:
-        body = json.dumps({"error": message}).encode()
+                    commit: str | None = None, body: Mapping[str, object] | None = None) -> None:
+        body = json.dumps({"error": message, **(body or {})}).encode()
         self.send_response(status)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         if code:
             self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message)
@@ -531,8 +607,20 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if method == "GET":
+        if method != "HEAD":
             self.wfile.write(body)
+
+    def send_json(self, status: int, doc: object, content_type: str = "application/json") -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def bearer_token(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        return auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else None
 
     def _send_file(self, method: str, resolved: _Resolved, range_header: str | None,
                    fault: Fault | None, record) -> None:
@@ -625,6 +713,333 @@ class _HubHandler(BaseHTTPRequestHandler):
             pass
 
 
+
+# --------------------------------------------------------------------------------------------
+# The upload side: what HfApi.create_repo, model_info and create_commit call
+
+
+#: the body of a commit or an upload the server reads into memory at most (bigger: 413)
+MAX_JSON_BYTES = 64 * 1024 * 1024
+LFS_CONTENT_TYPE = "application/vnd.git-lfs+json"
+#: where the LFS batch answer sends uploads: /_lfs/{repo id, %-encoded}/{sha256}[/verify]
+LFS_PREFIX = "/_lfs/"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class _Refused(Exception):
+    """An answer other than success: status, the Hub's X-Error-Code, a message."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 **body: object) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.body = status, message, code, body
+
+
+class _WriteAPI:
+    """One request to the Hub's API, answered as huggingface_hub 2.4 expects (its hf_api.py,
+    _commit_api.py and lfs.py): ``POST /api/repos/create``, ``GET /api/models/{repo}[/revision/
+    {rev}]``, ``POST /api/models/{repo}/preupload/{rev}``, ``POST /{repo}.git/info/lfs/objects/
+    batch``, ``PUT /_lfs/...`` (the upload URL the batch hands out, like a presigned one) and its
+    ``/verify``, ``POST /api/models/{repo}/commit/{rev}`` (NDJSON). Writes need a token the hub
+    accepts (``LocalHub.write_tokens``): none is 401, another one 403."""
+
+    def __init__(self, handler: "_HubHandler", method: str, path: str, record) -> None:
+        self.h, self.method, self.path, self.record = handler, method, path, record
+        self.hub = handler.server.hub
+        self.store = self.hub.store
+
+    def answer(self) -> None:
+        try:
+            status, doc, content_type = self._route()
+        except _Refused as e:
+            self.record(e.status)
+            self._drain()
+            self.h._send_error(self.method, e.status, e.code, e.message, body=e.body)
+            return
+        except HubStoreError as e:
+            self.record(400)
+            self.h._send_error(self.method, 400, None, str(e))
+            return
+        self.record(status)
+        self.h.send_json(status, doc, content_type)
+
+    # ---- routing ----
+
+    def _route(self) -> tuple[int, object, str]:
+        m, path = self.method, self.path
+        if m == "POST" and path == "/api/repos/create":
+            return self._create_repo()
+        if path.startswith(LFS_PREFIX):
+            return self._lfs_object()
+        if m == "POST" and path.endswith(".git/info/lfs/objects/batch"):
+            return self._lfs_batch(path[1:-len(".git/info/lfs/objects/batch")])
+        if path.startswith("/api/models/"):
+            repo_id, verb, revision = _api_parts(path[len("/api/models/"):])
+            if m in ("GET", "HEAD") and verb in ("", "revision"):
+                return self._model_info(repo_id, revision)
+            if m == "POST" and verb == "preupload":
+                return self._preupload(repo_id, revision)
+            if m == "POST" and verb == "commit":
+                return self._commit(repo_id, revision)
+        raise _Refused(404, f"no such endpoint: {m} {path}")
+
+    # ---- auth and bodies ----
+
+    def _writer(self, repo_id: str | None = None) -> None:
+        token = self.h.bearer_token()
+        if token is None:
+            raise _Refused(401, "Invalid username or password.")
+        if token not in self.hub.write_tokens:
+            raise _Refused(403, f"You don't have the rights to write to {repo_id or 'this hub'}")
+        if repo_id is not None and self.store.access(repo_id) is None:
+            raise _Refused(404, f"Repository {repo_id} not found", "RepoNotFound")
+
+    def _reader(self, repo_id: str) -> RepoAccess:
+        access = self.store.access(repo_id)
+        if access is None:
+            raise _Refused(404, f"Repository {repo_id} not found", "RepoNotFound")
+        if self.h.bearer_token() in self.hub.write_tokens:
+            return access
+        denied = self.h._check_access(access)
+        if denied:
+            raise _Refused(denied[0], denied[2], denied[1])
+        return access
+
+    def _body(self) -> bytes:
+        length = self.h.headers.get("Content-Length")
+        if self.h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b"".join(_read_chunked(self.h.rfile, MAX_JSON_BYTES))
+        else:
+            n = int(length or 0)
+            if n > MAX_JSON_BYTES:
+                raise _Refused(413, f"body of {n} bytes is too large")
+            data = self.h.rfile.read(n)
+        self._read = True
+        return data
+
+    def _json(self) -> dict:
+        try:
+            doc = json.loads(self._body() or b"{}")
+        except ValueError:
+            raise _Refused(400, "body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise _Refused(400, "body is not a JSON object")
+        return doc
+
+    def _drain(self) -> None:
+        """An error answered before the body was read: the connection cannot be reused."""
+        if not getattr(self, "_read", False) and self.method in ("POST", "PUT"):
+            self.h.close_connection = True
+
+    # ---- endpoints ----
+
+    def _create_repo(self) -> tuple[int, object, str]:
+        self._writer()
+        doc = self._json()
+        if doc.get("type") not in (None, "model"):
+            raise _Refused(400, f"this hub has model repos only, not {doc.get('type')!r}")
+        name, owner = doc.get("name"), doc.get("organization")
+        repo_id = f"{owner}/{name}" if owner else str(name)
+        url = f"{self.hub.endpoint}/{repo_id}"
+        if self.store.access(repo_id) is not None:
+            raise _Refused(409, "You already created this model repo", url=url)
+        private = doc.get("visibility") == "private" or bool(doc.get("private"))
+        self.store.create_repo(repo_id, private=private)
+        # the Hub's first commit: a repo has a head from the start, so every commit has a parent
+        self.store.commit(repo_id, {".gitattributes": GITATTRIBUTES}, message="initial commit")
+        return 200, {"url": url, "name": repo_id}, "application/json"
+
+    def _model_info(self, repo_id: str, revision: str | None) -> tuple[int, object, str]:
+        access = self._reader(repo_id)
+        commit = self.store.resolve(repo_id, revision or "main")
+        if commit is None and revision is not None:
+            raise _Refused(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        files = self.store.files(repo_id, commit) if commit else {}
+        return 200, {"id": repo_id, "modelId": repo_id, "sha": commit, "private": access.private,
+                     "gated": access.gated, "disabled": False,
+                     "siblings": [{"rfilename": p} for p in sorted(files)]}, "application/json"
+
+    def _preupload(self, repo_id: str, revision: str) -> tuple[int, object, str]:
+        self._writer(repo_id)
+        doc = self._json()
+        commit = self.store.resolve(repo_id, revision)
+        current = self.store.files(repo_id, commit) if commit else {}
+        lfs_globs = self._lfs_globs(repo_id, commit)
+        answer = []
+        for f in doc.get("files") or ():
+            if not isinstance(f, dict) or not isinstance(f.get("path"), str):
+                raise _Refused(400, "preupload: every file needs a path")
+            try:
+                sample = base64.b64decode(f.get("sample") or "")
+            except ValueError:
+                raise _Refused(400, f"preupload: {f['path']}: sample is not base64") from None
+            size = int(f.get("size") or 0)
+            lfs = (b"\0" in sample or size >= self.hub.lfs_threshold_bytes
+                   or any(fnmatch.fnmatchcase(f["path"].rsplit("/", 1)[-1], g) for g in lfs_globs))
+            answer.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
+                           "shouldIgnore": False,
+                           "oid": current.get(f["path"]) if lfs else None})
+        return 200, {"files": answer, "commitOid": commit}, "application/json"
+
+    def _lfs_globs(self, repo_id: str, commit: str | None) -> list[str]:
+        """The patterns the repo's .gitattributes sends to LFS (``*.onnx filter=lfs ...``)."""
+        info = self.store.blob(repo_id, commit, ".gitattributes") if commit else None
+        if info is None:
+            return []
+        return [line.split()[0] for line in info.blob.read_text(errors="replace").splitlines()
+                if "filter=lfs" in line.split()[1:]]
+
+    def _lfs_batch(self, repo_id: str) -> tuple[int, object, str]:
+        self._writer(repo_id)
+        doc = self._json()
+        if doc.get("operation") != "upload":
+            raise _Refused(400, "this hub's LFS batch answers uploads only")
+        base = f"{self.hub.endpoint}{LFS_PREFIX}{quote(repo_id, safe='')}"
+        objects = []
+        for obj in doc.get("objects") or ():
+            oid, size = obj.get("oid"), obj.get("size")
+            if not isinstance(oid, str) or not _SHA256_RE.match(oid) or not isinstance(size, int):
+                objects.append({"oid": str(oid), "size": int(size or 0),
+                                "error": {"code": 422, "message": "oid must be a sha256"}})
+                continue
+            have = self.store.object(repo_id, oid)
+            if have is not None and have.size == size:
+                objects.append({"oid": oid, "size": size})   # no actions: already stored
+                continue
+            objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
+                "upload": {"href": f"{base}/{oid}"},
+                "verify": {"href": f"{base}/{oid}/verify", "header": {}}}})
+        return 200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}, \
+            LFS_CONTENT_TYPE
+
+    def _lfs_object(self) -> tuple[int, object, str]:
+        parts = urlsplit(self.h.path).path[len(LFS_PREFIX):].split("/")   # the repo is %-encoded
+        if len(parts) not in (2, 3) or not _SHA256_RE.match(parts[1]):
+            raise _Refused(404, "no such upload")
+        repo_id, oid = unquote(parts[0]), parts[1]
+        if self.store.access(repo_id) is None:
+            raise _Refused(404, f"Repository {repo_id} not found", "RepoNotFound")
+        if len(parts) == 3 and parts[2] == "verify" and self.method == "POST":
+            self._writer(repo_id)
+            doc = self._json()
+            have = self.store.object(repo_id, oid)
+            if have is None or have.size != doc.get("size"):
+                raise _Refused(404, f"object {oid} of {doc.get('size')} bytes was not uploaded")
+            return 200, {"message": "verified"}, LFS_CONTENT_TYPE
+        if len(parts) != 2 or self.method != "PUT":
+            raise _Refused(404, "no such upload")
+        # like a presigned URL: no token; the content must be the oid it was handed out for
+        length = self.h.headers.get("Content-Length")
+        try:
+            if self.h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                stream: IO[bytes] = _ChunkedReader(self.h.rfile)
+                self.store.store_object(repo_id, stream, expected_sha256=oid)
+            else:
+                self.store.store_object(repo_id, self.h.rfile, length=int(length or 0),
+                                        expected_sha256=oid)
+        finally:
+            self._read = True
+        return 200, {}, "application/json"
+
+    def _commit(self, repo_id: str, revision: str) -> tuple[int, object, str]:
+        self._writer(repo_id)
+        if self.h.headers.get("Content-Type", "").split(";")[0] != "application/x-ndjson":
+            raise _Refused(400, "a commit is application/x-ndjson")
+        lines = [line for line in self._body().splitlines() if line.strip()]
+        try:
+            items = [json.loads(line) for line in lines]
+        except ValueError:
+            raise _Refused(400, "a commit line is not JSON") from None
+        if not items or items[0].get("key") != "header":
+            raise _Refused(400, "a commit starts with its header")
+        header = items[0].get("value") or {}
+        changes: dict[str, str | None] = {}
+        folders: list[str] = []
+        for item in items[1:]:
+            key, value = item.get("key"), item.get("value") or {}
+            path = value.get("path")
+            if not isinstance(path, str):
+                raise _Refused(400, f"{key}: no path")
+            if key == "file":
+                if value.get("encoding") != "base64":
+                    raise _Refused(400, f"{path}: encoding must be base64")
+                try:
+                    content = base64.b64decode(value.get("content") or "", validate=True)
+                except ValueError:
+                    raise _Refused(400, f"{path}: content is not base64") from None
+                changes[path] = self.store.store_object(repo_id, content)
+            elif key == "lfsFile":
+                oid = value.get("oid")
+                have = self.store.object(repo_id, oid) if isinstance(oid, str) else None
+                if have is None or ("size" in value and value["size"] != have.size):
+                    raise _Refused(422, f"{path}: LFS object {oid} was not uploaded")
+                changes[path] = oid
+            elif key == "deletedFile":
+                changes[path] = None
+            elif key == "deletedFolder":
+                folders.append(path)
+            else:
+                raise _Refused(400, f"unknown commit operation {key!r}")
+        if self.store.resolve(repo_id, revision) is None and revision != "main":
+            raise _Refused(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        try:
+            sha = self.store.commit_objects(
+                repo_id, changes, branch=revision, message=str(header.get("summary") or ""),
+                parent_commit=header.get("parentCommit"), deleted_folders=tuple(folders))
+        except StaleParentError:
+            raise _Refused(412, "A commit has happened since. Please refresh and try again.") \
+                from None
+        return 200, {"success": True, "commitOid": sha, "pullRequestUrl": None,
+                     "commitUrl": f"{self.hub.endpoint}/{repo_id}/commit/{sha}",
+                     "commitMessage": header.get("summary"), "hookOutput": ""}, "application/json"
+
+
+#: what the Hub's first commit holds: binary formats go to LFS
+GITATTRIBUTES = b"*.onnx filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def _api_parts(rest: str) -> tuple[str, str, str | None]:
+    """"owner/name[/verb/revision]" -> (repo id, verb, revision); the revision is one
+    %-encoded segment ("refs%2Fpr%2F1")."""
+    parts = rest.split("/")
+    for at in (2, 1):
+        if len(parts) == at + 2 and parts[at] in ("revision", "preupload", "commit"):
+            return "/".join(parts[:at]), parts[at], unquote(parts[at + 1])
+    return "/".join(parts), "", None
+
+
+class _ChunkedReader:
+    """A ``Transfer-Encoding: chunked`` body as a stream."""
+
+    def __init__(self, rfile: IO[bytes]) -> None:
+        self._chunks = _read_chunked(rfile, None)
+        self._buffer = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buffer) < n:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        out, self._buffer = (self._buffer, b"") if n < 0 else (self._buffer[:n], self._buffer[n:])
+        return out
+
+
+def _read_chunked(rfile: IO[bytes], limit: int | None) -> Iterator[bytes]:
+    total = 0
+    while True:
+        size = int(rfile.readline().split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while rfile.readline().strip():
+                pass   # trailers
+            return
+        total += size
+        if limit is not None and total > limit:
+            raise _Refused(413, "body is too large")
+        yield rfile.read(size)
+        rfile.readline()
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """A single ``bytes=`` range -> inclusive (start, end); None when unsatisfiable."""
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
@@ -643,13 +1058,20 @@ class LocalHub:
     """The hub server: ``with LocalHub(root) as hub: hf_hub_download(..., endpoint=hub.endpoint)``.
 
     ``hub.store`` publishes repos, ``hub.faults`` plans faults, ``hub.log`` records requests.
+    ``HfApi(endpoint=hub.endpoint, token=T).create_commit(...)`` writes, for T in ``write_tokens``.
     With ``cdn_redirects`` (settable any time) ``/resolve`` answers 302 to a CDN stand-in on
     ``localhost``, another origin, as the real Hub does for LFS files.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, host: str = "127.0.0.1",
-                 port: int = 0, cdn_redirects: bool = False) -> None:
+                 port: int = 0, cdn_redirects: bool = False,
+                 write_tokens: tuple[str, ...] | list[str] = (),
+                 lfs_threshold_bytes: int = 10 * 1024 * 1024) -> None:
         self.store = HubStore(root)
+        #: tokens that may create repos and commit to any repo (and read every repo)
+        self.write_tokens: set[str] = set(write_tokens)
+        #: preupload answers "lfs" for files this big, or with a NUL byte in their first 512
+        self.lfs_threshold_bytes = lfs_threshold_bytes
         self.faults = FaultPlan()
         self.log = RequestLog()
         self.stopping = threading.Event()
@@ -743,10 +1165,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="commit <owner>/<name>/ folders of plain files from here first")
     parser.add_argument("--cdn-redirects", action="store_true",
                         help="answer /resolve with 302 to a CDN stand-in, as the Hub does for LFS")
+    parser.add_argument("--write-token", action="append", default=[], metavar="TOKEN",
+                        help="a token that may create repos and commit (repeatable)")
     parser.add_argument("--fault", action="append", default=[], metavar="KIND[:GLOB[:TIMES]]",
                         help=f"inject a fault (repeatable); kinds: {', '.join(FAULT_KINDS)}")
     args = parser.parse_args(argv)
-    hub = LocalHub(args.root, host=args.host, port=args.port, cdn_redirects=args.cdn_redirects)
+    hub = LocalHub(args.root, host=args.host, port=args.port, cdn_redirects=args.cdn_redirects,
+                   write_tokens=args.write_token)
     for spec in args.fault:
         kind, _, rest = spec.partition(":")
         glob, _, times = rest.partition(":")
