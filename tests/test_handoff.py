@@ -154,3 +154,36 @@ def test_a_proof_of_a_file_that_changed_meanwhile_is_not_recorded():
 def test_a_repair_changes_no_record():
     m = Manifest(name="det").with_file(FP32_RECORD)
     assert apply(RestoreMode("det", FP32_FILE, "t"), None)(m) is m
+
+
+def test_the_share_requests_carry_the_daemons_derivation_and_its_outcomes_are_recorded():
+    """Issue 15 on the typed boundary: ``Adopt`` asks the share for the daemon's derivation,
+    ``Share`` uploads the record and proof the manifest holds; both outcomes are remembered
+    (so nothing is asked twice) and an adopted file is published as the worker returned it."""
+    from modeld import share
+    from modeld.planning import Adopt, Share
+    from modeld.work import AdoptRequest, AdoptResult, UploadRequest, UploadResult
+    shared = replace(ENTRY, quantize=replace(ENTRY.quantize, share="fleet/variants"))
+    adopt = Adopt("det", shared, DERIVATION, "look in the share first")
+    request = request_for(adopt, model_dir="/m/det", settings=SETTINGS, context=CTX, token="t")
+    assert isinstance(request, AdoptRequest) and request.derivation is DERIVATION
+    assert (request.share, request.file_name, request.token) == ("fleet/variants",
+                                                                "model-int8.onnx", "t")
+    int8 = rec("model-int8.onnx", "8" * 64, derivation=DERIVATION)
+    result = pickle.loads(pickle.dumps(AdoptResult(share.ADOPTED, "from fleet/variants@abc",
+                                                   record=int8, commit="a" * 40)))
+    m = apply(adopt, result)(Manifest("det").with_file(FP32_RECORD))
+    assert m.files["model-int8.onnx"] == int8
+    assert m.shares[share.adopt_key(DERIVATION)]["outcome"] == share.ADOPTED
+    assert "record" not in m.shares[share.adopt_key(DERIVATION)]
+    missed = apply(adopt, AdoptResult(share.NONE, "none"))(Manifest("det").with_file(FP32_RECORD))
+    assert "model-int8.onnx" not in missed.files
+    up = Share("det", shared, "model-int8.onnx", int8.sha256, "built and proven here")
+    key = derived_proof_key(shared, int8, FP32_RECORD, CTX)
+    manifest = m.with_proof(int8.name, proof(int8.sha256, key))
+    upload = request_for(up, model_dir="/m/det", settings=SETTINGS, context=CTX, token=None,
+                         manifest=manifest)
+    assert isinstance(upload, UploadRequest)
+    assert upload.record == int8 and upload.proof == manifest.proofs[int8.name]
+    done = apply(up, UploadResult(share.DENIED, "no HF_TOKEN"))(manifest)
+    assert done.shares[share.upload_key(int8.sha256)]["outcome"] == share.DENIED
