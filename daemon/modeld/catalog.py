@@ -293,16 +293,19 @@ METHOD_OPTIONS: Mapping[str, Mapping[str, tuple[_Check, Any]]] = {
         "weight_type": (_one_of(QTYPES), "QInt8"),
         "per_channel": (_bool, True),
         "reduce_range": (_bool, False),
+        "field_samples": (_int_in(1, MAX_SAMPLES), 32),
     },
     "fp16": {
         "keep_io_types": (_bool, True),
     },
     "auto": {
         "samples": (_int_in(1, MAX_SAMPLES), 32),
+        "field_samples": (_int_in(1, MAX_SAMPLES), 32),
     },
 }
 #: method -> whether ``calibration`` is required (True), optional (False); absent = not accepted
-CALIBRATION_REQUIRED: Mapping[str, bool] = {"static_int8": True, "auto": False}
+#: (without a folder, static_int8 and auto calibrate on the nodes' field samples: modeld.samples)
+CALIBRATION_REQUIRED: Mapping[str, bool] = {"static_int8": False, "auto": False}
 
 
 # ----------------------------------------------------------------------------- parsing

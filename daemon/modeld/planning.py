@@ -13,6 +13,8 @@ from typing import Mapping, Union
 
 from .catalog import Catalog, ModelEntry
 from .manifest import FileRecord, Manifest
+from .samples import (FieldSamples, field_calibration, quantizer_params, same_but_samples,
+                      waiting_for_samples)
 from .store import UNREADABLE, Inventory, ModelState
 from .variants import (FILE_VARIANTS, FP32, METHODS, RECIPES_VERSION, VARIANT_FILES,
                        Derivation, Gates, proof_key)
@@ -39,6 +41,8 @@ class PlanContext:
     #: (model, file name) to prove again although its proof is current: a node rejected it, and
     #: a nack is evidence, not a verdict (the daemon's own proof decides for every node)
     recheck: frozenset[tuple[str, str]] = frozenset()
+    #: model -> its field samples (``modeld.samples``), for entries that calibrate on them
+    field_samples: Mapping[str, FieldSamples] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,9 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
     spec = entry.quantize
     if spec is None or not spec.enabled:
         return None
+    if spec.method == "static_int8" and waiting_for_samples(
+            entry, context.field_samples.get(entry.name)):
+        return None   # no calibration folder: built from field samples once there are enough
     derivation = desired_derivation(entry, fp32, context)
     if derivation.key() in manifest.failures:
         return None  # failed permanently for exactly these inputs; a change of any input retries
@@ -271,7 +278,8 @@ def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext
     spec = entry.quantize
     assert spec is not None
     # The preset and input size shape the calibration and agreement inputs: inputs too.
-    params = dict(spec.params) | {"calibration": spec.calibration,
+    params = quantizer_params(spec.params) | {
+        "calibration": field_calibration(entry, context.field_samples.get(entry.name)),
                                   "preprocessing_preset": entry.preprocessing_preset,
                                   "input_size": entry.input_size, "recipes": RECIPES_VERSION}
     if METHODS.get(spec.method) is None:
@@ -292,6 +300,14 @@ def derived_record(manifest: Manifest, derivation: Derivation) -> FileRecord | N
                 and record.derivation.key() == key:
             return record
     return None
+
+
+def served_record(manifest: Manifest, derivation: Derivation) -> FileRecord | None:
+    """The derived file to offer: the one of ``derivation``, else one that differs from it only
+    by an older generation of field samples (it keeps serving until the new one is proven)."""
+    return derived_record(manifest, derivation) or next(
+        (r for r in manifest.files.values()
+         if r.derivation is not None and same_but_samples(r.derivation, derivation)), None)
 
 
 def derived_proof_key(entry: ModelEntry, record: FileRecord, fp32: FileRecord,

@@ -27,6 +27,7 @@ from .errors import (ModeldError, PermanentError, StoreLockedError, StoreUnavail
 from .jobs import JobCancelledError, JobHandle, JobRunner, JobSpec
 from .manifest import Manifest
 from .runtimes import Probed, probe_all
+from .samples import SamplesArea, field_samples_context, quantizer_params
 from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Derive, PlanContext, Prove,
                        Planner, Pull, Quarantine, RestoreMode, config_derivation,
                        derived_proof_key, providers_for, variant_of)
@@ -79,8 +80,11 @@ class Reconciler:
                  jobs: JobRunner | None = None,
                  publish: Callable[[Mapping[str, ModelView]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
-                 backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0) -> None:
+                 backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0,
+                 samples: SamplesArea | None = None) -> None:
         self.settings = settings
+        #: the nodes' field samples (``modeld.samples``): read for the plan context only
+        self.samples = samples or SamplesArea(settings.models_dir)
         self.store = store
         self.catalog = catalog
         self.jobs = jobs or JobRunner()
@@ -288,7 +292,9 @@ class Reconciler:
                            onnxruntime_version=self.ort_version,
                            simulated=dict(self.settings.simulated_providers),
                            runtimes={p: r.identity for p, r in self.runtimes.items()},
-                           refresh=refresh, recheck=recheck)
+                           refresh=refresh, recheck=recheck,
+                           field_samples=field_samples_context(self.samples,
+                                                               self.catalog.current))
 
     async def probe_runtimes(self) -> dict[str, Probed]:
         """Ask every node runtime what it is (in a thread: each is a subprocess). A change of
@@ -600,7 +606,8 @@ class Reconciler:
             spec = entry.quantize
             request = dict(name=action.name, model_dir=folder,
                            source_sha256=action.derivation.source_sha256, method=spec.method,
-                           params=dict(spec.params), calibration=spec.calibration,
+                           params=quantizer_params(spec.params),
+                           calibration=action.derivation.params.get("calibration"),
                            preprocessing_preset=entry.preprocessing_preset,
                            input_size=entry.input_size, providers=providers, gates=spec.gates,
                            simulated=dict(s.simulated_providers), task=entry.task or None,
@@ -610,8 +617,13 @@ class Reconciler:
         assert isinstance(action, Prove)
         # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
         # load and run) never reads it: a broken calibration folder must not un-serve FP32.
-        calibration = (entry.quantize.calibration if entry.quantize and action.reference_file
-                       else None)
+        # A derived file is proven on the held-out part of the data it was calibrated with (the
+        # catalog's folder, or the generation of field samples its derivation names).
+        record = self.store.read_manifest(action.name).files.get(action.file_name)
+        calibration = ((record.derivation.params.get("calibration")
+                        if record is not None and record.derivation is not None
+                        else entry.quantize.calibration)
+                       if entry.quantize and action.reference_file else None)
         request = dict(model_dir=folder, file_name=action.file_name, variant=action.variant,
                        reference_file=action.reference_file, providers=providers,
                        gates=action.gates, calibration=calibration,

@@ -163,15 +163,15 @@ def signature_from_config(config: Mapping[str, Any], model: str) -> InputSignatu
     """The model's one input from its config.json; ``SampleRejected`` when it cannot take samples."""
     inputs = config.get("inputs") if isinstance(config, Mapping) else None
     if not isinstance(inputs, list) or not inputs:
-        raise SampleRejected(f"{model}: config.json lists no inputs", code="model", entry=model)
+        raise SampleRejected("its config.json lists no inputs", code="model")
     if len(inputs) != 1:
-        raise SampleRejected(f"{model} has {len(inputs)} inputs; field samples are for "
-                             "single-input models", code="model", entry=model)
+        raise SampleRejected(f"the model has {len(inputs)} inputs; field samples are for "
+                             "single-input models", code="model")
     spec = inputs[0] if isinstance(inputs[0], Mapping) else {}
     dtype, shape = spec.get("dtype"), spec.get("shape")
     if dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 8:
-        raise SampleRejected(f"{model}: input {spec.get('name')!r} has no fixed tensor type",
-                             code="model", entry=model)
+        raise SampleRejected(f"input {spec.get('name')!r} has no fixed tensor type",
+                             code="model")
     dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
                  for d in shape)
     return InputSignature(str(spec.get("name", "")), dtype, dims)
@@ -182,11 +182,10 @@ def check_sample(data: bytes, signature: InputSignature, model: str) -> tuple[st
     Parsed with the standard library: magic, version, a header that is a literal dict, the
     dtype, C order, the shape (a missing batch axis is allowed) and the exact data length."""
     if len(data) > signature.max_bytes + MAX_HEADER_BYTES:
-        raise SampleRejected(f"sample for {model} is {len(data)} bytes; its input takes at most "
-                             f"{signature.max_bytes}", code="size", entry=model)
+        raise SampleRejected(f"sample is {len(data)} bytes; the input takes at most "
+                             f"{signature.max_bytes}", code="size")
     if data[:6] != b"\x93NUMPY" or len(data) < 10:
-        raise SampleRejected("sample is not .npy data (no \\x93NUMPY magic)", code="format",
-                             entry=model)
+        raise SampleRejected("sample is not .npy data (no \\x93NUMPY magic)", code="format")
     major = data[6]
     if major == 1:
         (header_len,), start = struct.unpack("<H", data[8:10]), 10
@@ -194,41 +193,38 @@ def check_sample(data: bytes, signature: InputSignature, model: str) -> tuple[st
         (header_len,), start = struct.unpack("<I", data[8:12]), 12
     else:
         raise SampleRejected(f"sample has .npy version {major}; expected 1, 2 or 3",
-                             code="format", entry=model)
+                             code="format")
     if header_len > MAX_HEADER_BYTES or start + header_len > len(data):
-        raise SampleRejected("sample's .npy header is truncated or too long", code="format",
-                             entry=model)
+        raise SampleRejected("sample's .npy header is truncated or too long", code="format")
     try:
         header = ast.literal_eval(data[start:start + header_len].decode("latin1"))
     except (ValueError, SyntaxError, MemoryError, RecursionError, UnicodeDecodeError):
-        raise SampleRejected("sample's .npy header does not parse", code="format",
-                             entry=model) from None
+        raise SampleRejected("sample's .npy header does not parse", code="format") from None
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
         raise SampleRejected("sample's .npy header lacks descr/fortran_order/shape",
-                             code="format", entry=model)
+                             code="format")
     descr, shape = header["descr"], header["shape"]
     want = DTYPES[signature.dtype]
     if descr != want and not (want[0] == "|" and descr == want[1:]):
         raise SampleRejected(f"sample dtype {str(descr)[:20]!r} does not match input "
-                             f"{signature.name!r} ({signature.dtype})", code="dtype", entry=model)
+                             f"{signature.name!r} ({signature.dtype})", code="dtype")
     if header["fortran_order"] is not False:
         raise SampleRejected("sample is in Fortran order; send a C-ordered array",
-                             code="format", entry=model)
+                             code="format")
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool)
                                                and d >= 0 for d in shape):
-        raise SampleRejected("sample's shape is not a tuple of sizes", code="format",
-                             entry=model)
+        raise SampleRejected("sample's shape is not a tuple of sizes", code="format")
     if len(shape) == len(signature.shape) - 1:
         shape = (1, *shape)
     if len(shape) != len(signature.shape) or any(
             want_dim is not None and want_dim != got for want_dim, got in zip(signature.shape, shape)):
         raise SampleRejected(f"sample shape {list(shape)} does not fit input {signature.name!r} "
                              f"{[d if d is not None else '?' for d in signature.shape]}",
-                             code="shape", entry=model)
+                             code="shape")
     expected = math.prod(shape) * int(want[-1])
     if expected > signature.max_bytes or len(data) - start - header_len != expected:
         raise SampleRejected(f"sample holds {len(data) - start - header_len} data bytes; shape "
-                             f"{list(shape)} needs {expected}", code="size", entry=model)
+                             f"{list(shape)} needs {expected}", code="size")
     return descr, tuple(shape)
 
 
@@ -240,7 +236,7 @@ class SamplesArea:
     def __init__(self, models_dir: Path, limits: Limits = Limits()) -> None:
         self.root = Path(models_dir).absolute()
         self.limits = limits
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # load() runs under it too (lazily, on first use)
         self._models: dict[str, _Model] = {}
         self._sizes: dict[str, int] = {}   # digest -> bytes (content-addressed: same everywhere)
         self._sizes_of: dict[str, dict[str, int]] = {}
@@ -367,8 +363,7 @@ class SamplesArea:
                 sizes.get(d, 0) for d in evict if d not in m.members | m.previous_members)
             if after > self.limits.budget_bytes:
                 raise SampleRejected(f"samples of every model would take {after} bytes; the "
-                                     f"budget is {self.limits.budget_bytes}", code="budget",
-                                     entry=model)
+                                     f"budget is {self.limits.budget_bytes}", code="budget")
             folder = self._ensure_folder(model)
             final = folder / f"{digest}{SUFFIX}"
             if digest not in m.members | m.previous_members or not final.exists():
@@ -456,13 +451,13 @@ class SamplesArea:
         parent = folder.parent
         st = os.lstat(parent)   # FileNotFoundError: the model is not pulled
         if not stat.S_ISDIR(st.st_mode):
-            raise SampleRejected(f"models/{model} is not a folder", code="model", entry=model)
+            raise SampleRejected(f"models/{model} is not a folder", code="model")
         try:
             os.mkdir(folder, 0o750)
         except FileExistsError:
             if not stat.S_ISDIR(os.lstat(folder).st_mode):
                 raise SampleRejected(f"models/{model}/{SAMPLES_DIR} is not a folder",
-                                     code="model", entry=model) from None
+                                     code="model") from None
         return folder
 
     def _write_index(self, model: str, m: _Model) -> None:
@@ -486,7 +481,7 @@ class SamplesArea:
         try:
             st = os.lstat(path)
         except OSError:
-            raise SampleRejected(f"{model} is not pulled yet", code="model", entry=model) from None
+            raise SampleRejected("the model is not pulled yet", code="model") from None
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             known = self._signatures.get(model)
@@ -495,8 +490,7 @@ class SamplesArea:
         try:
             config = json.loads(read_regular(path, 1 << 20))
         except (OSError, ValueError):
-            raise SampleRejected(f"{model}: config.json is unreadable", code="model",
-                                 entry=model) from None
+            raise SampleRejected("its config.json is unreadable", code="model") from None
         signature = signature_from_config(config, model)
         with self._lock:
             self._signatures[model] = (key, signature)
@@ -524,6 +518,21 @@ def _write_private(final: Path, data: bytes) -> None:
         raise disk_error(e, final) from e
 
 
+def accept(area: SamplesArea, entries: Mapping[str, Any], model: str, node: str,
+           data: bytes) -> dict[str, Any]:
+    """A node's sample for catalog entry ``model`` (the server's ``on_sample``, in a thread)."""
+    entry = entries.get(model)
+    if entry is None:
+        raise SampleRejected("the model is not in the catalog", code="model")
+    if not uses_field_samples(entry):
+        spec = entry.quantize
+        why = ("quantization is off" if spec is None or not spec.enabled else
+               f"its catalog entry names a calibration folder" if spec.calibration else
+               f"method {spec.method} does not calibrate")
+        raise SampleRejected(f"its entry does not use field samples ({why})", code="unused")
+    return area.add(model, node, data, signature=area.signature(model), needed=needed_for(entry))
+
+
 def uses_field_samples(entry: Any) -> bool:
     """Whether a catalog entry calibrates on field samples: a calibrating method, enabled, and
     no calibration folder of its own."""
@@ -536,3 +545,48 @@ def needed_for(entry: Any) -> int:
     spec = getattr(entry, "quantize", None)
     return int(spec.params.get("field_samples", DEFAULT_NEEDED)) if spec is not None \
         else DEFAULT_NEEDED
+
+
+def field_samples_context(area: SamplesArea, catalog: Any) -> dict[str, FieldSamples]:
+    """The plan context's ``field_samples``: every entry that calibrates on them."""
+    return {name: area.state(name, needed_for(entry)) for name, entry in catalog.entries.items()
+            if uses_field_samples(entry)}
+
+
+def quantizer_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's options as the quantizer takes them: ``field_samples`` is the daemon's."""
+    return {k: v for k, v in params.items() if k != "field_samples"}
+
+
+def field_calibration(entry: Any, field: FieldSamples | None) -> str | None:
+    """The calibration folder of ``entry``: its own, else its field samples' generation."""
+    spec = entry.quantize
+    if spec.calibration is not None or not uses_field_samples(entry) or field is None:
+        return spec.calibration
+    return field.folder
+
+
+def waiting_for_samples(entry: Any, field: FieldSamples | None) -> str:
+    """Why a variant waits for field samples ('' when it does not): static_int8 without a
+    calibration folder is built only from a generation of them."""
+    if not uses_field_samples(entry) or (field is not None and field.folder):
+        return ""
+    count = field.count if field is not None else 0
+    return f"field samples: {count} of {needed_for(entry)} needed"
+
+
+def same_but_samples(a: Any, b: Any) -> bool:
+    """Two derivations that differ only in which generation of field samples (or none yet)
+    calibrated them: the old file keeps serving while the new one is built and proven."""
+    if a is None or b is None or a.method != b.method or a.source_sha256 != b.source_sha256:
+        return False
+    pa, pb = dict(a.params), dict(b.params)
+    ca, cb = pa.pop("calibration", None), pb.pop("calibration", None)
+    return pa == pb and ca != cb and _is_generation(ca) and _is_generation(cb) \
+        and (a.onnx, a.onnxruntime) == (b.onnx, b.onnxruntime)
+
+
+def _is_generation(folder: Any) -> bool:
+    """None (no calibration data: synthetic inputs) or a generation's snapshot folder."""
+    return folder is None or isinstance(folder, str) and Path(folder).parent.name == SAMPLES_DIR \
+        and Path(folder).name.startswith(GENERATION_PREFIX)

@@ -72,6 +72,11 @@ class Settings:
     catalog_parse_timeout_s: float = 2.0
     hub_endpoint: str | None = None
     hub_offline: bool = False
+    #: field samples (``modeld.samples``): at most this many per model and per node of a model,
+    #: and this much disk for every model's samples together
+    samples_per_model: int = 256
+    samples_per_node: int = 64
+    samples_budget_mb: float = 512.0
 
     @property
     def lock_path(self) -> Path:
@@ -162,7 +167,8 @@ SETTINGS_KEYS: Mapping[str, tuple[str, str, Callable[[Any], Any]]] = {
         ("pull_timeout_s", float), ("pull_attempts", int), ("quantize_timeout_s", float),
         ("verify_timeout_s", float), ("worker_memory_mb", int), ("retry_backoff_base_s", float),
         ("retry_backoff_cap_s", float), ("recheck_interval_s", float), ("max_timeouts", int),
-        ("catalog_parse_timeout_s", float))},
+        ("catalog_parse_timeout_s", float), ("samples_per_model", int),
+        ("samples_per_node", int), ("samples_budget_mb", float))},
 }
 #: keys the file may hold that are not Settings fields (the CLI reads them)
 OTHER_FILE_KEYS = ("log_level",)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .catalog import Catalog, ModelEntry
-from .planning import (FP32_FILE, PlanContext, derived_record, desired_derivation,
+from .planning import (FP32_FILE, PlanContext, desired_derivation, served_record,
                        source_problem, variant_of)
+from .samples import uses_field_samples, waiting_for_samples
 from .serving import ModelView, VariantView
 from .store import Inventory, ModelState
 from .variants import FP32
@@ -45,7 +46,7 @@ class ViewBuilder:
     object (which also lets ``Server.publish`` see at a glance that nothing changed)."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, tuple[ModelEntry, ModelState | None, Activity, bool, ModelView]] = {}
+        self._memo: dict[str, tuple] = {}
         self._context: tuple | None = None
 
     def build(self, catalog: Catalog, inventory: Inventory, context: PlanContext,
@@ -64,12 +65,14 @@ class ViewBuilder:
             doing = activity.get(name, idle)
             waiting = name in pending
             known = memo.get(name)
+            field_samples = context.field_samples.get(name)
             if (known is not None and known[0] is entry and known[1] is state
-                    and known[3] == waiting and (known[2] is doing or known[2] == doing)):
+                    and known[3] == waiting and (known[2] is doing or known[2] == doing)
+                    and known[5] == field_samples):
                 view = known[4]
             else:
                 view = model_view(entry, state, context, doing, waiting, models_root)
-            fresh[name] = (entry, state, doing, waiting, view)
+            fresh[name] = (entry, state, doing, waiting, view, field_samples)
             views[name] = view
         self._memo = fresh
         return views
@@ -85,9 +88,15 @@ def model_view(entry: ModelEntry, state: ModelState | None, context: PlanContext
         view_state = "pending"
     else:
         view_state = "ready"
-    reason = _reason(entry, state, activity, offered) or ("queued" if pending else "")
+    field_samples = context.field_samples.get(entry.name)
+    reason = (_reason(entry, state, activity, offered) or ("queued" if pending else "")
+              or waiting_for_samples(entry, field_samples))
+    detail = _detail(entry, state, activity)
+    if uses_field_samples(entry):
+        detail["field_samples"] = (field_samples.to_dict() if field_samples is not None
+                                   else {"count": 0, "generation": None})
     return ModelView(name=entry.name, state=view_state, variants=offered, reason=reason,
-                     detail=_detail(entry, state, activity))
+                     detail=detail)
 
 
 def offered_variants(entry: ModelEntry, state: ModelState | None, context: PlanContext,
@@ -101,7 +110,7 @@ def offered_variants(entry: ModelEntry, state: ModelState | None, context: PlanC
         out.append(_view(state, FP32_FILE, FP32, models_root))
     spec = entry.quantize
     if fp32 is not None and spec is not None and spec.enabled:
-        record = derived_record(manifest, desired_derivation(entry, fp32, context))
+        record = served_record(manifest, desired_derivation(entry, fp32, context))
         if record is not None and state.intact(record.name):
             out.append(_view(state, record.name, variant_of(record), models_root))
     return tuple(v for v in out if v.proof is not None)
