@@ -144,6 +144,8 @@ class Planner:
             state = inventory.models.get(name)
             asked = (name in refresh, frozenset(f for n, f in rechecked if n == name)) \
                 if rechecked else (name in refresh,)
+            if name in context.field_samples:   # a new generation is new work
+                asked += (context.field_samples[name],)
             known = memo.get(name)
             if known is not None and known[0] is entry and known[1] is state and known[2] == asked:
                 action = known[3]

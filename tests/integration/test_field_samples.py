@@ -93,7 +93,7 @@ def test_a_node_s_real_frames_move_it_from_fp32_to_a_proven_int8(ocr_workspace, 
         assert doc["reason"] == f"field samples: 0 of {NEEDED} needed", doc["reason"]
 
         # a second node with the wrong shape: one typed line each, nothing kept
-        wrong = client.send_samples("ocr", [npy(np.zeros((1, 3, 32, 32), np.float32))],
+        wrong = client.send_samples("ocr", [npy(np.zeros((1, 1, 64, 64), np.float32))],
                                     node="bad-node", socket_path=daemon.socket)
         assert wrong[0]["event"] == "error" and wrong[0]["code"] == "shape", wrong
         assert "does not fit input" in wrong[0]["error"] and "\n" not in wrong[0]["error"]
