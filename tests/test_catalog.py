@@ -252,7 +252,10 @@ QUANTIZE_ERRORS = [
     ({"method": "dynamic_int8", "calibration": "cal"}, "quantize.calibration", "unknown key"),
     ({"method": "dynamic_int8", "format": "QDQ"}, "quantize.format", "unknown key"),
     ({"method": "dynamic_int8", "use_int8": True}, "quantize.use_int8", "unknown key"),
-    ({"method": "static_int8"}, "quantize.calibration", "missing required field"),
+    ({"method": "static_int8", "field_samples": 0}, "quantize.field_samples", "range"),
+    ({"method": "auto", "field_samples": "many"}, "quantize.field_samples", "integer"),
+    ({"method": "auto", "field_samples": True}, "quantize.field_samples", "boolean"),
+    ({"method": "dynamic_int8", "field_samples": 32}, "quantize.field_samples", "unknown key"),
     ({"method": "static_int8", "calibration": ""}, "quantize.calibration", "1-1024"),
     ({"method": "static_int8", "calibration": 3}, "quantize.calibration", "expected a string"),
     ({"method": "static_int8", "calibration": "c", "samples": 0}, "quantize.samples", "range"),
@@ -326,9 +329,9 @@ DEFAULTS = [
     ("dynamic_int8", {}, {"weight_type": "QUInt8", "per_channel": False, "reduce_range": False}),
     ("static_int8", {"calibration": "cal"},
      {"samples": 32, "calibrate_method": "MinMax", "format": "QDQ", "activation_type": "QUInt8",
-      "weight_type": "QInt8", "per_channel": True, "reduce_range": False}),
+      "weight_type": "QInt8", "per_channel": True, "reduce_range": False, "field_samples": 32}),
     ("fp16", {}, {"keep_io_types": True}),
-    ("auto", {}, {"samples": 32}),
+    ("auto", {}, {"samples": 32, "field_samples": 32}),
 ]
 
 
@@ -353,7 +356,7 @@ def test_options_and_gates_are_taken():
     assert spec.enabled is False
     assert spec.params == {"samples": 10000, "calibrate_method": "Entropy", "format": "QOperator",
                            "activation_type": "QInt8", "weight_type": "QInt8",
-                           "per_channel": False, "reduce_range": True}
+                           "per_channel": False, "reduce_range": True, "field_samples": 32}
     assert spec.gates == Gates(min_cosine=1.0, min_speedup=1.25, max_abs_error=0.5)
     assert isinstance(spec.gates.min_cosine, float)
 

@@ -385,3 +385,34 @@ def test_without_a_share_nothing_is_adopted_or_shared():
     e = entry(QUANT)
     assert isinstance(plan_model(e, state(pulled(e)), CTX), Derive)
     assert plan_model(e, state(with_int8(e, pulled(e))), CTX) is None
+
+
+# ---- field samples (issue 13) -------------------------------------------------------------------
+
+STATIC_FIELD = '[models.quantize]\nenabled = true\nmethod = "static_int8"\nfield_samples = 4'
+
+
+def test_static_int8_without_a_folder_waits_for_field_samples_then_derives_from_a_generation():
+    from modeld.planning import served_record
+    from modeld.samples import FieldSamples
+
+    e = entry(STATIC_FIELD)
+    st = state(pulled(e))
+    few = replace(CTX, field_samples={"det": FieldSamples(3, 4)})
+    assert plan_model(e, st, few) is None
+    gen = "/m/det/samples/gen-aaaa"
+    enough = replace(CTX, field_samples={"det": FieldSamples(4, 4, "aaaa", gen, 4)})
+    action = plan_model(e, st, enough)
+    assert isinstance(action, Derive) and action.derivation.params["calibration"] == gen
+    assert "field_samples" not in action.derivation.params   # the daemon's, not the quantizer's
+    # a new generation re-derives, and the file of the old one is offered meanwhile
+    r = rec("model-int8.onnx", "8" * 64, derivation=action.derivation)
+    m = st.manifest.with_file(r)
+    newer = replace(CTX, field_samples={"det": FieldSamples(5, 4, "bbbb",
+                                                            "/m/det/samples/gen-bbbb", 5)})
+    later = plan_model(e, state(m), newer)
+    assert isinstance(later, Derive) and later.derivation.params["calibration"].endswith("bbbb")
+    assert served_record(m, later.derivation) is r
+    # ...but never a file of another method or source
+    other = replace(later.derivation, source_sha256="0" * 64)
+    assert served_record(m, other) is None

@@ -27,6 +27,7 @@ from .handoff import runtimes_for
 from .jobs import JobRunner, JobSpec
 from .protocol import Admin, error_event
 from .reconciler import Reconciler
+from .samples import needed_for as samples_needed, uses_field_samples
 from .settings import Settings
 from .store import Store
 from .work import BenchRequest
@@ -247,11 +248,29 @@ class AdminService:
         aside = self.store.set_aside(name)
         if aside is None:
             raise UsageError(f"{name} is not in {self.settings.models_dir}")
+        self.reconciler.samples.forget(name)   # they were in the folder
         await asyncio.to_thread(shutil.rmtree, aside, True)   # off the loop: a model is large
         log.info("model_removed", model=name, by="admin")
         self.reconciler.wake()
         return {"mode": self.mode(), "removed": name,
                 "still_in_catalog": name in self.keeper.current.entries}, 0
+
+    async def _cmd_samples(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
+        """List a model's field samples, or with ``clear`` remove them all."""
+        name = request.args["name"] or ""
+        area = self.reconciler.samples
+        entry = self.keeper.current.entries.get(name)
+        if entry is None and not area.rows(name):
+            require_entry(self.keeper, name)
+        if request.args.get("clear"):
+            removed = await asyncio.to_thread(area.clear, name)
+            log.info("samples_cleared", model=name, count=removed, by="admin")
+            self.reconciler.wake()
+            return {"mode": self.mode(), "model": name, "cleared": removed}, 0
+        state = area.state(name, samples_needed(entry))
+        return {"mode": self.mode(), "model": name, **state.to_dict(),
+                "uses_field_samples": bool(entry and uses_field_samples(entry)),
+                "disk_bytes": area.disk_bytes(), "samples": area.rows(name)}, 0
 
     async def _cmd_bench(self, request: Admin, send: Send) -> tuple[dict[str, Any], int]:
         name = request.args["name"] or ""

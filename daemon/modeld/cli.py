@@ -47,7 +47,8 @@ READ_TIMEOUT_S = 30.0
 NAMED = {"pull": "pull (and quantize, prove) one model now",
          "remove": "delete a model's files from the store",
          "verify": "prove a model's variants again now",
-         "bench": "measure every variant of a model on this host"}
+         "bench": "measure every variant of a model on this host",
+         "samples": "list the field samples nodes sent for a model (--clear removes them)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--candidates", action="store_true",
                            help="also build and measure the standard quantization recipes")
+        if name == "samples":
+            p.add_argument("--clear", action="store_true",
+                           help="remove every field sample of the model")
     sub.add_parser("list", parents=[common], help="list the catalog's models")
     sub.add_parser("status", parents=[common], help="what is served, proven and told to nodes")
     sub.add_parser("nodes", parents=[common], help="the nodes connected to the running daemon")
@@ -390,6 +394,32 @@ def cmd_remove(settings: Settings, args: argparse.Namespace, display: ProgressDi
     return EXIT_OK
 
 
+def cmd_samples(settings: Settings, args: argparse.Namespace, display: ProgressDisplay) -> int:
+    """Field samples live in the daemon's memory and models/<name>/samples: ask the daemon."""
+    conn = _daemon(settings)
+    if conn is None:
+        raise UsageError(f"no daemon on {settings.socket_path}: samples are managed by the "
+                         "running daemon", hint="start it (systemctl start mecha10-modeld)")
+    doc = _ask(conn, "samples", display, READ_TIMEOUT_S, name=args.name,
+               clear=bool(args.clear))["data"]
+    if _json(args):
+        _print_json(doc)
+        return EXIT_OK
+    print(reports.mode_line(doc["mode"]))
+    if "cleared" in doc:
+        print(f"removed {doc['cleared']} field samples of {args.name}")
+        return EXIT_OK
+    print(f"{args.name}: {doc['count']} field samples ({doc['needed']} needed), generation "
+          f"{doc['generation'] or 'none yet'} ({doc['generation_count']} samples)"
+          + ("" if doc["uses_field_samples"] else "; its entry does not use field samples"))
+    rows = [("SHA256", "NODE", "BYTES", "IN GENERATION")] + [
+        (r["sha256"][:16], r["node"] or "-", r["bytes"], "yes" if r["in_generation"] else "no")
+        for r in doc["samples"]]
+    if len(rows) > 1:
+        print(reports.table(rows))
+    return EXIT_OK
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace, display: ProgressDisplay) -> int:
     conn = _daemon(settings)
     if conn is not None:
@@ -431,7 +461,7 @@ def cmd_doctor(settings: Settings, args: argparse.Namespace, display: ProgressDi
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace, ProgressDisplay], int]] = {
     "run": cmd_run, "sync": cmd_sync, "pull": cmd_pull, "list": cmd_list, "status": cmd_status,
     "nodes": cmd_nodes, "remove": cmd_remove, "verify": cmd_verify, "bench": cmd_bench,
-    "doctor": cmd_doctor}
+    "doctor": cmd_doctor, "samples": cmd_samples}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .errors import IntegrityError, ModeldError, TemporaryError
 from .protocol import (CPU_PROVIDER, DEFAULT_PREFER, PROTOCOL_VERSION, STATE_EVENTS,
                        LineSplitter, ProtocolError, ack_request, decode, default_socket_path,
-                       encode, parse_request, subscribe_request)
+                       encode, parse_request, sample_header, subscribe_request)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 #: the daemon does from them
 CLIENT_MAX_LINE_BYTES = 64 * 1024 * 1024
 SEND_TIMEOUT_S = 5.0
+#: ``HotSession(contribute_samples=True)``: inputs kept (a uniform sample of the whole run), how
+#: often a few are handed to the daemon, how many at a time
+SAMPLE_RESERVOIR = 64
+SAMPLE_INTERVAL_S = 10.0
+SAMPLES_PER_SEND = 4
+#: after the daemon refused samples for a reason that will not go away soon (the model does not
+#: use them, the area is full): wait this much longer before offering again
+SAMPLE_REFUSED_BACKOFF = 8
 
 
 class DaemonUnavailableError(TemporaryError):
@@ -102,6 +110,7 @@ class _SubscriptionBase:
                  node: str | None = None, reconnect: bool = True,
                  backoff_initial_s: float = 0.05, backoff_max_s: float = 5.0) -> None:
         self.models = _as_models(models)
+        self.node = node or ""
         self.socket_path = str(socket_path or default_socket_path())
         self.providers = tuple(providers)
         self.reconnect = reconnect
@@ -436,6 +445,83 @@ def ping(*, socket_path: str | Path | None = None, timeout_s: float = 5.0) -> bo
                    timeout_s=timeout_s).get("event") == "pong"
 
 
+def send_samples(model: str, samples: Sequence[bytes], *, node: str | None = None,
+                 socket_path: str | Path | None = None, timeout_s: float = 10.0
+                 ) -> list[dict[str, Any]]:
+    """Offer ``samples`` (``.npy`` bytes of inputs the node ran) for ``model`` on one connection;
+    the daemon's answer to each, in order: a ``sample`` event, or an ``error`` with a ``code``
+    (docs/protocol.md, "Field samples"). Stops at the first answer that closes the connection."""
+    path = str(socket_path or default_socket_path())
+    answers: list[dict[str, Any]] = []
+    splitter = LineSplitter(CLIENT_MAX_LINE_BYTES)
+    lines: collections.deque[bytes] = collections.deque()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            for data in samples:
+                sock.sendall(encode(sample_header(model, len(data), node=node)) + data)
+                while True:
+                    while not lines:
+                        chunk = sock.recv(1 << 16)
+                        if not chunk:
+                            return answers
+                        lines.extend(splitter.feed(chunk))
+                    answer = decode(lines.popleft())
+                    if answer.get("event") in ("sample", "error"):
+                        answers.append(answer)
+                        break
+    except OSError as e:
+        if not answers:
+            raise DaemonUnavailableError(f"no answer from {path}: {e.strerror or e}",
+                                         hint="is mecha10-modeld running? set MODELD_SOCKET") from e
+    return answers
+
+
+class Reservoir:
+    """A uniform random sample of at most ``size`` items from a stream of unknown length
+    (Algorithm R, Vitter 1985): item ``i`` (counting from 1) is kept with probability
+    ``size / i``, in a random slot. ``offer()`` is all a caller pays per item (a lock, a counter,
+    one random number); it says which slot to ``put`` the item in, or None to drop it, so an
+    item is copied only when it is kept. Thread-safe."""
+
+    __slots__ = ("size", "seen", "_items", "_fresh", "_rng", "_lock")
+
+    def __init__(self, size: int, *, rng: random.Random | None = None) -> None:
+        if size < 1:
+            raise ValueError("a reservoir holds at least one item")
+        self.size = size
+        self.seen = 0
+        self._items: list[Any] = [None] * size
+        self._fresh: set[int] = set()       # slots filled since they were last taken
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+
+    def offer(self) -> int | None:
+        with self._lock:
+            self.seen += 1
+            if self.seen <= self.size:
+                return self.seen - 1
+            slot = self._rng.randrange(self.seen)
+            return slot if slot < self.size else None
+
+    def put(self, slot: int, item: Any) -> None:
+        with self._lock:
+            self._items[slot] = item
+            self._fresh.add(slot)
+
+    def items(self) -> list[Any]:
+        with self._lock:
+            return [i for i in self._items if i is not None]
+
+    def take_fresh(self, count: int) -> list[Any]:
+        """Up to ``count`` items put since they were last taken (each is handed out once)."""
+        with self._lock:
+            slots = self._rng.sample(sorted(self._fresh), min(count, len(self._fresh)))
+            self._fresh.difference_update(slots)
+            return [self._items[s] for s in slots]
+
+
 # --- hot swap ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -459,6 +545,11 @@ class HotSession:
     session from exactly those bytes and swaps one reference under a lock; a run in flight keeps
     the reference it took, so it finishes on the old session. A file that fails is nacked and the
     old session kept. ``unavailable``/``removed`` keep the current session running.
+
+    ``contribute_samples=True`` (off by default: the frames are the node's) keeps a uniform
+    sample of the inputs ``run`` was given over the whole run (``Reservoir``: a copy of the
+    input only when the reservoir picks it) and every ``sample_interval_s`` a background thread
+    offers a few new ones to the daemon as field samples (single-input models).
     """
 
     def __init__(self, subscription: Subscription | None = None, model: str | None = None, *,
@@ -467,7 +558,9 @@ class HotSession:
                  providers: Sequence[str] = (CPU_PROVIDER,), prefer: str = DEFAULT_PREFER,
                  node: str | None = None, session_options: Any = None,
                  on_swap: Callable[[Loaded], None] | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 contribute_samples: bool = False, sample_reservoir: int = SAMPLE_RESERVOIR,
+                 sample_interval_s: float = SAMPLE_INTERVAL_S) -> None:
         if subscription is None:
             if models is None:
                 raise ValueError("HotSession needs a subscription or models=")
@@ -495,6 +588,18 @@ class HotSession:
         self._thread = threading.Thread(target=self._follow, name=f"modeld-hot-{model}",
                                         daemon=True)
         self._thread.start()
+        #: what the daemon answered to the samples offered (``sample`` events and ``error``s)
+        self.samples_sent = 0
+        self.samples_refused = 0
+        self.last_sample_answer: dict[str, Any] | None = None
+        self._reservoir = Reservoir(sample_reservoir) if contribute_samples else None
+        self._sample_interval_s = sample_interval_s
+        self._stop_samples = threading.Event()
+        self._sampler: threading.Thread | None = None
+        if self._reservoir is not None:
+            self._sampler = threading.Thread(target=self._contribute, daemon=True,
+                                             name=f"modeld-samples-{model}")
+            self._sampler.start()
 
     @property
     def current(self) -> Loaded | None:
@@ -518,11 +623,70 @@ class HotSession:
         if session is None:
             raise ModelNotReadyError(f"no variant of {self.model} is loaded yet",
                                      entry=self.model, hint="wait_ready() first")
+        reservoir = self._reservoir
+        if reservoir is not None:
+            slot = reservoir.offer()
+            if slot is not None:
+                self._keep(reservoir, slot, input_feed)
         # The local reference keeps the old session alive until this run returns, even if a
         # swap happens meanwhile: no run is cut short, none fails because of a swap.
         return session.run(output_names, input_feed, run_options)
 
+    def _keep(self, reservoir: Reservoir, slot: int, input_feed: dict[str, Any]) -> None:
+        if len(input_feed) != 1 or not hasattr(next(iter(input_feed.values())), "copy"):
+            log.info("modeld: %s: field samples are for single-input models fed arrays; not "
+                     "contributing", self.model)
+            self._reservoir = None
+            return
+        reservoir.put(slot, next(iter(input_feed.values())).copy())
+
+    @property
+    def samples_seen(self) -> int:
+        """``run`` calls the reservoir has seen (0 when not contributing)."""
+        return self._reservoir.seen if self._reservoir is not None else 0
+
+    def _contribute(self) -> None:
+        """The sampler thread: every interval, offer a few inputs the reservoir took since."""
+        import io
+
+        import numpy  # the node runs onnxruntime, which needs numpy: no new dependency
+
+        wait_s = self._sample_interval_s
+        while not self._stop_samples.wait(wait_s):
+            reservoir = self._reservoir
+            if reservoir is None:
+                return
+            arrays = reservoir.take_fresh(SAMPLES_PER_SEND)
+            if not arrays:
+                continue
+            frames = []
+            for array in arrays:
+                out = io.BytesIO()
+                numpy.save(out, numpy.ascontiguousarray(array), allow_pickle=False)
+                frames.append(out.getvalue())
+            try:
+                answers = send_samples(self.model, frames, node=self.subscription.node or None,
+                                       socket_path=self.subscription.socket_path)
+            except (ModeldError, OSError) as e:
+                log.debug("modeld: samples not sent: %s", e)
+                continue
+            refused = [a for a in answers if a.get("event") != "sample"]
+            self.samples_sent += len(answers) - len(refused)
+            self.samples_refused += len(refused)
+            if answers:
+                self.last_sample_answer = answers[-1]
+            if refused:
+                log.info("modeld: daemon refused samples of %s: %s", self.model,
+                         refused[0].get("error"))
+            # a refusal that will not go away soon (the model does not use samples, the area
+            # is full) waits longer; the next accepted sample brings the normal pace back
+            wait_s = self._sample_interval_s * (SAMPLE_REFUSED_BACKOFF if refused and len(
+                refused) == len(answers) else 1)
+
     def close(self) -> None:
+        self._stop_samples.set()
+        if self._sampler is not None:
+            self._sampler.join(timeout=10)
         if self._owns_subscription:
             self.subscription.close()
             self._thread.join(timeout=10)

@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 from . import share
 
 from .manifest import FileRecord, Manifest
+from .methods import worker_params
 from .planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Action, Adopt, Derive, PlanContext,
                        Prove, Pull, Share, config_derivation, proof_basis, providers_for)
 from .settings import Settings
@@ -37,7 +38,8 @@ def request_for(action: Pull | Derive | Prove | Adopt | Share, *, model_dir: str
                 manifest: Manifest | None = None) -> Request:
     """The request that carries out ``action``. ``known``: the intact records of the model's
     files (a pull trusts their stat); ``token``: the Hub token (HF_TOKEN); ``manifest``: the
-    model's manifest (a ``Share`` uploads the record and proof it holds)."""
+    model's manifest (a ``Share`` uploads the record and proof it holds; a ``Prove`` of a
+    derived file reads the calibration folder its record's derivation names)."""
     entry = action.entry
     if isinstance(action, Adopt):
         assert entry.quantize is not None and entry.quantize.share
@@ -66,8 +68,10 @@ def request_for(action: Pull | Derive | Prove | Adopt | Share, *, model_dir: str
     if isinstance(action, Derive):
         spec = entry.quantize
         assert spec is not None
+        # the derivation's calibration: the catalog's folder or a generation of field samples
         return QuantizeRequest(name=action.name, model_dir=model_dir, method=spec.method,
-                               params=dict(spec.params), calibration=spec.calibration,
+                               params=worker_params(spec.method, spec.params),
+                               calibration=action.derivation.params.get("calibration"),
                                preprocessing_preset=entry.preprocessing_preset,
                                input_size=entry.input_size, providers=providers,
                                gates=spec.gates, simulated=simulated, task=entry.task or None,
@@ -75,8 +79,14 @@ def request_for(action: Pull | Derive | Prove | Adopt | Share, *, model_dir: str
                                derivation=action.derivation, basis=proof_basis(context))
     # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
     # load and run) never reads it: a broken calibration folder must not un-serve FP32.
-    calibration = (entry.quantize.calibration if entry.quantize and action.reference_file
-                   else None)
+    # A derived file is proven on the held-out part of the data it was calibrated with: the
+    # catalog's folder, or the generation of field samples its derivation names.
+    record = manifest.files.get(action.file_name) if manifest is not None else None
+    calibration = None
+    if entry.quantize and action.reference_file:
+        calibration = (record.derivation.params.get("calibration")
+                       if record is not None and record.derivation is not None
+                       else entry.quantize.calibration)
     return ProveRequest(model_dir=model_dir, file_name=action.file_name, variant=action.variant,
                         reference_file=action.reference_file, providers=providers,
                         gates=action.gates, calibration=calibration,

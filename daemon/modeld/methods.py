@@ -36,6 +36,10 @@ class Option:
     #: handed to the onnxruntime quantizer as a recipe option (``samples`` is not: it says how
     #: many calibration inputs are read)
     recipe: bool = True
+    #: sent to the quantize worker and keyed in the derivation; False: the daemon's alone
+    #: (``field_samples`` says when a generation of field samples is cut: the generation, not
+    #: the count, is what a variant derives from)
+    worker: bool = True
 
     def accepts(self, value: Any) -> bool:
         if self.choices is not None:
@@ -90,6 +94,9 @@ class Method:
 
 
 _SAMPLES = Option(32, kind=int, minimum=1, maximum=MAX_SAMPLES, recipe=False)
+#: without a calibration folder, calibrate on the nodes' field samples once there are this many
+#: (issue 13, ``modeld.samples``)
+_FIELD_SAMPLES = Option(32, kind=int, minimum=1, maximum=MAX_SAMPLES, recipe=False, worker=False)
 
 #: method -> its definition; the order is the one error messages list them in
 METHODS: dict[str, Method] = {
@@ -104,13 +111,16 @@ METHODS: dict[str, Method] = {
         "activation_type": Option("QUInt8", QUANT_TYPES),
         "weight_type": Option("QInt8", QUANT_TYPES),
         "per_channel": Option(True, kind=bool),
-        "reduce_range": Option(False, kind=bool)},
-        calibration="required",
+        "reduce_range": Option(False, kind=bool),
+        "field_samples": _FIELD_SAMPLES},
+        # without a folder it waits for field samples (modeld.samples)
+        calibration="optional",
         rules=(Rule({"activation_type": "QInt8", "weight_type": "QUInt8"}, "activation_type",
                     "static_int8 cannot pair activation_type QInt8 with weight_type QUInt8",
                     "use QUInt8 activations or QInt8 weights"),)),
     "fp16": Method("fp16", FP16, {"keep_io_types": Option(True, kind=bool)}),
-    "auto": Method("auto", None, {"samples": _SAMPLES}, calibration="optional"),
+    "auto": Method("auto", None, {"samples": _SAMPLES, "field_samples": _FIELD_SAMPLES},
+                   calibration="optional"),
 }
 
 
@@ -147,6 +157,13 @@ def canonical(method: str, params: Mapping[str, Any] | None = None, *, entry: st
     if rule is not None:
         raise error(rule.option, rule.message, rule.hint)
     return out
+
+
+def worker_params(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of canonical ``params`` that the quantize worker receives and the derivation
+    keys on (all but the daemon's own, ``Option.worker``), in the table's sorted order."""
+    options = METHODS[method].options
+    return {k: params[k] for k in sorted(options) if k in params and options[k].worker}
 
 
 def recipe_options(method: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,12 @@ from .catalog import Catalog, ModelEntry
 from .inventory import UNREADABLE, Inventory, ModelState
 from .layout import CONFIG_FILE, FP32_FILE, LABELS_FILE
 from .manifest import FileRecord, Manifest
-from .methods import METHODS
+from .methods import METHODS, worker_params
 from .unchanged import MISSING, PassMemo
 from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, Derivation, Gates, Proof,
                        proof_key)  # noqa: F401 - proof_key: tests
+from .samples import (FieldSamples, field_calibration, same_but_samples,
+                      waiting_for_samples)
 from .share import ADOPTED, adopt_key, is_adopted, upload_key
 from .work import ProofBasis
 
@@ -41,6 +43,8 @@ class PlanContext:
     #: (model, file name) to prove again although its proof is current: a node rejected it, and
     #: a nack is evidence, not a verdict (the daemon's own proof decides for every node)
     recheck: frozenset[tuple[str, str]] = frozenset()
+    #: model -> its field samples (``modeld.samples``), for entries that calibrate on them
+    field_samples: Mapping[str, FieldSamples] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ class Planner:
             state = inventory.models.get(name)
             asked = (name in refresh, frozenset(f for n, f in rechecked if n == name)) \
                 if rechecked else (name in refresh,)
+            if name in context.field_samples:   # a new generation is new work
+                asked += (context.field_samples[name],)
             action = memo.recall(name, (entry, state), asked)
             if action is MISSING:
                 action = plan_model(entry, state, context)
@@ -222,6 +228,9 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
     spec = entry.quantize
     if spec is None or not spec.enabled:
         return None
+    if spec.method == "static_int8" and waiting_for_samples(
+            entry, context.field_samples.get(entry.name)):
+        return None   # no calibration folder: built from field samples once there are enough
     derivation = desired_derivation(entry, fp32, context)
     if derivation.key() in manifest.failures:
         return None  # failed permanently for exactly these inputs; a change of any input retries
@@ -324,9 +333,11 @@ def desired_derivation(entry: ModelEntry, fp32: FileRecord, context: PlanContext
     assert spec is not None
     method = METHODS[spec.method]
     # The preset and input size shape the calibration and agreement inputs: inputs too.
-    params = {k: spec.params[k] for k in sorted(method.options)} | {
-        "calibration": spec.calibration, "preprocessing_preset": entry.preprocessing_preset,
-        "input_size": entry.input_size, "recipes": RECIPES_VERSION}
+    # The calibration folder is the catalog's, or the generation of field samples in use.
+    params = worker_params(spec.method, spec.params) | {
+        "calibration": field_calibration(entry, context.field_samples.get(entry.name)),
+        "preprocessing_preset": entry.preprocessing_preset, "input_size": entry.input_size,
+        "recipes": RECIPES_VERSION}
     if method.chooses:
         # auto chooses among candidates by the gates and the providers: they are inputs too
         providers = providers_for(entry, context)
@@ -345,6 +356,14 @@ def derived_record(manifest: Manifest, derivation: Derivation) -> FileRecord | N
                 and record.derivation.key() == key:
             return record
     return None
+
+
+def served_record(manifest: Manifest, derivation: Derivation) -> FileRecord | None:
+    """The derived file to offer: the one of ``derivation``, else one that differs from it only
+    by an older generation of field samples (it keeps serving until the new one is proven)."""
+    return derived_record(manifest, derivation) or next(
+        (r for r in manifest.files.values()
+         if r.derivation is not None and same_but_samples(r.derivation, derivation)), None)
 
 
 def derived_proof_key(entry: ModelEntry, record: FileRecord, fp32: FileRecord,

@@ -33,6 +33,8 @@ MAX_MODELS_PER_SUBSCRIBE = 256
 MAX_NAME_CHARS = 256
 MAX_PROVIDERS = 16
 MAX_ERROR_CHARS = 2000
+#: the largest ``sample`` frame (the .npy bytes after its header line): one model input
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024
 
 
 class ProtocolError(ModeldError, ValueError):
@@ -130,10 +132,22 @@ class Admin:
     id: str = ""
 
 
-ADMIN_COMMANDS = ("status", "list", "nodes", "pull", "sync", "verify", "bench", "remove")
+@dataclass(frozen=True)
+class Sample:
+    """One input a node ran, offered as calibration and proof data (docs/protocol.md,
+    "Field samples"): this header line is followed on the socket by exactly ``size`` bytes of
+    ``.npy`` data."""
 
-Request = Subscribe | Ack | Status | Ping | Admin
-_OPS = "subscribe, ack, status, ping, admin"
+    model: str
+    size: int
+    node: str = ""
+
+
+ADMIN_COMMANDS = ("status", "list", "nodes", "pull", "sync", "verify", "bench", "remove",
+                  "samples")
+
+Request = Subscribe | Ack | Status | Ping | Admin | Sample
+_OPS = "subscribe, ack, status, ping, admin, sample"
 
 
 def parse_request(obj: Mapping[str, Any]) -> Request:
@@ -149,6 +163,8 @@ def parse_request(obj: Mapping[str, Any]) -> Request:
         return Ping()
     if op == "admin":
         return _parse_admin(obj)
+    if op == "sample":
+        return _parse_sample(obj)
     if op is None:
         raise ProtocolError(f'missing "op" (one of {_OPS})')
     raise ProtocolError(f'unknown op {str(op)[:40]!r} (one of {_OPS})')
@@ -165,17 +181,20 @@ def _parse_admin(obj: Mapping[str, Any]) -> Admin:
     request_id = obj.get("id") or ""
     if not isinstance(request_id, str) or len(request_id) > MAX_NAME_CHARS:
         raise ProtocolError('admin: "id" must be a short string')
-    args = {"name": name, "candidates": obj.get("candidates") is True}
+    args = {"name": name, "candidates": obj.get("candidates") is True,
+            "clear": obj.get("clear") is True}
     return Admin(command=command, args=args, id=request_id)
 
 
 def admin_request(command: str, *, name: str | None = None, candidates: bool = False,
-                  request_id: str = "") -> dict[str, Any]:
+                  request_id: str = "", clear: bool = False) -> dict[str, Any]:
     msg: dict[str, Any] = {"op": "admin", "command": command}
     if name is not None:
         msg["name"] = name
     if candidates:
         msg["candidates"] = True
+    if clear:
+        msg["clear"] = True
     if request_id:
         msg["id"] = request_id
     return msg
@@ -200,6 +219,28 @@ def _parse_subscribe(obj: Mapping[str, Any]) -> Subscribe:
     if not isinstance(node, str) or len(node) > MAX_NAME_CHARS:
         raise ProtocolError(f'subscribe: "node" must be a string of at most {MAX_NAME_CHARS} chars')
     return Subscribe(models=models, providers=providers, prefer=prefer, node=node)
+
+
+def _parse_sample(obj: Mapping[str, Any]) -> Sample:
+    model = obj.get("model")
+    if not isinstance(model, str) or not model or len(model) > MAX_NAME_CHARS:
+        raise ProtocolError('sample: "model" must be a model name')
+    size = obj.get("bytes")
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_SAMPLE_BYTES:
+        raise ProtocolError(f'sample: "bytes" must be the size of the .npy data that follows, '
+                            f'1 to {MAX_SAMPLE_BYTES}')
+    node = obj.get("node") or ""
+    if not isinstance(node, str) or len(node) > MAX_NAME_CHARS:
+        raise ProtocolError(f'sample: "node" must be a string of at most {MAX_NAME_CHARS} chars')
+    return Sample(model=model, size=size, node=node)
+
+
+def sample_header(model: str, size: int, *, node: str | None = None) -> dict[str, Any]:
+    """The line sent before ``size`` bytes of .npy data (``Sample``)."""
+    msg: dict[str, Any] = {"op": "sample", "model": model, "bytes": size}
+    if node:
+        msg["node"] = node
+    return msg
 
 
 def _parse_ack(obj: Mapping[str, Any]) -> Ack:

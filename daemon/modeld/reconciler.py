@@ -41,6 +41,7 @@ from . import share
 from .rejections import Rejection, Rejections
 from .planning import (Action, Adopt, Derive, PlanContext, Prove, Planner, Pull, Quarantine,
                        RestoreMode, Share, variant_of)
+from .samplestore import SamplesArea, field_samples_context
 from .serving import ModelView
 from .settings import Settings
 from .store import Store, stat_key
@@ -81,8 +82,11 @@ class Reconciler:
                  publish: Callable[[Mapping[str, ModelView]], None] | None = None,
                  on_change: Callable[[], None] | None = None,
                  rejections: Rejections | None = None,
-                 backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0) -> None:
+                 backoff_base_s: float = 2.0, backoff_cap_s: float = 300.0,
+                 samples: SamplesArea | None = None) -> None:
         self.settings = settings
+        #: the nodes' field samples (``modeld.samples``): read for the plan context only
+        self.samples = samples or SamplesArea(settings.models_dir)
         self.store = store
         self.catalog = catalog
         self.jobs = jobs or JobRunner()
@@ -292,7 +296,9 @@ class Reconciler:
                            onnxruntime_version=self.ort_version,
                            simulated=dict(self.settings.simulated_providers),
                            runtimes={p: r.identity for p, r in self.runtimes.items()},
-                           refresh=refresh, recheck=recheck)
+                           refresh=refresh, recheck=recheck,
+                           field_samples=field_samples_context(self.samples,
+                                                               self.catalog.current))
 
     async def probe_runtimes(self) -> dict[str, Probed]:
         """Ask every node runtime what it is (in a thread: each is a subprocess). A change of
@@ -571,7 +577,9 @@ class Reconciler:
             state = self.store.scan_model(action.name)
             known = {n: r for n, r in (state.manifest.files.items() if state else ())
                      if state.intact(n)}
-        manifest = (self.store.read_manifest(action.name) if isinstance(action, Share)
+        # a Share uploads what the manifest holds; a Prove of a derived file reads the calibration
+        # folder its derivation names
+        manifest = (self.store.read_manifest(action.name) if isinstance(action, (Share, Prove))
                     else None)
         return handoff.request_for(action, model_dir=str(self.store.model_dir(action.name)),
                                    settings=self.settings, context=self.context(), known=known,

@@ -25,6 +25,8 @@ from .errors import ModeldError, StoreUnavailableError
 from .reconciler import Reconciler
 from .rejections import Rejections
 from .server import Server
+from .samplestore import SamplesArea, accept
+from .samples import Limits
 from .settings import Settings
 from .store import Store
 from .watcher import Watcher
@@ -95,6 +97,10 @@ class Daemon:
         self.settings = settings
         self.store = Store(settings.models_dir)
         self.catalog = CatalogKeeper(settings.catalog_path)
+        self.samples = SamplesArea(settings.models_dir, Limits(
+            per_model=settings.samples_per_model, per_node=settings.samples_per_node,
+            budget_bytes=int(settings.samples_budget_mb * 1024 * 1024)))
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: the one record of nodes' rejections: the server adds and asks, the reconciler
         #: restores, persists and forgets (modeld.rejections)
         self.rejections = Rejections()
@@ -103,12 +109,14 @@ class Daemon:
                              max_clients=client_limit(settings.max_clients),
                              on_rejection=self._on_rejection, rejections=self.rejections,
                              status_extra=self._status_extra,
-                             on_admin=lambda *a: self.admin.handle(*a))
+                             on_admin=lambda *a: self.admin.handle(*a),
+                             on_sample=self._on_sample)
         self.reconciler = Reconciler(settings, store=self.store, catalog=self.catalog,
                                      publish=self.server.publish, on_change=self._on_change,
                                      rejections=self.rejections,
                                      backoff_base_s=settings.retry_backoff_base_s,
-                                     backoff_cap_s=settings.retry_backoff_cap_s)
+                                     backoff_cap_s=settings.retry_backoff_cap_s,
+                                     samples=self.samples)
         self.admin = AdminService(settings, reconciler=self.reconciler,
                                   server_status=self.server.status)
         self.stopping = asyncio.Event()
@@ -117,7 +125,7 @@ class Daemon:
         self._last_status_at = 0.0
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         loop.set_exception_handler(_LoopExceptions())
         try:
             self.store.lock()   # StoreLockedError: a second daemon on the same models/ refuses to start
@@ -127,6 +135,7 @@ class Daemon:
             log.error("store_unavailable", **e.fields())
             self.reconciler.lock_later = True
         try:
+            await asyncio.to_thread(self.samples.load)
             removed = self.store.clean_leftovers()
             if removed:
                 log.info("leftovers_removed", count=len(removed), files=removed[:20])
@@ -208,6 +217,13 @@ class Daemon:
         self.reconciler.record_rejection(model=model, variant=variant, sha256=sha256,
                                          provider=provider, node=node, error=error,
                                          revision=revision)
+
+    def _on_sample(self, model: str, node: str, data: bytes) -> dict[str, Any]:
+        """A node's field sample (the server calls it in a thread)."""
+        answer = accept(self.samples, self.catalog.current.entries, model, node, data)
+        if self._loop is not None:   # the count is in status; a new generation is new work
+            self._loop.call_soon_threadsafe(self.reconciler.wake)
+        return answer
 
     def _status_extra(self) -> dict[str, Any]:
         return {**self.reconciler.status(),

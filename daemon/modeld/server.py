@@ -27,8 +27,8 @@ import structlog
 
 from . import __version__
 from .atomic import TEMP_PREFIX
-from .errors import PermanentError
-from .protocol import (Ack, Admin, Ping, ProtocolError, Status, Subscribe, decode, encode,
+from .errors import ModeldError, PermanentError
+from .protocol import (Ack, Admin, Ping, ProtocolError, Sample, Status, Subscribe, decode, encode,
                        error_event, hello_event, parse_request, pong_event, removed_event,
                        unavailable_event, variant_event, PROTOCOL_VERSION, DAEMON_NAME)
 from .rejections import Rejection, Rejections
@@ -51,6 +51,9 @@ MAX_CLIENT_OUTPUT_BYTES = 8 * 1024 * 1024
 #: bytes queued for all connections together past which no connection's next request is read
 #: until its own answers are written (pipelined `status` on many connections took 600 MB)
 MAX_PENDING_OUTPUT_BYTES = 64 * 1024 * 1024
+#: sample frames received at once over all connections (each up to MAX_SAMPLE_BYTES in memory);
+#: the others wait with their bytes in the kernel's socket buffers
+MAX_SAMPLES_IN_FLIGHT = 2
 NOT_IN_CATALOG = "not in the catalog"
 NOT_LOADED_YET = "daemon starting: catalog not loaded yet"
 
@@ -91,6 +94,7 @@ class Server:
                  rejections: Rejections | None = None,
                  status_extra: Callable[[], dict] | None = None,
                  on_admin: Callable[..., None] | None = None,
+                 on_sample: Callable[[str, str, bytes], Mapping[str, Any]] | None = None,
                  write_timeout_s: float = 10.0,
                  max_client_output_bytes: int = MAX_CLIENT_OUTPUT_BYTES,
                  max_pending_output_bytes: int = MAX_PENDING_OUTPUT_BYTES) -> None:
@@ -109,6 +113,10 @@ class Server:
         #: ``on_admin(request, peer, send)``: operators' commands (the runner wires modeld.admin);
         #: ``peer`` is an ``AdminPeer``, ``send`` queues an event on that connection
         self._on_admin = on_admin
+        #: ``on_sample(model, node, data) -> answer fields``: a node's field sample (the runner
+        #: wires modeld.samples); called in a thread, its ``ModeldError`` is the node's answer
+        self._on_sample = on_sample
+        self._sample_slots: asyncio.Semaphore | None = None
         self._views: dict[str, ModelView] = {}
         self._published = False
         self._generations: dict[str, int] = {}
@@ -236,16 +244,19 @@ class Server:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _handle_line(self, client: "_Client", line: bytes) -> None:
+    def _handle_line(self, client: "_Client", line: bytes) -> Sample | None:
+        """Answer one request line; a ``Sample`` header is returned, for its frame to be read."""
         if not line.strip():
-            return  # a bare newline (someone typing into socat) is not an error
+            return None  # a bare newline (someone typing into socat) is not an error
         try:
             request = parse_request(decode(line))
         except ProtocolError as e:
             client.consecutive_errors += 1
             log.info("bad_request", client=client.id, node=client.node, error=str(e))
             client.send(error_event(str(e)))
-            return
+            return None
+        if isinstance(request, Sample):
+            return request
         client.consecutive_errors = 0
         if isinstance(request, Subscribe):
             self._subscribe(client, request)
@@ -266,6 +277,47 @@ class Server:
                 log.error("on_admin_failed", command=request.command, error=repr(e))
                 client.send(error_event(f"admin: internal error: {type(e).__name__}",
                                         id=request.id))
+        return None
+
+    async def _receive_sample(self, client: "_Client", request: Sample,
+                              reader: asyncio.StreamReader) -> str | None:
+        """Read a sample's frame and hand it to ``on_sample`` off the loop; None, or why the
+        connection must close (a frame that never came whole cannot be skipped)."""
+        if self._sample_slots is None:
+            self._sample_slots = asyncio.Semaphore(MAX_SAMPLES_IN_FLIGHT)
+        async with self._sample_slots:
+            try:
+                data = await asyncio.wait_for(reader.readexactly(request.size),
+                                              self.write_timeout_s)
+            except asyncio.TimeoutError:
+                return (f"sample: {request.size} bytes announced, not received within "
+                        f"{self.write_timeout_s:g} s; closing")
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                return "connection closed inside a sample frame"
+            node = request.node or client.node or f"uid {client.uid}"
+            if self._on_sample is None:
+                answer: Mapping[str, Any] | None = None
+                error, code = "sample: field samples are not accepted by this daemon", "unavailable"
+            else:
+                try:
+                    answer = await asyncio.to_thread(self._on_sample, request.model, node, data)
+                    error, code = "", ""
+                except ModeldError as e:
+                    answer, error, code = None, f"sample for {request.model}: {e}", \
+                        str(getattr(e, "code", type(e).__name__))
+                except Exception as e:  # a faulty hook must not break the socket server
+                    log.error("on_sample_failed", model=request.model, error=repr(e))
+                    answer, error, code = None, f"sample: internal error: {type(e).__name__}", \
+                        "internal"
+        if answer is None:
+            client.consecutive_errors += 1
+            log.info("sample_refused", client=client.id, node=node, model=request.model,
+                     code=code, error=error)
+            client.send(error_event(error, code=code, model=request.model))
+        else:
+            client.consecutive_errors = 0
+            client.send({"event": "sample", **answer})
+        return None
 
     def _subscribe(self, client: "_Client", request: Subscribe) -> None:
         total = len(set(client.subscriptions) | set(request.models))
@@ -441,7 +493,11 @@ class Server:
                     break
                 except (ConnectionError, OSError):
                     break
-                self._handle_line(client, line)
+                sample = self._handle_line(client, line)
+                if sample is not None:
+                    closing_error = await self._receive_sample(client, sample, reader)
+                    if closing_error is not None:
+                        break
                 if client.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                     closing_error = f"{client.consecutive_errors} bad lines in a row; closing"
                 elif (client.backlog >= self.queue_limit // 2

@@ -136,6 +136,11 @@ class Settings:
     catalog_parse_timeout_s: float = 2.0
     hub_endpoint: str | None = _setting(None, env="HF_ENDPOINT")
     hub_offline: bool = _setting(False, env="HF_HUB_OFFLINE")
+    #: field samples (``modeld.samples``): at most this many per model and per node of a model,
+    #: and this much disk for every model's samples together
+    samples_per_model: int = 256
+    samples_per_node: int = 64
+    samples_budget_mb: float = 512.0
 
     @property
     def lock_path(self) -> Path:

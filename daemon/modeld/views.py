@@ -14,7 +14,9 @@ from typing import Any, Mapping
 from .catalog import Catalog, ModelEntry
 from .inventory import Inventory, ModelState
 from .layout import FP32_FILE
-from .planning import PlanContext, derived_record, desired_derivation, source_problem, variant_of
+from .planning import (PlanContext, desired_derivation, served_record, source_problem,
+                       variant_of)
+from .samples import uses_field_samples, waiting_for_samples
 from .serving import ModelView, VariantView
 from .unchanged import MISSING, PassMemo
 from .share import adopt_key, is_adopted, provenance_detail
@@ -63,7 +65,8 @@ class ViewBuilder:
         for name, entry in catalog.entries.items():
             state = inventory.models.get(name)
             doing = activity.get(name, idle)
-            key = (doing, name in pending)
+            # a new count or generation of field samples is a new view
+            key = (doing, name in pending, context.field_samples.get(name))
             view = memo.recall(name, (entry, state), key)
             if view is MISSING:
                 view = model_view(entry, state, context, doing, key[1], models_root)
@@ -82,9 +85,15 @@ def model_view(entry: ModelEntry, state: ModelState | None, context: PlanContext
         view_state = "pending"
     else:
         view_state = "ready"
-    reason = _reason(entry, state, activity, offered) or ("queued" if pending else "")
+    field_samples = context.field_samples.get(entry.name)
+    reason = (_reason(entry, state, activity, offered) or ("queued" if pending else "")
+              or waiting_for_samples(entry, field_samples))
+    detail = _detail(entry, state, activity)
+    if uses_field_samples(entry):
+        detail["field_samples"] = (field_samples.to_dict() if field_samples is not None
+                                   else {"count": 0, "generation": None})
     return ModelView(name=entry.name, state=view_state, variants=offered, reason=reason,
-                     detail=_detail(entry, state, activity))
+                     detail=detail)
 
 
 def offered_variants(entry: ModelEntry, state: ModelState | None, context: PlanContext,
@@ -98,7 +107,7 @@ def offered_variants(entry: ModelEntry, state: ModelState | None, context: PlanC
         out.append(_view(state, FP32_FILE, FP32, models_root))
     spec = entry.quantize
     if fp32 is not None and spec is not None and spec.enabled:
-        record = derived_record(manifest, desired_derivation(entry, fp32, context))
+        record = served_record(manifest, desired_derivation(entry, fp32, context))
         if record is not None and state.intact(record.name):
             out.append(_view(state, record.name, variant_of(record), models_root))
     return tuple(v for v in out if v.proof is not None)
