@@ -64,6 +64,11 @@ class SearchBudget:
     def left(self) -> float:
         return self.seconds - self.spent()
 
+    def part(self, share: float) -> "SearchBudget":
+        """A budget of ``share`` of what is left, for a search that must leave the rest to the
+        next one (its time counts against this budget too: both run on the wall clock)."""
+        return SearchBudget(max(self.left(), 0.0) * share)
+
     def spent(self) -> float:
         return time.monotonic() - self._started
 
