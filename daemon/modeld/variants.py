@@ -32,7 +32,9 @@ DEFAULT_PROVIDERS: tuple[str, ...] = (CPU_PROVIDER,)
 #: 3: proofs gate on the worst part of every output and on the model's task (detections,
 #: top-1, masks); auto keeps detection heads out of quantization.
 #: 4: auto keeps every head's decode in FP32 (found structurally) and searches by the task metric.
-RECIPES_VERSION = "4"
+#: 5: a detector's task search starts Percentile-calibrated with its stem and head convs in FP32,
+#: judged on every calibration frame; the searches share one time budget.
+RECIPES_VERSION = "5"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modeld.variants import Gates
 from modeld.workers.quantize import QuantizeRequest, quantize_model
-from modeld.workers.selection import decode_nodes, head_nodes
+from modeld.workers.recipes import GraphSummary, auto_candidates
+from modeld.workers.selection import decode_nodes, head_nodes, stem_nodes
 
 CPU = "CPUExecutionProvider"
 YOLO = "yolov8n-nudenet"
@@ -131,3 +132,30 @@ def test_decode_nodes_are_what_lies_between_the_head_convs_and_the_output():
     graph = _tiny_yolo_head()
     assert sorted(head_nodes(graph)) == ["box_conv", "cls_conv"]
     assert decode_nodes(graph) == ["to_pixels", "score", "cat", "flat"]
+
+
+def test_stem_nodes_are_the_first_compute_nodes_the_inputs_reach():
+    graph = _tiny_yolo_head()
+    assert stem_nodes(graph) == ["stem"]
+    # through light nodes too (a normalising Mul before the first conv)
+    graph.node[0].input[0] = "xn"
+    graph.node.insert(0, helper.make_node("Mul", ["x", "stride"], ["xn"], name="norm"))
+    assert stem_nodes(graph) == ["stem"]
+
+
+def test_a_detectors_task_search_starts_from_percentile_ranges_with_stem_and_head_in_fp32():
+    summary = GraphSummary(op_counts={"Conv": 4}, conv_macs=100.0, matmul_macs=0.0,
+                           head_nodes=("box_conv", "cls_conv"), heavy_convs=("body",),
+                           conv_work={"stem": 1.0, "body": 90.0, "box_conv": 1.0,
+                                      "cls_conv": 1.0},
+                           decode_nodes=("to_pixels", "score", "cat"), stem_nodes=("stem",))
+    recipes = {r.name: r for r in auto_candidates(summary, (CPU,), detector=True)}
+    search = recipes["static_qdq_u8s8_pc_task_search"]
+    assert search.refine and search.nodes_to_quantize is None
+    assert search.options["calibrate_method"] == "Percentile" and search.options["per_channel"]
+    assert set(search.nodes_to_exclude) == {"to_pixels", "score", "cat", "box_conv", "cls_conv",
+                                            "stem"}
+    # not for other models: no task search, and the plain candidates keep MinMax
+    others = auto_candidates(summary, (CPU,), detector=False)
+    assert "static_qdq_u8s8_pc_task_search" not in {r.name for r in others}
+    assert {r.options["calibrate_method"] for r in others if r.kind == "static"} == {"MinMax"}

@@ -607,18 +607,40 @@ def test_auto_on_an_opset_12_model_converts_for_its_per_channel_candidates(tmp_p
     ort.InferenceSession(str(folder / "model-int8.onnx"), providers=[CPU])
 
 
-def test_a_spent_probe_budget_ends_the_measured_selection_cleanly(outlier_dir, monkeypatch):
+def test_a_spent_probe_budget_ends_the_measured_selection_cleanly(tmp_path):
     from modeld.workers import selection
 
-    monkeypatch.setattr(selection, "PROBE_BUDGET_S", -1.0)  # spent before the first probe
+    reference, feeds, build = _outlier_selection(tmp_path, seed=1, samples=2)
     with capture_logs() as logs:
-        result = quantize_model(_request(outlier_dir, "auto", {"samples": 4}), _no_progress)
-    measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
-    assert measured["passed"] is False and "no selection of nodes" in measured["reason"]
+        refined = selection.refine_selection(build, reference, {"good1": 1.0, "bad": 1.0},
+                                             feeds, min_cosine=0.99,
+                                             budget=selection.SearchBudget(-1.0))
+    assert refined is None   # spent before the first probe: nothing measured, nothing picked
     assert any(e["event"] == "selection_probe_budget_spent" for e in logs)
+
+
+def test_the_searches_share_one_time_budget_and_report_it(outlier_dir, monkeypatch):
+    """A search that starts with the shared budget spent is not run; its row says why, and
+    the job still ends with the closest refusal (FP32 keeps serving)."""
+    from modeld.workers import selection
+
+    monkeypatch.setattr(selection, "PROBE_BUDGET_S", -1.0)  # spent before the first search
+    result = quantize_model(_request(outlier_dir, "auto", {"samples": 4}), _no_progress)
+    measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
+    assert measured["passed"] is False and "time budget" in measured["reason"]
+    assert "probed_nodes" not in measured
     # nothing else agrees on this model: the closest refusal is kept, FP32 keeps serving
     assert not result.proof.passed_anywhere
     assert any(w.startswith("no auto candidate passed the gates") for w in result.warnings)
+
+
+def test_a_search_row_reports_its_seconds_and_the_shared_budget(outlier_dir):
+    result = quantize_model(_request(outlier_dir, "auto", {"samples": 4}), _no_progress)
+    measured = next(r for r in result.candidates if r["recipe"] == "static_qdq_u8s8_measured")
+    from modeld.workers.selection import PROBE_BUDGET_S
+
+    assert measured["search_s"] >= 0 and measured["search_budget_s"] == PROBE_BUDGET_S
+    assert measured["search_budget_left_s"] <= PROBE_BUDGET_S - measured["search_s"] + 1
 
 
 @pytest.mark.parametrize("params, expected_op", [

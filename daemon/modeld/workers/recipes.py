@@ -75,6 +75,8 @@ class GraphSummary:
     #: what turns the head's maps into the answer (a detector's DFL, box arithmetic, score
     #: Sigmoid and the Concat of boxes with scores): every INT8 candidate keeps it in FP32
     decode_nodes: tuple[str, ...] = ()
+    #: compute nodes fed by the model's inputs through light nodes only (its first conv)
+    stem_nodes: tuple[str, ...] = ()
 
     @property
     def conv_heavy(self) -> bool:
@@ -91,6 +93,11 @@ _QDQ_U8S8 = {"format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8
 #: (measured on PP-OCR det: per-channel cut single-conv errors up to 10x; 7-bit weights
 #: (reduce_range) made them worse)
 _QDQ_U8S8_PC = _QDQ_U8S8 | {"per_channel": True}
+#: activation ranges from the 99.999th percentile of the calibration values instead of their
+#: extremes: measured on a YOLOv8n at 320 (first conv and head in FP32, 136 held-out frames),
+#: detection F1 0.88 with MinMax, 0.905 with Percentile 99.999, 0.87 with 99.99, 0.88 with
+#: Entropy; speed alike (1.5x-1.57x)
+_QDQ_U8S8_PC_PCT = _QDQ_U8S8_PC | {"calibrate_method": "Percentile"}
 _COMPUTE = ("Conv", "MatMul", "Gemm")
 
 
@@ -109,9 +116,11 @@ def auto_candidates(summary: GraphSummary, providers: tuple[str, ...], *,
     most work per unit of error, then harmless op-type groups), the heaviest convolutions, and
     all convolutions but the head. With a task metric (a detector, classifier or map, real
     calibration frames) the searches are judged by it; for a ``detector`` one more candidate
-    starts from everything but the decode and puts back in FP32 the convolutions whose
-    quantization costs the detections most per unit of work (``selection.exclusion_search``;
-    where it meets the gate on the calibration frames, the measured selection is not run). On
+    (Percentile ranges) starts from everything but the decode, the head's convolutions and the
+    stem (``GraphSummary.stem_nodes``: the first conv) and puts back in FP32 the convolutions
+    whose quantization costs the detections most per unit of work
+    (``selection.exclusion_search``; where it meets the gate on the calibration frames, the
+    measured selection is not run). On
     PP-OCRv4 det only the measured one kept cosine >= 0.99 (the others 0.68-0.95). FP16 only
     where a provider can use it.
     """
@@ -122,8 +131,9 @@ def auto_candidates(summary: GraphSummary, providers: tuple[str, ...], *,
         out.append(Recipe("static_qdq_u8s8", "static", _QDQ_U8S8, nodes_to_exclude=decode))
         out.append(Recipe("static_qdq_u8s8_pc", "static", _QDQ_U8S8_PC, nodes_to_exclude=decode))
         if detector and summary.conv_work:
-            out.append(Recipe("static_qdq_u8s8_pc_task_search", "static", _QDQ_U8S8_PC,
-                              nodes_to_exclude=decode, refine=True))
+            ends = decode + tuple(n for n in head + tuple(summary.stem_nodes) if n not in decode)
+            out.append(Recipe("static_qdq_u8s8_pc_task_search", "static", _QDQ_U8S8_PC_PCT,
+                              nodes_to_exclude=ends, refine=True))
         body = tuple(n for n in summary.conv_work if n not in head)
         if body:
             out.append(Recipe("static_qdq_u8s8_measured", "static", _QDQ_U8S8_PC,
