@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from hubfixtures import (LABELS, MODEL_PATH, REPO, ProgressLog, dead_endpoint,
-                         fetch_request, hub, model_dir, publish, records_of)  # noqa: F401
 from modeld import errors
 from modeld.errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
                            HubUnavailableError, IntegrityError, StoreError)
@@ -29,6 +27,8 @@ from modeld.jobs import JobCancelledError, JobRunner, JobSpec
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
 from modeld.workers import fetch as fetch_module
 from modeld.workers.fetch import FetchRequest, clean_leftovers, fetch_model
+from tests.support.hub import (LABELS, MODEL_PATH, REPO, ProgressLog, dead_endpoint, fetch_request,
+                               publish, records_of)
 
 MODEL = tiny_cnn()
 
@@ -46,7 +46,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def pulled(hub, model_dir):  # noqa: F811 - fixtures from hubfixtures
+def pulled(hub, model_dir):
     """A first successful pull of the seed model; returns (hub, model_dir, result)."""
     publish(hub)
     result = pull(fetch_request(hub.endpoint, model_dir))
@@ -56,7 +56,7 @@ def pulled(hub, model_dir):  # noqa: F811 - fixtures from hubfixtures
 
 # ---- pulling and provenance --------------------------------------------------------------------
 
-def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model_dir):  # noqa: F811
+def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model_dir):
     commit = publish(hub)
     hub.store.tag(REPO, "v1", commit)
     publish(hub, model=matmul_mlp())                   # main moves on; the tag does not
@@ -90,7 +90,7 @@ def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model
                for _, detail in progress.calls)
 
 
-def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):  # noqa: F811
+def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):
     publish(hub)
     pr_commit = publish(hub, model=tiny_cnn(seed=11), branch="refs/pr/1")
     result = pull(fetch_request(hub.endpoint, model_dir, revision="refs/pr/1"))
@@ -99,7 +99,7 @@ def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):  # n
     assert hub.log.records("HEAD")[0].path.endswith("/resolve/refs/pr/1/" + MODEL_PATH)
 
 
-def test_symbolic_dims_and_no_labels(hub, model_dir):  # noqa: F811
+def test_symbolic_dims_and_no_labels(hub, model_dir):
     publish(hub, model=matmul_mlp(), labels=None)
     result = pull(fetch_request(hub.endpoint, model_dir, labels=None))
     doc = json.loads((model_dir / "config.json").read_text())
@@ -212,7 +212,7 @@ def test_labels_dropped_from_the_entry_are_removed(pulled):
     assert json.loads((model_dir / "config.json").read_text())["labels_count"] is None
 
 
-def test_a_folder_in_the_repo_path_lands_as_model_onnx(hub, tmp_path):  # noqa: F811
+def test_a_folder_in_the_repo_path_lands_as_model_onnx(hub, tmp_path):
     deep = "exports/v2/onnx with space/best.onnx"
     hub.store.commit(REPO, {deep: MODEL})
     model_dir = tmp_path / "models" / "det"
@@ -226,7 +226,7 @@ def test_a_folder_in_the_repo_path_lands_as_model_onnx(hub, tmp_path):  # noqa: 
     ("filename", "../../escape.onnx"), ("filename", "/etc/passwd"), ("filename", "a/../../b.onnx"),
     ("filename", "a\\..\\b.onnx"), ("labels", "../labels.txt"), ("filename", ""),
 ])
-def test_hostile_repo_paths_are_refused_before_any_request(hub, tmp_path, field, value):  # noqa: F811
+def test_hostile_repo_paths_are_refused_before_any_request(hub, tmp_path, field, value):
     publish(hub)
     model_dir = tmp_path / "models" / "det"
     with pytest.raises(StoreError, match="unsafe file path"):
@@ -236,7 +236,7 @@ def test_hostile_repo_paths_are_refused_before_any_request(hub, tmp_path, field,
     assert os.listdir(model_dir) == []
 
 
-def test_relative_model_dir_is_refused(hub):  # noqa: F811
+def test_relative_model_dir_is_refused(hub):
     with pytest.raises(StoreError, match="not an absolute path"):
         pull(fetch_request(hub.endpoint, Path("models/det")))
 
@@ -250,7 +250,7 @@ def test_relative_model_dir_is_refused(hub):  # noqa: F811
     ({"labels": "det/missing.txt"}, HubNotFoundError, "det/missing.txt not found"),
     ({"repo": "not a repo id!"}, HubNotFoundError, "not a valid repo id"),
 ])
-def test_missing_things_are_permanent_not_found_errors(hub, model_dir, overrides, error, text):  # noqa: F811
+def test_missing_things_are_permanent_not_found_errors(hub, model_dir, overrides, error, text):
     publish(hub)
     with pytest.raises(error) as caught:
         pull(fetch_request(hub.endpoint, model_dir, **overrides))
@@ -261,7 +261,7 @@ def test_missing_things_are_permanent_not_found_errors(hub, model_dir, overrides
     assert leftovers(model_dir) == []
 
 
-def test_private_repo_needs_a_token(hub, model_dir):  # noqa: F811
+def test_private_repo_needs_a_token(hub, model_dir):
     publish(hub)
     hub.store.create_repo(REPO, private=True, tokens=["hf_secret"])
     for token in (None, "hf_wrong"):
@@ -272,7 +272,7 @@ def test_private_repo_needs_a_token(hub, model_dir):  # noqa: F811
     assert (model_dir / "model.onnx").read_bytes() == MODEL and result.changed
 
 
-def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, model_dir):  # noqa: F811
+def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, model_dir):
     publish(hub)
     hub.store.create_repo(REPO, private=True, tokens=["hf_secret"])
     hub.cdn_redirects = True
@@ -285,7 +285,7 @@ def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, mod
     assert all(r.auth and r.status == 302 for r in hub.log.records(path_glob="*/resolve/*"))
 
 
-def test_gated_repo_without_access_is_an_auth_error(hub, model_dir):  # noqa: F811
+def test_gated_repo_without_access_is_an_auth_error(hub, model_dir):
     publish(hub)
     hub.store.create_repo(REPO, gated=True, tokens=["hf_granted"])
     with pytest.raises(HubAuthError, match="gated"):
@@ -306,7 +306,7 @@ def test_not_an_onnx_model_is_refused_and_not_published(pulled, content):
     assert leftovers(model_dir) == []
 
 
-def test_hub_down_is_a_temporary_error_after_bounded_attempts(model_dir):  # noqa: F811
+def test_hub_down_is_a_temporary_error_after_bounded_attempts(model_dir):
     started = time.monotonic()
     with pytest.raises(HubUnavailableError, match="hub unreachable") as caught:
         pull(fetch_request(dead_endpoint(), model_dir, attempts=3))
@@ -330,7 +330,7 @@ def test_offline_serves_what_is_here_and_refuses_what_is_not(pulled, tmp_path):
     assert hub.log.records() == []
 
 
-def test_errors_survive_a_pickle_round_trip(hub, model_dir):  # noqa: F811
+def test_errors_survive_a_pickle_round_trip(hub, model_dir):
     publish(hub)
     hub.store.create_repo("acme/private", private=True)
     hub.store.commit("acme/private", {MODEL_PATH: MODEL})
@@ -364,7 +364,7 @@ def test_errors_survive_a_pickle_round_trip(hub, model_dir):  # noqa: F811
     ("stall", "GET", {"seconds": 3.0, "at_byte": 1000}, 2 + 2, 3),
 ])
 def test_temporary_faults_are_retried_with_a_bounded_request_count(
-        hub, model_dir, kind, method, extra, heads, gets):  # noqa: F811
+        hub, model_dir, kind, method, extra, heads, gets):
     publish(hub)
     times = 2 if kind == "status_503" else 1
     hub.faults.add(kind, "*model.onnx", times=times, method=method, **extra)
@@ -375,7 +375,7 @@ def test_temporary_faults_are_retried_with_a_bounded_request_count(
     assert leftovers(model_dir) == []
 
 
-def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):  # noqa: F811
+def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):
     commit = publish(hub)
     # the HEAD inside hf_hub_download is the only one asking for the model at the commit
     hub.faults.add("status_503", f"*/resolve/{commit}/{MODEL_PATH}", method="HEAD")
@@ -385,7 +385,7 @@ def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):  #
     assert hub.log.count("GET") == 2
 
 
-def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):  # noqa: F811
+def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):
     publish(hub)
     hub.faults.add("not_found", "*model.onnx", method="HEAD")
     with pytest.raises(HubNotFoundError, match="not found"):
@@ -393,7 +393,7 @@ def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):  # noqa: 
     assert hub.log.count() == 1
 
 
-def test_persistent_5xx_gives_up_after_the_attempts(hub, model_dir):  # noqa: F811
+def test_persistent_5xx_gives_up_after_the_attempts(hub, model_dir):
     publish(hub)
     hub.faults.add("status_503", times=1000)
     with pytest.raises(HubUnavailableError, match="HTTP 503"):
@@ -413,7 +413,7 @@ def test_digest_mismatch_is_refused_on_every_attempt(pulled):
     assert leftovers(model_dir) == []
 
 
-def test_range_is_used_when_a_large_file_is_cut(hub, model_dir):  # noqa: F811
+def test_range_is_used_when_a_large_file_is_cut(hub, model_dir):
     # huggingface_hub writes 10 MiB chunks: a cut after the first chunk resumes with Range
     big = tiny_cnn(channels=600)
     assert len(big) > 11 * 2**20

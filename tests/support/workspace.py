@@ -1,25 +1,26 @@
-"""Shared fixtures: a catalog writer, a loopback hub with a demo repo, and a CLI runner.
+"""A robot's workspace for tests and benchmarks: a catalog file, a models folder and the loopback
+hub (tests/support/hub.py) serving ``acme/detector`` and ``acme/mlp``, and a CLI runner.
 
 Everything is real: the hub is ``modeld.testing.hub.LocalHub`` on 127.0.0.1, downloads go through
-huggingface_hub, models are built with onnx.helper (``modeld.testing.onnx_models``).
+huggingface_hub, models are built with onnx.helper (``modeld.testing.onnx_models``) when the hub
+is filled, not when this module is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-import numpy as np
 import pytest
 
 from modeld.testing.hub import LocalHub
-from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
-
-LABELS = b"person\nbicycle\ncar\ndog\n"
+from tests.support.hub import publish_demo
 
 
 @dataclass
@@ -64,6 +65,29 @@ class Workspace:
         return json.loads((self.models / name / "manifest.json").read_text())
 
 
+def workspace_on(hub: LocalHub, root: Path) -> Workspace:
+    """``root`` (created) as a robot's workspace on ``hub``, after ``publish_demo(hub)``."""
+    publish_demo(hub)
+    ws = Workspace(root=root, hub=hub, endpoint=hub.endpoint)
+    ws.root.mkdir()
+    return ws
+
+
+@contextlib.contextmanager
+def demo_workspace(root: Path) -> Iterator[Workspace]:
+    """A workspace under ``root/robot`` with its own hub under ``root/hub``, stopped on exit:
+    the ``workspace`` fixture for module-scoped fixtures and the benchmarks."""
+    with LocalHub(root / "hub") as hub:
+        yield workspace_on(hub, root / "robot")
+
+
+@pytest.fixture
+def workspace(hub, tmp_path) -> Workspace:
+    """The ``hub`` fixture serving ``acme/detector`` (tiny CNN + labels) and ``acme/mlp``
+    (MatMul model), with a workspace under ``tmp_path/robot``."""
+    return workspace_on(hub, tmp_path / "robot")
+
+
 def entry_toml(name: str, *, repo: str = "acme/detector", filename: str = "det/model.onnx",
                labels: str | None = "det/labels.txt", revision: str | None = None,
                quantize: str | None = None, extra: str = "") -> str:
@@ -80,22 +104,6 @@ def entry_toml(name: str, *, repo: str = "acme/detector", filename: str = "det/m
     return "\n".join(lines) + "\n\n"
 
 
-@pytest.fixture
-def workspace(tmp_path):
-    """A hub serving ``acme/detector`` (tiny CNN + labels) and ``acme/mlp`` (MatMul model)."""
-    hub = LocalHub(tmp_path / "hub").start()
-    hub.store.create_repo("acme/detector")
-    hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
-    hub.store.create_repo("acme/mlp")
-    hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
-    ws = Workspace(root=tmp_path / "robot", hub=hub, endpoint=hub.endpoint)
-    ws.root.mkdir()
-    try:
-        yield ws
-    finally:
-        hub.stop()
-
-
 def calibrated_mlp_toml(folder_name: str = "cal") -> str:
     """``mlp`` quantized with static_int8 from a calibration folder next to the catalog (speed
     gate off: these tests are about what happens, not how fast the host is)."""
@@ -106,59 +114,7 @@ def calibrated_mlp_toml(folder_name: str = "cal") -> str:
 
 
 def write_mlp_calibration(folder, count: int = 4) -> None:
+    import numpy as np
     rng = np.random.default_rng(3)
     for i in range(count):
         np.save(folder / f"{i}.npy", rng.standard_normal((1, 64)).astype(np.float32))
-
-
-# ---- real trained models and real photographs (modeld.testing.realdata) ----------------------
-
-@pytest.fixture(scope="session")
-def real_model():
-    """``real_model(name)`` -> ``realdata.RealModel`` (its ``.path`` is the .onnx file in the
-    installed wheel); skips, naming the pip command, when a wheel it needs is absent."""
-    from modeld.testing import realdata
-
-    def get(name: str):
-        reason = realdata.missing(*realdata.needed(name))
-        if reason and os.environ.get("CI"):
-            pytest.fail(f"CI installs every wheel of realdata.PACKAGES (./dev): {reason}")
-        if reason:
-            pytest.skip(reason)
-        return realdata.model(name)
-    return get
-
-
-@pytest.fixture(scope="session")
-def real_frames(tmp_path_factory, real_model):
-    """``real_frames(model, split)`` -> a folder of PNG frames of real photographs for that
-    model ("calibration" or "holdout": disjoint photographs), written once per session."""
-    from modeld.testing import realdata
-    folders: dict[tuple[str, str], Path] = {}
-
-    def get(name: str, split: str = "holdout") -> Path:
-        real_model(name)
-        if (name, split) not in folders:
-            folder = tmp_path_factory.mktemp(f"frames-{name}-{split}")
-            realdata.write_frames(folder, name, split)
-            folders[(name, split)] = folder
-        return folders[(name, split)]
-    return get
-
-
-# ---- a real second node runtime (modeld.testing.noderuntime) ---------------------------------
-
-@pytest.fixture(scope="session")
-def openvino_python() -> str:
-    """The interpreter of a real ``onnxruntime-openvino`` venv (``./dev`` creates it; created
-    here on first use otherwise, then kept). CI fails instead of skipping without it."""
-    from modeld.testing import noderuntime
-    given = os.environ.get("MODELD_OPENVINO_PYTHON")
-    if given:
-        return given
-    try:
-        return str(noderuntime.ensure())
-    except noderuntime.RuntimeInstallError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI installs the OpenVINO node runtime (./dev): {e}")
-        pytest.skip(f"no OpenVINO node runtime: {e}")

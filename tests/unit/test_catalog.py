@@ -17,7 +17,7 @@ from modeld.catalog import (EMPTY, MAX_CATALOG_BYTES, MAX_LINES, MAX_MODELS, MAX
 from modeld.errors import CatalogError
 from modeld.variants import METHODS, Gates
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PATH = "/srv/robot/model_catalog.toml"
 MISSING = object()
 
