@@ -77,7 +77,8 @@ def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model
     assert result.downloaded_bytes == len(MODEL) + len(LABELS)
 
     doc = json.loads((model_dir / "config.json").read_text())
-    assert doc["labels_count"] == len(LABELS.splitlines()) == 4 and doc["input_size"] == 32 and doc["opset"] == 17
+    assert doc["labels_count"] == len(LABELS.splitlines()) == 4
+    assert doc["input_size"] == 32 and doc["opset"] == 17
     assert doc["inputs"] == [{"name": "images", "shape": [1, 3, 32, 32], "dtype": "float32"}]
     assert doc["outputs"] == [{"name": "output0", "shape": [1, 4, 16, 16], "dtype": "float32"}]
     assert doc["source"] == {"repo": REPO, "filename": MODEL_PATH, "commit": commit}
