@@ -37,8 +37,6 @@ from typing import Callable, Iterator
 from common import Results, Row, latency_rows, ms, percentile, use_test_helpers
 
 use_test_helpers()
-from conftest import LABELS, Workspace, entry_toml  # noqa: E402
-from daemonfixtures import DaemonProcess, variant_is, wait_event  # noqa: E402
 
 from modeld.catalog_file import CatalogKeeper  # noqa: E402
 from modeld.manifest import FileRecord, Manifest, Provenance  # noqa: E402
@@ -48,10 +46,11 @@ from modeld.reconciler import Reconciler  # noqa: E402
 from modeld.server import Server  # noqa: E402
 from modeld.settings import Settings  # noqa: E402
 from modeld.store import Store  # noqa: E402
-from modeld.testing.hub import LocalHub  # noqa: E402
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn  # noqa: E402
 from modeld.variants import (FP32, INT8, VARIANT_FILES, Gates, Proof,  # noqa: E402
                              ProviderProof, proof_key)
+from tests.support.daemon import DaemonProcess, variant_is, wait_event  # noqa: E402
+from tests.support.workspace import Workspace, demo_workspace, entry_toml  # noqa: E402
 
 PARTS = ("notify", "corrupt", "noop", "scale", "idle")
 #: allow_slower: INT8 is served whatever its measured speed (noise must not decide whether a
@@ -62,22 +61,6 @@ MLP_FP32 = MLP_INT8.replace("enabled = true", "enabled = false")
 #: the third model of the idle daemon: the same detector under a second name
 DET2 = entry_toml("det2")
 SETTLE_TIMEOUT_S = 240
-
-
-@contextlib.contextmanager
-def hub_workspace(root: Path) -> Iterator[Workspace]:
-    """The integration tests' workspace: ``acme/detector`` (tiny CNN + labels), ``acme/mlp``."""
-    hub = LocalHub(root / "hub").start()
-    try:
-        hub.store.create_repo("acme/detector")
-        hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
-        hub.store.create_repo("acme/mlp")
-        hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
-        ws = Workspace(root=root / "robot", hub=hub)
-        ws.root.mkdir()
-        yield ws
-    finally:
-        hub.stop()
 
 
 @contextlib.contextmanager
@@ -442,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
         root = Path(tmp)
-        with hub_workspace(root) as ws:
+        with demo_workspace(root) as ws:
             ws.write_catalog(MLP_INT8)
             if only & {"notify", "corrupt"}:
                 with running_daemon(ws) as daemon:

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from servefixtures import (LineClient, ServerThread, serving, view,  # noqa: E402
-                           write_variant, yolo_files)
+from common import Results, Row, latency_rows, use_test_helpers
 
-from common import Results, Row, latency_rows  # noqa: E402
+use_test_helpers()
 from modeld.client import HotSession  # noqa: E402
 from modeld.testing.onnx_models import tiny_cnn  # noqa: E402
+from tests.support.serve import (LineClient, ServerThread, serving, view,  # noqa: E402
+                                 write_variant, yolo_files)
 
 
 def percentiles(values: list[float]) -> str:

@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from servefixtures import serving, view, write_variant  # noqa: E402
+from common import Results, Row, use_test_helpers
 
-from common import Results, Row  # noqa: E402
+use_test_helpers()
+
+from tests.support.serve import serving, view, write_variant  # noqa: E402
 from modeld.client import HotSession  # noqa: E402
 from modeld.testing import realdata  # noqa: E402
 

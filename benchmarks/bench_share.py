@@ -22,11 +22,10 @@ from common import Results, Row, use_test_helpers
 
 use_test_helpers()
 
-from conftest import Workspace  # noqa: E402
-from daemonfixtures import DaemonProcess, variant_is, wait_event  # noqa: E402
-
 from modeld.testing import realdata  # noqa: E402
 from modeld.testing.hub import LocalHub  # noqa: E402
+from tests.support.daemon import DaemonProcess, variant_is, wait_event  # noqa: E402
+from tests.support.workspace import Workspace  # noqa: E402
 
 BENCH = "share"
 TOKEN = "hf_bench_writer"

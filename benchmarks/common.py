@@ -22,11 +22,12 @@ ROWS_ENV = "MODELD_BENCH_JSON"
 
 
 def use_test_helpers() -> None:
-    """Make the test helpers (``conftest.Workspace``, ``daemonfixtures.DaemonProcess``)
-    importable: the benchmarks drive the daemon exactly as the integration tests do."""
-    for folder in (ROOT / "tests", ROOT / "tests" / "integration"):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+    """Make the test helpers (``tests.support``: ``workspace.Workspace``, ``daemon.DaemonProcess``,
+    ``serve.ServerThread``) importable: the benchmarks drive the daemon exactly as the
+    integration tests do. A script's own folder is what Python puts first on its path; the
+    repository root, where ``tests`` lives, is added here, in this one place."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -1,164 +1,86 @@
-"""Shared fixtures: a catalog writer, a loopback hub with a demo repo, and a CLI runner.
+"""The suite's one conftest: registers the fixture modules of tests/support, and keeps what
+cannot share a machine, or shares a daemon, on one pytest-xdist worker.
 
-Everything is real: the hub is ``modeld.testing.hub.LocalHub`` on 127.0.0.1, downloads go through
-huggingface_hub, models are built with onnx.helper (``modeld.testing.onnx_models``).
+Light on purpose: nothing here (nor in the modules it registers) imports onnx, onnxruntime or
+the real-data packages at import time, so the unit tier (tests/unit) runs without the ML stack.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from modeld.testing.hub import LocalHub
-from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
+pytest_plugins = [
+    "tests.support.hub",
+    "tests.support.workspace",
+    "tests.support.realdata",
+    "tests.support.systemd_user",
+]
 
-LABELS = b"person\nbicycle\ncar\ndog\n"
-
-
-@dataclass
-class Workspace:
-    """A catalog file, a models folder and a hub, as a robot would have them."""
-
-    root: Path
-    hub: LocalHub
-    endpoint: str = ""      # kept when the hub is stopped (an outage keeps the same address)
-
-    @property
-    def catalog(self) -> Path:
-        return self.root / "model_catalog.toml"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({"HF_ENDPOINT": self.endpoint or self.hub.endpoint, "MODELD_CATALOG": str(self.catalog),
-                    "MODELD_MODELS": str(self.models), "HF_HUB_DISABLE_TELEMETRY": "1",
-                    "MODELD_SOCKET": str(self.root / "modeld.sock")})
-        env.pop("HF_TOKEN", None)
-        env.update(extra)
-        return env
-
-    def write_catalog(self, text: str) -> None:
-        self.catalog.write_text(text)
-
-    def cli(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-        """Run ``mecha10-modeld ARGS`` as a real process."""
-        return subprocess.run([sys.executable, "-m", "modeld.cli", *args], env=self.env(**env),
-                              capture_output=True, text=True, timeout=timeout)
-
-    def status(self) -> dict:
-        result = self.cli("status", "--json")
-        assert result.returncode in (0, 1), result.stderr
-        return json.loads(result.stdout)
-
-    def manifest(self, name: str) -> dict:
-        return json.loads((self.models / name / "manifest.json").read_text())
+#: fixtures shared by the tests of a module (a daemon started once per module): on one worker
+SHARED_SCOPES = ("module", "class", "package")
+SHARED_SCOPE_TEXT = tuple(f'scope="{scope}"' for scope in SHARED_SCOPES)
+#: what a module that uses the real ``systemd --user`` manager says
+SYSTEMD_TEXT = ("user_manager", "mark.systemd")
 
 
-def entry_toml(name: str, *, repo: str = "acme/detector", filename: str = "det/model.onnx",
-               labels: str | None = "det/labels.txt", revision: str | None = None,
-               quantize: str | None = None, extra: str = "") -> str:
-    lines = ["[[models]]", f'name = "{name}"', 'task = "object-detection"', f'repo = "{repo}"',
-             f'filename = "{filename}"', 'preprocessing_preset = "yolo"', "input_size = 32"]
-    if labels:
-        lines.append(f'labels = "{labels}"')
-    if revision:
-        lines.append(f'revision = "{revision}"')
-    if extra:
-        lines.append(extra)
-    if quantize:
-        lines += ["", "[models.quantize]", "enabled = true", f'method = "{quantize}"']
-    return "\n".join(lines) + "\n\n"
+def work_unit_of(rootpath: Path, nodeid: str) -> str:
+    """What one xdist worker runs as a whole, from a test's id (the controller collects nothing,
+    so it reads the module's text): every module that uses the ``systemd --user`` manager (one
+    per session; it creates and removes /run/systemd/system and its inaccessible nodes) goes to
+    one worker; a module with a module-scoped fixture (a daemon started once per module) stays
+    on one worker; any other test may go anywhere."""
+    module = nodeid.split("::", 1)[0]
+    text = _module_text(rootpath / module)
+    if any(word in text for word in SYSTEMD_TEXT):
+        return "systemd"
+    if any(word in text for word in SHARED_SCOPE_TEXT):
+        return module
+    return nodeid
 
 
-@pytest.fixture
-def workspace(tmp_path):
-    """A hub serving ``acme/detector`` (tiny CNN + labels) and ``acme/mlp`` (MatMul model)."""
-    hub = LocalHub(tmp_path / "hub").start()
-    hub.store.create_repo("acme/detector")
-    hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
-    hub.store.create_repo("acme/mlp")
-    hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
-    ws = Workspace(root=tmp_path / "robot", hub=hub, endpoint=hub.endpoint)
-    ws.root.mkdir()
+@functools.lru_cache(maxsize=None)
+def _module_text(path: Path) -> str:
     try:
-        yield ws
-    finally:
-        hub.stop()
+        return path.read_text()
+    except OSError:
+        return ""
 
 
-def calibrated_mlp_toml(folder_name: str = "cal") -> str:
-    """``mlp`` quantized with static_int8 from a calibration folder next to the catalog (speed
-    gate off: these tests are about what happens, not how fast the host is)."""
-    return entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
-                      quantize="static_int8").replace(
-        'method = "static_int8"',
-        f'method = "static_int8"\ncalibration = "{folder_name}"\nsamples = 4\nmin_speedup = 0')
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` with the work units of ``work_unit_of``. (xdist's own groups come
+    from ``xdist_group`` marks through a nodeid suffix, which pytest 9.2 no longer takes.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit_of(config.rootpath, nodeid)
+    return WorkUnitScheduling(config, log)
 
 
-def write_mlp_calibration(folder, count: int = 4) -> None:
-    rng = np.random.default_rng(3)
-    for i in range(count):
-        np.save(folder / f"{i}.npy", rng.standard_normal((1, 64)).astype(np.float32))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):
+        longest_first(items)
 
 
-# ---- real trained models and real photographs (modeld.testing.realdata) ----------------------
+def longest_first(items: list[pytest.Item]) -> None:
+    """On xdist workers, modules with slow tests or a shared daemon go first (a module's tests
+    stay together and in order): the workers take work in this order, and a campaign of minutes
+    picked up last would leave the other worker idle at the end."""
+    rootpath = items[0].config.rootpath if items else Path()
 
-@pytest.fixture(scope="session")
-def real_model():
-    """``real_model(name)`` -> ``realdata.RealModel`` (its ``.path`` is the .onnx file in the
-    installed wheel); skips, naming the pip command, when a wheel it needs is absent."""
-    from modeld.testing import realdata
-
-    def get(name: str):
-        reason = realdata.missing(*realdata.needed(name))
-        if reason and os.environ.get("CI"):
-            pytest.fail(f"CI installs every wheel of realdata.PACKAGES (./dev): {reason}")
-        if reason:
-            pytest.skip(reason)
-        return realdata.model(name)
-    return get
-
-
-@pytest.fixture(scope="session")
-def real_frames(tmp_path_factory, real_model):
-    """``real_frames(model, split)`` -> a folder of PNG frames of real photographs for that
-    model ("calibration" or "holdout": disjoint photographs), written once per session."""
-    from modeld.testing import realdata
-    folders: dict[tuple[str, str], Path] = {}
-
-    def get(name: str, split: str = "holdout") -> Path:
-        real_model(name)
-        if (name, split) not in folders:
-            folder = tmp_path_factory.mktemp(f"frames-{name}-{split}")
-            realdata.write_frames(folder, name, split)
-            folders[(name, split)] = folder
-        return folders[(name, split)]
-    return get
-
-
-# ---- a real second node runtime (modeld.testing.noderuntime) ---------------------------------
-
-@pytest.fixture(scope="session")
-def openvino_python() -> str:
-    """The interpreter of a real ``onnxruntime-openvino`` venv (``./dev`` creates it; created
-    here on first use otherwise, then kept). CI fails instead of skipping without it."""
-    from modeld.testing import noderuntime
-    given = os.environ.get("MODELD_OPENVINO_PYTHON")
-    if given:
-        return given
-    try:
-        return str(noderuntime.ensure())
-    except noderuntime.RuntimeInstallError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI installs the OpenVINO node runtime (./dev): {e}")
-        pytest.skip(f"no OpenVINO node runtime: {e}")
+    def weight(item: pytest.Item) -> int:
+        unit = work_unit_of(rootpath, item.nodeid)
+        if item.get_closest_marker("slow") or unit == "systemd":
+            return 0
+        return 1 if unit != item.nodeid else 2
+    module_weight: dict[str, int] = {}
+    for item in items:
+        module = item.module.__name__
+        module_weight[module] = min(module_weight.get(module, 2), weight(item))
+    first_seen = {m: i for i, m in enumerate(dict.fromkeys(i.module.__name__ for i in items))}
+    items.sort(key=lambda i: (module_weight[i.module.__name__], first_seen[i.module.__name__]))

@@ -2,7 +2,7 @@
 
 ``plan(catalog, inventory, context) -> list[Action]`` gives at most one action per model, the
 first thing that model needs (pull before derive before prove); the reconciler runs it and plans
-again. No disk, no clock: tested with plain tables in tests/test_planning.py.
+again. No disk, no clock: tested with plain tables in tests/unit/test_planning.py.
 """
 
 from __future__ import annotations

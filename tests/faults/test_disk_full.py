@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import entry_toml
-from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, EventAuditor,
-                           check_manifest_matches_files, leftovers, log_events,
-                           wait_error, wait_ready, wait_until)
 from modeld.testing.onnx_models import matmul_mlp
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import (FAST_RETRY_ENV, EventAuditor, check_manifest_matches_files,
+                                  leftovers, log_events, wait_error, wait_ready, wait_until)
+from tests.support.workspace import entry_toml
 
 pytestmark = pytest.mark.faults
 
@@ -126,7 +126,7 @@ def test_full_disk_while_a_new_stat_is_written_back(workspace):
     """Issue 11: a full disk while a touched file's new stat is written back crashed the daemon
     (and every restart). The model keeps serving, the daemon keeps running, and the stat is
     recorded once the disk has room. (A read-only remount is refused while the daemon holds its
-    lock open: EROFS is covered by tests/test_untrusted_store.py.)"""
+    lock open: EROFS is covered by tests/unit/test_store_untrusted.py.)"""
     workspace.write_catalog(entry_toml("det"))
     with small_disk(workspace.models, DISK_BYTES):
         daemon = DaemonProcess(workspace, env=dict(FAST_RETRY_ENV)).start()

@@ -16,9 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import entry_toml
-from faultfixtures import DaemonProcess, EventAuditor, wait_ready, wait_until
 from modeld.testing.onnx_models import with_unknown_operator
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import EventAuditor, wait_ready, wait_until
+from tests.support.workspace import entry_toml
 
 pytestmark = pytest.mark.faults
 

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from conftest import entry_toml
-from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, EventAuditor,
-                           check_manifest_matches_files, leftovers, sha256_of, wait_error,
-                           wait_ready, wait_until)
 from modeld.testing.onnx_models import tiny_cnn
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import (FAST_RETRY_ENV, EventAuditor, check_manifest_matches_files,
+                                  leftovers, sha256_of, wait_error, wait_ready, wait_until)
+from tests.support.workspace import entry_toml
 
 pytestmark = pytest.mark.faults
 

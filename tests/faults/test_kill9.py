@@ -17,11 +17,12 @@ import time
 
 import pytest
 
-from conftest import entry_toml
-from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, EventAuditor, activity, alive,
-                           check_manifest_matches_files, final_files, leftovers, wait_ready,
-                           wait_until, worker_pids)
 from modeld.testing.onnx_models import matmul_mlp
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import (FAST_RETRY_ENV, EventAuditor, activity, alive,
+                                  check_manifest_matches_files, final_files, leftovers, wait_ready,
+                                  wait_until, worker_pids)
+from tests.support.workspace import entry_toml
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

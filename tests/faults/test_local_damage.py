@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from hubfixtures import fetch_request, hub, model_dir, publish, records_of  # noqa: F401
 from modeld.errors import IntegrityError, StoreError, TemporaryError
 from modeld.workers.fetch import fetch_model
+from tests.support.hub import fetch_request, publish, records_of
 
 pytestmark = pytest.mark.faults
 
@@ -26,7 +26,7 @@ def _rot_keeping_stat(path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_model_damaged_during_a_pull_is_a_temporary_error(hub, model_dir):  # noqa: F811
+def test_model_damaged_during_a_pull_is_a_temporary_error(hub, model_dir):
     publish(hub)
     first = fetch_model(fetch_request(hub.endpoint, model_dir), lambda *a: None)
     (model_dir / "config.json").unlink()          # so the next pull describes the model again
@@ -39,7 +39,7 @@ def test_model_damaged_during_a_pull_is_a_temporary_error(hub, model_dir):  # no
     assert "changed on disk" in str(caught.value)
 
 
-def test_an_intact_model_that_does_not_parse_stays_a_permanent_error(hub, model_dir):  # noqa: F811
+def test_an_intact_model_that_does_not_parse_stays_a_permanent_error(hub, model_dir):
     """The other side of the line: upstream content that is not ONNX is refused for good."""
     publish(hub, model=b"not an onnx model at all" * 10)
     with pytest.raises(StoreError, match="not an ONNX model"):

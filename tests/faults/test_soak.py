@@ -16,12 +16,12 @@ import time
 
 import pytest
 
-from conftest import entry_toml
-from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, EventAuditor,
-                           check_manifest_matches_files, fd_count, leftovers, rss_kb, wait_ready,
-                           wait_until)
 from modeld import client
 from modeld.protocol import encode, subscribe_request
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import (FAST_RETRY_ENV, EventAuditor, check_manifest_matches_files,
+                                  fd_count, leftovers, rss_kb, wait_ready, wait_until)
+from tests.support.workspace import entry_toml
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

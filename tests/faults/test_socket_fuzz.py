@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import entry_toml
-from faultfixtures import DaemonProcess, fd_count, wait_ready, wait_until
 from modeld.protocol import LineSplitter, decode
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import fd_count, wait_ready, wait_until
+from tests.support.workspace import entry_toml
 
 pytestmark = pytest.mark.faults
 

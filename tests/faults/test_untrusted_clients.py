@@ -22,13 +22,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import LABELS, Workspace, entry_toml
-from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, activity, fd_count, log_events,
-                           model_status, rss_kb, store_converged, wait_error, wait_event,
-                           wait_ready, wait_until, worker_pids)
 from modeld import client
-from modeld.testing.hub import LocalHub
-from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
+from modeld.testing.onnx_models import matmul_mlp
+from tests.support.daemon import DaemonProcess, wait_event
+from tests.support.faults import (FAST_RETRY_ENV, activity, fd_count, log_events, model_status,
+                                  rss_kb, store_converged, wait_error, wait_ready, wait_until,
+                                  worker_pids)
+from tests.support.workspace import demo_workspace, entry_toml
 
 pytestmark = pytest.mark.faults
 
@@ -60,25 +60,19 @@ def endless_loop_model() -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clients")
-    hub = LocalHub(root / "hub").start()
-    hub.store.create_repo("acme/detector")
-    hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
-    hub.store.commit("evil/endless", {"model.onnx": endless_loop_model()})
-    hub.store.commit("acme/big", {"big.onnx": matmul_mlp(features=256, hidden=1024)})
-    ws = Workspace(root=root / "robot", hub=hub, endpoint=hub.endpoint)
-    ws.root.mkdir()
-    ws.write_catalog(CATALOG)
-    daemon = DaemonProcess(ws, env={**FAST_RETRY_ENV, "MODELD_VERIFY_TIMEOUT_S": "12",
-                                    "MODELD_MAX_TIMEOUTS": "2"}).start()
-    try:
-        wait_ready(daemon, "good", {"fp32"})
-        wait_ready(daemon, "victim", {"fp32"})
-        yield ws, daemon
-    finally:
-        code = daemon.stop()
-        hub.stop()
-    assert code == 0
+    with demo_workspace(tmp_path_factory.mktemp("clients")) as ws:
+        ws.hub.store.commit("evil/endless", {"model.onnx": endless_loop_model()})
+        ws.hub.store.commit("acme/big", {"big.onnx": matmul_mlp(features=256, hidden=1024)})
+        ws.write_catalog(CATALOG)
+        daemon = DaemonProcess(ws, env={**FAST_RETRY_ENV, "MODELD_VERIFY_TIMEOUT_S": "12",
+                                        "MODELD_MAX_TIMEOUTS": "2"}).start()
+        try:
+            wait_ready(daemon, "good", {"fp32"})
+            wait_ready(daemon, "victim", {"fp32"})
+            yield ws, daemon
+        finally:
+            code = daemon.stop()
+        assert code == 0
 
 
 def _first_variant(sub, daemon, model="good") -> dict:

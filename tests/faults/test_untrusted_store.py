@@ -23,13 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import LABELS, Workspace, entry_toml
-from faultfixtures import (FAST_RETRY_ENV, DaemonProcess, EventAuditor, fd_count, log_events,
-                           make_canary, model_status, rss_kb, store_converged, tree_digest,
-                           wait_ready, wait_until)
 from modeld.atomic import QUARANTINE_PREFIX
-from modeld.testing.hub import LocalHub
-from modeld.testing.onnx_models import tiny_cnn
+from tests.support.daemon import DaemonProcess
+from tests.support.faults import (FAST_RETRY_ENV, EventAuditor, fd_count, log_events, make_canary,
+                                  model_status, rss_kb, store_converged, tree_digest, wait_ready,
+                                  wait_until)
+from tests.support.workspace import Workspace, demo_workspace, entry_toml
 
 pytestmark = pytest.mark.faults
 
@@ -62,28 +61,22 @@ class Campaign:
 
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
-    root = tmp_path_factory.mktemp("untrusted")
-    hub = LocalHub(root / "hub").start()
-    hub.store.create_repo("acme/detector")
-    hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
-    ws = Workspace(root=root / "robot", hub=hub, endpoint=hub.endpoint)
-    ws.root.mkdir()
-    canary = make_canary(ws.root / "canary")
-    ws.write_catalog(CATALOG)
-    daemon = DaemonProcess(ws, env={**FAST_RETRY_ENV, "MODELD_RESYNC_INTERVAL_S": "20"}).start()
-    try:
-        wait_ready(daemon, "good", {"fp32"})
-        wait_ready(daemon, "victim", {"fp32"})
-        c = Campaign(ws, daemon, canary)
-        with EventAuditor(daemon.socket, ["good"]) as node:
-            c.node = node
-            yield c
-        assert node.mismatches == []
-        assert {e["sha256"] for e in node.variants if e["model"] == "good"} == {c.good_sha}
-    finally:
-        code = daemon.stop()
-        hub.stop()
-    assert code == 0
+    with demo_workspace(tmp_path_factory.mktemp("untrusted")) as ws:
+        canary = make_canary(ws.root / "canary")
+        ws.write_catalog(CATALOG)
+        daemon = DaemonProcess(ws, env={**FAST_RETRY_ENV, "MODELD_RESYNC_INTERVAL_S": "20"}).start()
+        try:
+            wait_ready(daemon, "good", {"fp32"})
+            wait_ready(daemon, "victim", {"fp32"})
+            c = Campaign(ws, daemon, canary)
+            with EventAuditor(daemon.socket, ["good"]) as node:
+                c.node = node
+                yield c
+            assert node.mismatches == []
+            assert {e["sha256"] for e in node.variants if e["model"] == "good"} == {c.good_sha}
+        finally:
+            code = daemon.stop()
+        assert code == 0
 
 
 # -- damage, one kind per case ----------------------------------------------------------------

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-from conftest import LABELS, Workspace, entry_toml
-from daemonfixtures import DaemonProcess, wait_event
-from modeld.testing.hub import LocalHub
-from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
+from modeld.testing.onnx_models import tiny_cnn
+from tests.support.daemon import DaemonProcess, wait_event
+from tests.support.workspace import demo_workspace, entry_toml
 
 MLP = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
                  quantize="dynamic_int8") + "allow_slower = true\n"
@@ -32,31 +31,23 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 def robot(tmp_path_factory):
     """A workspace with ``mlp`` (and its INT8) and ``det`` served by one daemon whose socket any
     user may connect to (mode 0666 in a 0755 folder), so the admin check is what refuses."""
-    root = tmp_path_factory.mktemp("cli-daemon")
-    hub = LocalHub(root / "hub").start()
-    hub.store.create_repo("acme/detector")
-    hub.store.commit("acme/detector", {"det/model.onnx": tiny_cnn(), "det/labels.txt": LABELS})
-    hub.store.create_repo("acme/mlp")
-    hub.store.commit("acme/mlp", {"mlp.onnx": matmul_mlp()})
-    ws = Workspace(root=root / "robot", hub=hub, endpoint=hub.endpoint)
-    ws.root.mkdir()
-    ws.write_catalog(CATALOG)
-    sock_dir = tempfile.mkdtemp(prefix="modeld16-", dir="/tmp")
-    os.chmod(sock_dir, 0o755)
-    sock = os.path.join(sock_dir, "modeld.sock")
-    daemon = DaemonProcess(ws, env={"MODELD_SOCKET_MODE": "0666"})
-    daemon.socket = daemon.env["MODELD_SOCKET"] = sock
-    daemon.start()
-    ws.socket = sock
-    try:
-        # which of mlp's variants is served is the host's timing (fastest proven): not assumed
-        wait_until(lambda: proven(ws, "mlp") == {"fp32", "int8"} and served(ws, "det") == "fp32",
-                   daemon, "both models served, mlp's INT8 proven")
-        yield ws, daemon
-    finally:
-        daemon.stop()
-        hub.stop()
-        shutil.rmtree(sock_dir, ignore_errors=True)
+    with demo_workspace(tmp_path_factory.mktemp("cli-daemon")) as ws:
+        ws.write_catalog(CATALOG)
+        sock_dir = tempfile.mkdtemp(prefix="modeld16-", dir="/tmp")
+        os.chmod(sock_dir, 0o755)
+        sock = os.path.join(sock_dir, "modeld.sock")
+        daemon = DaemonProcess(ws, env={"MODELD_SOCKET_MODE": "0666"})
+        daemon.socket = daemon.env["MODELD_SOCKET"] = sock
+        daemon.start()
+        ws.socket = sock
+        try:
+            # which of mlp's variants is served is the host's timing (fastest proven): not assumed
+            wait_until(lambda: proven(ws, "mlp") == {"fp32", "int8"} and served(ws, "det") == "fp32",
+                       daemon, "both models served, mlp's INT8 proven")
+            yield ws, daemon
+        finally:
+            daemon.stop()
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def cli(ws, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

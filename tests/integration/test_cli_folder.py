@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import entry_toml
+from tests.support.workspace import entry_toml
 
 MLP = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
                  quantize="dynamic_int8") + "allow_slower = true\n"

@@ -12,7 +12,7 @@ from modeld import client as modeld_client
 from modeld.client import (AsyncSubscription, Backoff, DaemonUnavailableError, async_subscribe,
                            ping, status, subscribe)
 from modeld.protocol import ProtocolError
-from servefixtures import ServerThread, serving, view, yolo_files
+from tests.support.serve import ServerThread, serving, view, yolo_files
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_the_client_module_needs_no_onnxruntime():
 
 
 def test_a_refusing_daemon_is_retried_with_backoff_not_in_a_loop(sock_path, files):
-    from servefixtures import LineClient
+    from tests.support.serve import LineClient
 
     with serving(sock_path, [view("yolo", files["fp32"])], max_clients=1) as st:
         holder = LineClient(sock_path)

@@ -11,11 +11,10 @@ import time
 
 import pytest
 
-from conftest import calibrated_mlp_toml, entry_toml, write_mlp_calibration
-from daemonfixtures import DaemonProcess, variant_is, wait_event
-from test_store import rot_in_place
-
 from modeld.store import sha256_file
+from tests.support.daemon import DaemonProcess, variant_is, wait_event
+from tests.support.stores import rot_in_place
+from tests.support.workspace import calibrated_mlp_toml, entry_toml, write_mlp_calibration
 
 MLP_QUANT = entry_toml("mlp", repo="acme/mlp", filename="mlp.onnx", labels=None,
                        quantize="dynamic_int8") + "allow_slower = true\n"

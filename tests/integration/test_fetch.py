@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from hubfixtures import (LABELS, MODEL_PATH, REPO, ProgressLog, dead_endpoint,
-                         fetch_request, hub, model_dir, publish, records_of)  # noqa: F401
 from modeld import errors
 from modeld.atomic import remove_leftovers
 from modeld.errors import (DiskFullError, HubAuthError, HubNotFoundError, HubOfflineError,
@@ -31,6 +29,8 @@ from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
 from modeld.workers import fetch as fetch_module
 from modeld.work import FetchRequest, FetchResult
 from modeld.workers.fetch import fetch_model
+from tests.support.hub import (LABELS, MODEL_PATH, REPO, ProgressLog, dead_endpoint, fetch_request,
+                               publish, records_of)
 
 MODEL = tiny_cnn()
 
@@ -48,7 +48,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def pulled(hub, model_dir):  # noqa: F811 - fixtures from hubfixtures
+def pulled(hub, model_dir):
     """A first successful pull of the seed model; returns (hub, model_dir, result)."""
     publish(hub)
     result = pull(fetch_request(hub.endpoint, model_dir))
@@ -58,7 +58,7 @@ def pulled(hub, model_dir):  # noqa: F811 - fixtures from hubfixtures
 
 # ---- pulling and provenance --------------------------------------------------------------------
 
-def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model_dir):  # noqa: F811
+def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model_dir):
     commit = publish(hub)
     hub.store.tag(REPO, "v1", commit)
     publish(hub, model=matmul_mlp())                   # main moves on; the tag does not
@@ -79,7 +79,8 @@ def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model
     assert result.downloaded_bytes == len(MODEL) + len(LABELS)
 
     doc = json.loads((model_dir / "config.json").read_text())
-    assert doc["labels_count"] == 3 and doc["input_size"] == 32 and doc["opset"] == 17
+    assert doc["labels_count"] == len(LABELS.splitlines()) == 4
+    assert doc["input_size"] == 32 and doc["opset"] == 17
     assert doc["inputs"] == [{"name": "images", "shape": [1, 3, 32, 32], "dtype": "float32"}]
     assert doc["outputs"] == [{"name": "output0", "shape": [1, 4, 16, 16], "dtype": "float32"}]
     assert doc["source"] == {"repo": REPO, "filename": MODEL_PATH, "commit": commit}
@@ -92,7 +93,7 @@ def test_pull_of_a_pinned_tag_records_the_commit_and_writes_all_files(hub, model
                for _, detail in progress.calls)
 
 
-def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):  # noqa: F811
+def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):
     publish(hub)
     pr_commit = publish(hub, model=tiny_cnn(seed=11), branch="refs/pr/1")
     result = pull(fetch_request(hub.endpoint, model_dir, revision="refs/pr/1"))
@@ -101,7 +102,7 @@ def test_pull_request_revision_is_url_encoded_and_resolved(hub, model_dir):  # n
     assert hub.log.records("HEAD")[0].path.endswith("/resolve/refs/pr/1/" + MODEL_PATH)
 
 
-def test_symbolic_dims_and_no_labels(hub, model_dir):  # noqa: F811
+def test_symbolic_dims_and_no_labels(hub, model_dir):
     publish(hub, model=matmul_mlp(), labels=None)
     result = pull(fetch_request(hub.endpoint, model_dir, labels=None))
     doc = json.loads((model_dir / "config.json").read_text())
@@ -214,7 +215,7 @@ def test_labels_dropped_from_the_entry_are_removed(pulled):
     assert json.loads((model_dir / "config.json").read_text())["labels_count"] is None
 
 
-def test_a_folder_in_the_repo_path_lands_as_model_onnx(hub, tmp_path):  # noqa: F811
+def test_a_folder_in_the_repo_path_lands_as_model_onnx(hub, tmp_path):
     deep = "exports/v2/onnx with space/best.onnx"
     hub.store.commit(REPO, {deep: MODEL})
     model_dir = tmp_path / "models" / "det"
@@ -228,7 +229,7 @@ def test_a_folder_in_the_repo_path_lands_as_model_onnx(hub, tmp_path):  # noqa: 
     ("filename", "../../escape.onnx"), ("filename", "/etc/passwd"), ("filename", "a/../../b.onnx"),
     ("filename", "a\\..\\b.onnx"), ("labels", "../labels.txt"), ("filename", ""),
 ])
-def test_hostile_repo_paths_are_refused_before_any_request(hub, tmp_path, field, value):  # noqa: F811
+def test_hostile_repo_paths_are_refused_before_any_request(hub, tmp_path, field, value):
     publish(hub)
     model_dir = tmp_path / "models" / "det"
     with pytest.raises(StoreError, match="unsafe file path"):
@@ -238,7 +239,7 @@ def test_hostile_repo_paths_are_refused_before_any_request(hub, tmp_path, field,
     assert os.listdir(model_dir) == []
 
 
-def test_relative_model_dir_is_refused(hub):  # noqa: F811
+def test_relative_model_dir_is_refused(hub):
     with pytest.raises(StoreError, match="not an absolute path"):
         pull(fetch_request(hub.endpoint, Path("models/det")))
 
@@ -252,7 +253,7 @@ def test_relative_model_dir_is_refused(hub):  # noqa: F811
     ({"labels": "det/missing.txt"}, HubNotFoundError, "det/missing.txt not found"),
     ({"repo": "not a repo id!"}, HubNotFoundError, "not a valid repo id"),
 ])
-def test_missing_things_are_permanent_not_found_errors(hub, model_dir, overrides, error, text):  # noqa: F811
+def test_missing_things_are_permanent_not_found_errors(hub, model_dir, overrides, error, text):
     publish(hub)
     with pytest.raises(error) as caught:
         pull(fetch_request(hub.endpoint, model_dir, **overrides))
@@ -263,7 +264,7 @@ def test_missing_things_are_permanent_not_found_errors(hub, model_dir, overrides
     assert leftovers(model_dir) == []
 
 
-def test_private_repo_needs_a_token(hub, model_dir):  # noqa: F811
+def test_private_repo_needs_a_token(hub, model_dir):
     publish(hub)
     hub.store.create_repo(REPO, private=True, tokens=["hf_secret"])
     for token in (None, "hf_wrong"):
@@ -274,7 +275,7 @@ def test_private_repo_needs_a_token(hub, model_dir):  # noqa: F811
     assert (model_dir / "model.onnx").read_bytes() == MODEL and result.changed
 
 
-def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, model_dir):  # noqa: F811
+def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, model_dir):
     publish(hub)
     hub.store.create_repo(REPO, private=True, tokens=["hf_secret"])
     hub.cdn_redirects = True
@@ -287,7 +288,7 @@ def test_private_repo_through_cdn_redirects_keeps_the_token_off_the_cdn(hub, mod
     assert all(r.auth and r.status == 302 for r in hub.log.records(path_glob="*/resolve/*"))
 
 
-def test_gated_repo_without_access_is_an_auth_error(hub, model_dir):  # noqa: F811
+def test_gated_repo_without_access_is_an_auth_error(hub, model_dir):
     publish(hub)
     hub.store.create_repo(REPO, gated=True, tokens=["hf_granted"])
     with pytest.raises(HubAuthError, match="gated"):
@@ -308,7 +309,7 @@ def test_not_an_onnx_model_is_refused_and_not_published(pulled, content):
     assert leftovers(model_dir) == []
 
 
-def test_hub_down_is_a_temporary_error_after_bounded_attempts(model_dir):  # noqa: F811
+def test_hub_down_is_a_temporary_error_after_bounded_attempts(model_dir):
     started = time.monotonic()
     with pytest.raises(HubUnavailableError, match="hub unreachable") as caught:
         pull(fetch_request(dead_endpoint(), model_dir, attempts=3))
@@ -332,7 +333,7 @@ def test_offline_serves_what_is_here_and_refuses_what_is_not(pulled, tmp_path):
     assert hub.log.records() == []
 
 
-def test_errors_survive_a_pickle_round_trip(hub, model_dir):  # noqa: F811
+def test_errors_survive_a_pickle_round_trip(hub, model_dir):
     publish(hub)
     hub.store.create_repo("acme/private", private=True)
     hub.store.commit("acme/private", {MODEL_PATH: MODEL})
@@ -366,7 +367,7 @@ def test_errors_survive_a_pickle_round_trip(hub, model_dir):  # noqa: F811
     ("stall", "GET", {"seconds": 3.0, "at_byte": 1000}, 2 + 2, 3),
 ])
 def test_temporary_faults_are_retried_with_a_bounded_request_count(
-        hub, model_dir, kind, method, extra, heads, gets):  # noqa: F811
+        hub, model_dir, kind, method, extra, heads, gets):
     publish(hub)
     times = 2 if kind == "status_503" else 1
     hub.faults.add(kind, "*model.onnx", times=times, method=method, **extra)
@@ -377,7 +378,7 @@ def test_temporary_faults_are_retried_with_a_bounded_request_count(
     assert leftovers(model_dir) == []
 
 
-def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):  # noqa: F811
+def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):
     commit = publish(hub)
     # the HEAD inside hf_hub_download is the only one asking for the model at the commit
     hub.faults.add("status_503", f"*/resolve/{commit}/{MODEL_PATH}", method="HEAD")
@@ -387,7 +388,7 @@ def test_client_retries_its_own_head_once_within_our_attempt(hub, model_dir):  #
     assert hub.log.count("GET") == 2
 
 
-def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):  # noqa: F811
+def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):
     publish(hub)
     hub.faults.add("not_found", "*model.onnx", method="HEAD")
     with pytest.raises(HubNotFoundError, match="not found"):
@@ -395,7 +396,7 @@ def test_not_found_fault_is_permanent_and_not_retried(hub, model_dir):  # noqa: 
     assert hub.log.count() == 1
 
 
-def test_persistent_5xx_gives_up_after_the_attempts(hub, model_dir):  # noqa: F811
+def test_persistent_5xx_gives_up_after_the_attempts(hub, model_dir):
     publish(hub)
     hub.faults.add("status_503", times=1000)
     with pytest.raises(HubUnavailableError, match="HTTP 503"):
@@ -415,7 +416,7 @@ def test_digest_mismatch_is_refused_on_every_attempt(pulled):
     assert leftovers(model_dir) == []
 
 
-def test_range_is_used_when_a_large_file_is_cut(hub, model_dir):  # noqa: F811
+def test_range_is_used_when_a_large_file_is_cut(hub, model_dir):
     # huggingface_hub writes 10 MiB chunks: a cut after the first chunk resumes with Range
     big = tiny_cnn(channels=600)
     assert len(big) > 11 * 2**20

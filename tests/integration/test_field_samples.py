@@ -21,8 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from daemonfixtures import DaemonProcess, variant_is, wait_event
 from modeld import client
+from tests.support.daemon import DaemonProcess, variant_is, wait_event
 
 MODEL = "ppocr-det"
 NEEDED = 16

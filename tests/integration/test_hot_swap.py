@@ -14,7 +14,7 @@ import pytest
 from modeld.client import HotSession, ModelNotReadyError, status, subscribe
 from modeld.serving import VariantView
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn, with_unknown_operator
-from servefixtures import CPU, ServerThread, proof, serving, view, write_variant, yolo_files
+from tests.support.serve import CPU, ServerThread, proof, serving, view, write_variant, yolo_files
 
 IMAGES = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32)
 

@@ -22,8 +22,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import entry_toml
-from daemonfixtures import DaemonProcess, variant_is, wait_event
 
 from modeld.catalog_file import CatalogKeeper
 from modeld.errors import RuntimeUnavailableError
@@ -35,6 +33,8 @@ from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
 from modeld.variants import Gates
 from modeld.workers import verify
 from modeld.workers.runtimes import RuntimeProcess
+from tests.support.daemon import DaemonProcess, variant_is, wait_event
+from tests.support.workspace import entry_toml
 
 CPU = "CPUExecutionProvider"
 OV = "OpenVINOExecutionProvider"

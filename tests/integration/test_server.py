@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from modeld.server import SocketInUseError, SocketPathError
 from modeld.testing.onnx_models import matmul_mlp, tiny_cnn
-from servefixtures import COREML, CPU, LineClient, ServerThread, serving, view, write_variant
+from tests.support.serve import COREML, CPU, LineClient, ServerThread, serving, view, write_variant
 
 CUDA = "CUDAExecutionProvider"
 

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Workspace, entry_toml
-from daemonfixtures import DaemonProcess, variant_is, wait_event
-
-from modeld.share import record_path
-from modeld.store import sha256_file
+from modeld.atomic import sha256_file
 from modeld.testing.hub import LocalHub
 from modeld.testing.onnx_models import matmul_mlp
+from tests.support.daemon import DaemonProcess, variant_is, wait_event
+from tests.support.workspace import Workspace, entry_toml
 
 TOKEN = "hf_fleet_writer"
 SHARE = "fleet/variants"

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from conftest import entry_toml
-from daemonfixtures import wait_event, variant_is
 from modeld import client
+from tests.support.daemon import variant_is, wait_event
+from tests.support.workspace import entry_toml
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 

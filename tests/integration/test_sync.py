@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from conftest import calibrated_mlp_toml, entry_toml, write_mlp_calibration
 from modeld.testing.onnx_models import tiny_cnn
+from tests.support.workspace import calibrated_mlp_toml, entry_toml, write_mlp_calibration
 
 
 def files_in(folder):

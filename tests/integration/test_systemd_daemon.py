@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import entry_toml
 from modeld import client
-from systemdfixtures import (SHIPPED_SOCKET, UserManager, sandboxed_user_unit,
-                             user_manager, user_unit_from)  # noqa: F401 - fixture
+from tests.support.systemd_user import (SHIPPED_SOCKET, UserManager, sandboxed_user_unit,
+                                        user_unit_from)
+from tests.support.workspace import entry_toml
 
 pytestmark = pytest.mark.systemd
 

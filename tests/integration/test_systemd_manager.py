@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from systemdfixtures import sandboxed_user_unit, user_manager  # noqa: F401 - fixture
+from tests.support.systemd_user import sandboxed_user_unit
 
 pytestmark = pytest.mark.systemd
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from modeld.settings import DEFAULT_CONFIG, read_settings_file
-from systemdfixtures import (SHIPPED_SERVICE, SHIPPED_SOCKET, parse_unit,
-                             remove_run_systemd_leftovers, rewrite_command, sandboxed_user_unit,
-                             user_manager, user_unit_from)  # noqa: F401 - fixture
+from tests.support.systemd_user import (SHIPPED_SERVICE, SHIPPED_SOCKET, parse_unit,
+                                        remove_run_systemd_leftovers, sandboxed_user_unit,
+                                        user_unit_from)
 
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")

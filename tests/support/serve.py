@@ -1,8 +1,8 @@
 """Helpers for the serving tests: real model files with real Proof objects, and a real ``Server``
 running on its own event loop in a thread (so blocking clients can talk to it from the test).
 
-Imported explicitly by tests/integration/test_server.py, test_client.py, test_hot_swap.py and
-benchmarks/bench_fanout.py.
+Imported by tests/integration/test_server.py, test_client.py, test_hot_swap.py and
+benchmarks/bench_fanout.py. The tiny CNN is built on call (no onnx at import).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping
 
 from modeld.serving import ModelView, VariantView
 from modeld.server import Server
-from modeld.testing.onnx_models import tiny_cnn
 from modeld.variants import Proof, ProviderProof
 
 CPU = "CPUExecutionProvider"
@@ -57,6 +56,7 @@ def view(name: str, *variants: VariantView, state: str = "ready", reason: str = 
 
 def yolo_files(models_dir: Path, *, int8_speedup: float = 1.5) -> dict[str, VariantView]:
     """Two real tiny CNN files as one model: fp32 and an "int8" (another seed) faster on CPU."""
+    from modeld.testing.onnx_models import tiny_cnn
     folder = models_dir / "yolo"
     return {"fp32": write_variant(folder, "fp32", tiny_cnn(seed=0)),
             "int8": write_variant(folder, "int8", tiny_cnn(seed=1),

@@ -1,7 +1,10 @@
-"""Fixtures and helpers for tests that talk to the loopback Hub (``modeld.testing.hub``).
+"""The loopback Hub of the tests: the one ``hub`` fixture, what is published on it, and requests
+for the fetch worker.
 
-Import what you use explicitly: ``from hubfixtures import hub, publish, fetch_request  # noqa: F401``.
 Everything is real: a ``LocalHub`` on 127.0.0.1 with a free port, huggingface_hub as the client.
+``publish`` commits the detector (``acme/detector``: the seed-0 tiny CNN and its labels);
+``publish_demo`` adds the MatMul model ``acme/mlp``: what a ``workspace`` (tests/support/workspace.py)
+serves. The models are built on call, so importing this module needs no onnx.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import pytest
 
 from modeld.manifest import FileRecord
 from modeld.testing.hub import LocalHub
-from modeld.testing.onnx_models import tiny_cnn
 from modeld.workers.fetch import FetchRequest, FetchResult
 
 REPO = "acme/detector"
 MODEL_PATH = "det/model.onnx"
 LABELS_PATH = "det/labels.txt"
-LABELS = b"person\nbicycle\ncar\n"
+#: one label per output channel of the tiny CNN ([1, 4, S/2, S/2])
+LABELS = b"person\nbicycle\ncar\ndog\n"
+MLP_REPO = "acme/mlp"
+MLP_PATH = "mlp.onnx"
 
 
 @pytest.fixture
@@ -40,10 +45,24 @@ def publish(hub: LocalHub, repo: str = REPO, *, model: bytes | None = None,
             labels: bytes | None = LABELS, filename: str = MODEL_PATH,
             labels_path: str = LABELS_PATH, branch: str = "main", message: str = "") -> str:
     """Commit a model (default: the seed-0 tiny CNN) and its labels; returns the commit sha."""
-    files: dict[str, bytes | None] = {filename: tiny_cnn() if model is None else model}
+    if model is None:
+        from modeld.testing.onnx_models import tiny_cnn
+        model = tiny_cnn()
+    files: dict[str, bytes | None] = {filename: model}
     if labels is not None:
         files[labels_path] = labels
     return hub.store.commit(repo, files, branch=branch, message=message)
+
+
+def publish_demo(hub: LocalHub) -> LocalHub:
+    """The repos a workspace serves: ``acme/detector`` (tiny CNN + labels) and ``acme/mlp``
+    (a MatMul model, for the quantization paths)."""
+    from modeld.testing.onnx_models import matmul_mlp
+    hub.store.create_repo(REPO)
+    publish(hub)
+    hub.store.create_repo(MLP_REPO)
+    hub.store.commit(MLP_REPO, {MLP_PATH: matmul_mlp()})
+    return hub
 
 
 def fetch_request(endpoint: str, model_dir: Path, *, known: Mapping[str, FileRecord] | None = None,

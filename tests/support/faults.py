@@ -2,7 +2,7 @@
 convergence, check the store's invariants, and a node that audits every event it is told.
 
 Import what you use explicitly. The daemon is the real ``mecha10-modeld run`` process of
-``tests/integration/daemonfixtures.py`` (re-exported here).
+tests/support/daemon.py.
 """
 
 from __future__ import annotations
@@ -11,16 +11,13 @@ import hashlib
 import json
 import os
 import re
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
-
-from daemonfixtures import DaemonProcess, variant_is, wait_event  # noqa: E402,F401
-from modeld import client  # noqa: E402
+from modeld import client
+from tests.support.daemon import DaemonProcess
 
 #: retries come quickly in campaigns: the backoff is what is being exercised, not its length
 FAST_RETRY_ENV = {"MODELD_RETRY_BACKOFF_BASE_S": "0.2", "MODELD_RETRY_BACKOFF_CAP_S": "1",

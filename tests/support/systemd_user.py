@@ -1,8 +1,8 @@
 """A real ``systemd --user`` manager for tests, and the converter that derives a user unit from the
 shipped system unit.
 
-Imported explicitly by the systemd integration tests (``from systemdfixtures import user_manager``).
-The manager runs as an ordinary process with a private runtime and config folder (so parallel test
+The ``user_manager`` fixture is registered by tests/conftest.py; the systemd integration tests
+import the converter and helpers from here. The manager runs as an ordinary process with a private runtime and config folder (so parallel test
 sessions never meet), is started once per session and stopped by its PID at the end. Where systemd
 is missing or the manager does not come up, the tests that use it skip and say why.
 """
@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_SERVICE = REPO_ROOT / "systemd" / "mecha10-modeld.service"
 SHIPPED_SOCKET = REPO_ROOT / "systemd" / "mecha10-modeld.socket"
 SYSTEMD_BINARY = Path("/usr/lib/systemd/systemd")

@@ -6,79 +6,16 @@ from dataclasses import replace
 
 import pytest
 
-from modeld.catalog import Catalog, parse_catalog
-from modeld.manifest import FileRecord, Manifest, Provenance
-from modeld.planning import (CONFIG_FILE, FP32_FILE, LABELS_FILE, Adopt, Derive, PlanContext, Prove,
-                             Pull, Planner, Quarantine, RestoreMode, Share, config_derivation,
-                             derived_proof_key,
-                             desired_derivation,
-                             plan, plan_model, proof_key)
-from modeld.inventory import DAMAGED, MISSING, OK, UNREADABLE, FileState, Inventory, ModelState
+from modeld.catalog import parse_catalog
+from modeld.inventory import DAMAGED, MISSING, UNREADABLE, Inventory, ModelState
+from modeld.manifest import Manifest, Provenance
+from modeld.planning import (FP32_FILE, Adopt, Derive, Prove, Pull, Planner, Quarantine,
+                             RestoreMode, Share, derived_proof_key, desired_derivation, plan,
+                             plan_model, proof_key)
 from modeld.share import ADOPTED, DENIED, NONE, adopt_key, upload_key
-from modeld.variants import FP32, INT8, Derivation, Gates, Proof, ProviderProof
-
-CTX = PlanContext(providers=("CPUExecutionProvider",), onnx_version="1.0", onnxruntime_version="1.2")
-COMMIT = "a" * 40
-
-
-def entry(quantize: str = "", revision: str = "", labels: bool = True, name: str = "det"):
-    text = f'''
-[[models]]
-name = "{name}"
-repo = "acme/det"
-filename = "det/model.onnx"
-task = "object-detection"
-{'revision = "%s"' % revision if revision else ''}
-{'labels = "det/labels.txt"' if labels else ''}
-{quantize}
-'''
-    return parse_catalog(text).entries[name]
-
-
-QUANT = '[models.quantize]\nenabled = true\nmethod = "dynamic_int8"'
-QUANT_OFF = '[models.quantize]\nenabled = false\nmethod = "dynamic_int8"'
-
-
-def rec(name: str, sha: str, **kw) -> FileRecord:
-    return FileRecord(name=name, sha256=sha, size=10, mtime_ns=1, inode=1, **kw)
-
-
-def proof_for(record: FileRecord, key: str, passed: bool = True) -> Proof:
-    return Proof(variant=FP32, file_sha256=record.sha256, key=key, checker_ok=True,
-                 providers=(ProviderProof("CPUExecutionProvider", usable=True, passed=passed),))
-
-
-def pulled(e, *, fp32_sha: str = "f" * 64, revision: str | None = None) -> Manifest:
-    """A manifest of a complete, proven pull of entry ``e``."""
-    prov = Provenance(e.repo, e.filename, revision if revision is not None else e.revision,
-                      COMMIT, '"etag"')
-    fp32 = rec(FP32_FILE, fp32_sha, provenance=prov)
-    files = {FP32_FILE: fp32}
-    labels = None
-    if e.labels:
-        labels = rec(LABELS_FILE, "1" * 64, provenance=replace(prov, filename=e.labels))
-        files[LABELS_FILE] = labels
-    files[CONFIG_FILE] = rec(CONFIG_FILE, "2" * 64, derivation=config_derivation(e, fp32, labels))
-    m = Manifest(name=e.name, files=files)
-    key = proof_key(file_sha256=fp32.sha256, reference_sha256=None, providers=CTX.providers,
-                    gates=Gates(), onnxruntime=CTX.onnxruntime_version, simulated={})
-    return m.with_proof(FP32_FILE, proof_for(fp32, key))
-
-
-def with_int8(e, m: Manifest, *, proven: bool = True) -> Manifest:
-    d = desired_derivation(e, m.files[FP32_FILE], CTX)
-    r = rec("model-int8.onnx", "8" * 64, derivation=d)
-    m = m.with_file(r)
-    if proven:
-        m = m.with_proof(r.name, proof_for(r, derived_proof_key(e, r, m.files[FP32_FILE], CTX)))
-    return m
-
-
-def state(m: Manifest, **statuses: str) -> ModelState:
-    files = {n: FileState(n, statuses.get(n.replace("-", "_").replace(".", "_"), OK), r, "x")
-             for n, r in m.files.items()}
-    return ModelState(name=m.name, manifest=m, files=files)
-
+from modeld.variants import INT8, Derivation, Gates
+from tests.support.plans import (COMMIT, CTX, QUANT, QUANT_OFF, catalog_of, entry, proof_for,
+                                 pulled, rec, state, with_int8)
 
 E, EQ = entry(), entry(QUANT)
 
@@ -197,10 +134,6 @@ def test_preset_and_input_size_are_inputs_of_a_derivation():
     assert desired_derivation(EQ, fp32, CTX).key() == base
 
 
-def _catalog_of(*entries):
-    return Catalog(path="c.toml", entries={e.name: e for e in entries})
-
-
 def test_planner_remembers_unchanged_models_and_replans_changed_ones():
     """Planner gives what plan() gives; a model with the same entry and state objects keeps
     its previous action object, a changed entry, state or refresh is planned again."""
@@ -208,23 +141,23 @@ def test_planner_remembers_unchanged_models_and_replans_changed_ones():
     ma, mb = pulled(a), with_int8(b, pulled(b))
     inventory = Inventory(models={"a": state(ma), "b": state(mb)})
     planner = Planner()
-    first = planner.plan(_catalog_of(a, b), inventory, CTX)
-    assert first == plan(_catalog_of(a, b), inventory, CTX)
+    first = planner.plan(catalog_of(a, b), inventory, CTX)
+    assert first == plan(catalog_of(a, b), inventory, CTX)
     assert [type(x) for x in first] == [Derive]          # b is done
-    again = planner.plan(_catalog_of(a, b), inventory, CTX)
+    again = planner.plan(catalog_of(a, b), inventory, CTX)
     assert again[0] is first[0]
     a2 = entry(QUANT + "\nper_channel = true", name="a")
-    changed = planner.plan(_catalog_of(a2, b), inventory, CTX)
-    assert changed == plan(_catalog_of(a2, b), inventory, CTX)
+    changed = planner.plan(catalog_of(a2, b), inventory, CTX)
+    assert changed == plan(catalog_of(a2, b), inventory, CTX)
     assert changed[0].derivation.key() != first[0].derivation.key()
     asked = replace(CTX, refresh=frozenset({"b"}))
-    refreshed = planner.plan(_catalog_of(a2, b), inventory, asked)
+    refreshed = planner.plan(catalog_of(a2, b), inventory, asked)
     assert [x.name for x in refreshed] == ["a", "b"] and isinstance(refreshed[1], Pull)
     newer_runtime = replace(CTX, onnxruntime_version="9.9")
-    assert planner.plan(_catalog_of(a2, b), inventory, newer_runtime) == \
-        plan(_catalog_of(a2, b), inventory, newer_runtime)
+    assert planner.plan(catalog_of(a2, b), inventory, newer_runtime) == \
+        plan(catalog_of(a2, b), inventory, newer_runtime)
     healed = Inventory(models={"a": state(with_int8(a2, pulled(a2))), "b": state(mb)})
-    assert planner.plan(_catalog_of(a2, b), healed, CTX) == []
+    assert planner.plan(catalog_of(a2, b), healed, CTX) == []
 
 
 def test_a_new_recipes_version_makes_derived_variants_stale(monkeypatch):
@@ -240,7 +173,7 @@ def test_a_new_recipes_version_makes_derived_variants_stale(monkeypatch):
 def test_a_recheck_is_planned_again_when_asked_and_only_then():
     """The memo must not hide a re-check: same entry and state, a recheck in the context."""
     planner = Planner()
-    catalog = _catalog_of(E)
+    catalog = catalog_of(E)
     inventory = Inventory(models={"det": state(pulled(E))})
     assert planner.plan(catalog, inventory, CTX) == []
     [action] = planner.plan(catalog, inventory, replace(CTX, recheck=frozenset({("det", FP32_FILE)})))
@@ -267,7 +200,7 @@ def test_a_node_runtime_is_an_input_of_the_proofs_on_its_provider():
     assert plan_model(E, state(proven), v1) is None
     upgraded = plan_model(E, state(proven), v2)
     assert isinstance(upgraded, Prove) and "stale" in upgraded.reason
-    assert Planner().plan(_catalog_of(E), Inventory(models={E.name: state(proven)}), v2) == \
+    assert Planner().plan(catalog_of(E), Inventory(models={E.name: state(proven)}), v2) == \
         [upgraded]
 
 

@@ -8,45 +8,16 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import entry_toml
-from modeld.catalog_file import CatalogKeeper
 from modeld.errors import QuantizeError
-from modeld.manifest import FileRecord, Provenance
-from modeld.planning import Derive, config_derivation, desired_derivation
-from modeld.reconciler import Reconciler
-from modeld.settings import Settings
-from modeld.store import Store, sha256_file
+from modeld.manifest import FileRecord
+from modeld.planning import Derive, desired_derivation
 from modeld.variants import FP32, Gates, Proof, ProviderProof, proof_key
-
-
-def _setup(tmp_path):
-    catalog = tmp_path / "model_catalog.toml"
-    catalog.write_text(entry_toml("det", labels=None, quantize="dynamic_int8"))
-    settings = Settings(catalog_path=catalog, models_dir=tmp_path / "models",
-                        socket_path=tmp_path / "s.sock")
-    store = Store(settings.models_dir)
-    keeper = CatalogKeeper(catalog)
-    keeper.reload()
-    reconciler = Reconciler(settings, store=store, catalog=keeper)
-    folder = store.model_dir("det")
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(b"fp32 bytes")
-    st = (folder / "model.onnx").stat()
-    record = FileRecord("model.onnx", sha256_file(folder / "model.onnx"), st.st_size,
-                        st.st_mtime_ns, st.st_ino,
-                        provenance=Provenance("acme/detector", "det/model.onnx", None, "c" * 40, "e"))
-    entry = keeper.current.entries["det"]
-    (folder / "config.json").write_text("{}")
-    st = (folder / "config.json").stat()
-    config = FileRecord("config.json", sha256_file(folder / "config.json"), st.st_size,
-                        st.st_mtime_ns, st.st_ino, derivation=config_derivation(entry, record, None))
-    store.update_manifest("det", lambda m: m.with_file(record).with_file(config))
-    derivation = desired_derivation(entry, record, reconciler.context())
-    return reconciler, store, Derive("det", entry, derivation, "test")
+from tests.support.stores import reconciler_on_pulled_det
+from tests.support.workspace import entry_toml
 
 
 def test_a_failed_quantization_is_remembered_for_its_inputs(tmp_path):
-    reconciler, store, action = _setup(tmp_path)
+    reconciler, store, action = reconciler_on_pulled_det(tmp_path)
     reconciler._record_failure(action, QuantizeError("unsupported operator", entry="det"))
     assert store.read_manifest("det").failures == {
         action.derivation.key(): "det: unsupported operator"}
@@ -58,7 +29,7 @@ def test_a_failure_while_the_source_vanished_is_not_remembered(tmp_path):
     """The FP32 file deleted (or replaced) under a running quantization: the error says nothing
     about these inputs, and a persisted failure would keep the re-pulled model from ever being
     quantized again."""
-    reconciler, store, action = _setup(tmp_path)
+    reconciler, store, action = reconciler_on_pulled_det(tmp_path)
     (store.model_dir("det") / "model.onnx").unlink()
     reconciler._record_failure(action, QuantizeError("No such file: model.onnx", entry="det"))
     assert store.read_manifest("det").failures == {}
@@ -66,7 +37,7 @@ def test_a_failure_while_the_source_vanished_is_not_remembered(tmp_path):
 
 
 def test_an_operator_retry_forgets_failures_in_memory_and_on_disk(tmp_path):
-    reconciler, store, action = _setup(tmp_path)
+    reconciler, store, action = reconciler_on_pulled_det(tmp_path)
     reconciler._record_failure(action, QuantizeError("calibration folder is empty", entry="det"))
     assert not _plan_with_fp32_proven(reconciler, store)
     assert reconciler.forget_failures() == ["det"]

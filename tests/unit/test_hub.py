@@ -16,7 +16,6 @@ import pytest
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-from hubfixtures import hub  # noqa: F401 - fixture
 from modeld.testing.hub import HubStore, HubStoreError, LocalHub, _parse_range
 
 REPO = "acme/files"
@@ -34,7 +33,7 @@ def request(hub: LocalHub, method: str, path: str, *, headers: dict | None = Non
 
 
 @pytest.fixture
-def served(hub):  # noqa: F811 - the fixture above
+def served(hub):
     commit = hub.store.commit(REPO, {"dir/blob.bin": BODY, "README.md": b"hello\n"})
     return hub, commit
 
@@ -64,7 +63,7 @@ def test_get_serves_the_content_at_every_kind_of_revision(served):
         assert response.getheader("X-Repo-Commit") == commit
 
 
-def test_repo_ids_with_one_segment_or_named_resolve(hub):  # noqa: F811
+def test_repo_ids_with_one_segment_or_named_resolve(hub):
     hub.store.commit("acme/resolve", {"f.bin": b"two segments"})
     hub.store.commit("gpt2", {"f.bin": b"one segment"})
     for path, expected in [("/acme/resolve/resolve/main/f.bin", b"two segments"),
@@ -91,7 +90,7 @@ def test_commits_are_snapshots_and_keep_untouched_files(served):
     assert response.status == 404 and response.getheader("X-Error-Code") == "EntryNotFound"
 
 
-def test_commit_streams_from_a_path(hub, tmp_path):  # noqa: F811
+def test_commit_streams_from_a_path(hub, tmp_path):
     source = tmp_path / "big.bin"
     source.write_bytes(BODY * 3)
     commit = hub.store.commit("acme/big", {"big.bin": source})
@@ -331,7 +330,7 @@ def test_a_stalled_download_does_not_hold_up_other_requests(served):
     assert not stalled.is_alive()
 
 
-def test_unknown_fault_kind_is_refused(hub):  # noqa: F811
+def test_unknown_fault_kind_is_refused(hub):
     with pytest.raises(ValueError, match="unknown fault kind"):
         hub.faults.add("explode")
 

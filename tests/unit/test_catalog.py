@@ -19,7 +19,7 @@ from modeld.errors import CatalogError
 from modeld.methods import METHODS
 from modeld.variants import Gates
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PATH = "/srv/robot/model_catalog.toml"
 MISSING = object()
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from test_planning import CTX, QUANT, _catalog_of, entry, pulled, state, with_int8
-
 from modeld.inventory import Inventory
 from modeld.views import Activity, ViewBuilder, build_views
+from tests.support.plans import CTX, QUANT, catalog_of, entry, pulled, state, with_int8
 
 
 def test_view_builder_keeps_unchanged_views_and_rebuilds_changed_ones():
     a, b = entry(QUANT, name="a"), entry(QUANT, name="b")
-    catalog = _catalog_of(a, b)
+    catalog = catalog_of(a, b)
     inventory = Inventory(models={"a": state(pulled(a)), "b": state(with_int8(b, pulled(b)))})
     builder = ViewBuilder()
     first = builder.build(catalog, inventory, CTX, {}, frozenset(), "/m")

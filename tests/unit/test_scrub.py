@@ -7,15 +7,13 @@ import asyncio
 import dataclasses
 import time
 
-from test_failures import _setup
-from test_store import rot_in_place
-
 from modeld.reconciler import Reconciler
 from modeld.store import DAMAGED, OK, SCRUB_STAMP_NAME
+from tests.support.stores import reconciler_on_pulled_det, rot_in_place
 
 
 def test_a_scrub_is_due_by_the_stamp_on_disk_not_by_uptime(tmp_path):
-    reconciler, store, _ = _setup(tmp_path)
+    reconciler, store, _ = reconciler_on_pulled_det(tmp_path)
     assert store.scrubbed_at() is None and reconciler.scrub_due()
     assert asyncio.run(reconciler.scrub()) == []
     assert abs(store.scrubbed_at() - time.time()) < 5 and not reconciler.scrub_due()
@@ -31,7 +29,7 @@ def test_a_scrub_is_due_by_the_stamp_on_disk_not_by_uptime(tmp_path):
 
 
 def test_a_scrub_marks_rot_damaged(tmp_path):
-    reconciler, store, _ = _setup(tmp_path)
+    reconciler, store, _ = reconciler_on_pulled_det(tmp_path)
     rot_in_place(store.model_dir("det") / "model.onnx")
     assert store.scan_model("det").files["model.onnx"].status == OK
     assert asyncio.run(reconciler.scrub()) == ["det/model.onnx"]

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
+import common     # benchmarks/ is on pytest's pythonpath (pyproject): the scripts' own modules
+import run_all
 
-import common  # noqa: E402
-import run_all  # noqa: E402
+BENCH_DIR = Path(common.__file__).resolve().parent
 
 
 def test_bench_daemon_quick_writes_a_row_with_a_figure_for_every_part(tmp_path):
@@ -82,12 +81,12 @@ def _script(folder: Path, name: str, body: str) -> Path:
     return path
 
 
-def test_run_all_collects_rows_quotes_output_and_reports_failures(tmp_path):
+def test_run_all_collects_rows_quotes_output_and_reports_failures(tmp_path, monkeypatch):
     folder = tmp_path / "benchmarks"
     folder.mkdir()
-    with_rows = _script(folder, "bench_rows.py", f"""
+    monkeypatch.setenv("PYTHONPATH", str(BENCH_DIR))    # what a script in benchmarks/ sees
+    with_rows = _script(folder, "bench_rows.py", """
         import sys
-        sys.path.insert(0, {str(BENCH_DIR)!r})
         from common import Results, Row
         results = Results()
         results.add(Row("alpha", "speed", "1.5x", ">= 1x", True))

@@ -13,6 +13,7 @@ from modeld.atomic import TEMP_PREFIX, WORK_PREFIX, temp_path_for, write_atomic
 from modeld.errors import DiskFullError, StoreError, StoreLockedError
 from modeld.manifest import MAX_REJECTIONS, FileRecord, Manifest, Provenance
 from modeld.store import DAMAGED, MISSING, OK, UNREADABLE, Store, sha256_file
+from tests.support.stores import rot_in_place
 
 
 def publish(store: Store, name: str, file_name: str, data: bytes) -> FileRecord:
@@ -195,19 +196,6 @@ def test_a_vanished_folder_scans_to_nothing_and_back(store):
     store.model_dir("m").mkdir()
     state = store.scan_model("m")
     assert state is not None and state.files == {}
-
-
-def rot_in_place(path) -> None:
-    """Flip one byte and put size, mtime and inode back as they were: what bit rot looks like."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(st.st_size // 2)
-        byte = f.read(1)
-        f.seek(st.st_size // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    after = os.stat(path)
-    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def test_the_scrub_finds_rot_that_scans_cannot_see(store):

@@ -1,0 +1,1 @@
+"""Fault campaigns against a real daemon: hostile hubs, clients, stores and models; kills, full disks, soak."""
