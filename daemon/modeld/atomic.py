@@ -62,15 +62,16 @@ def publish_file(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_atomic(final: Path, data: bytes) -> None:
+def write_atomic(final: Path, data: bytes, *, mode: int = 0o666) -> None:
     """Write ``data`` to ``final`` atomically; a full, read-only or failing disk raises a
     ``TemporaryError`` (``DiskFullError``, ``StoreWriteError``) and leaves no temp. The temp file
-    is created new (``O_EXCL``), never through a symlink."""
+    is created new (``O_EXCL``), never through a symlink, with ``mode`` under the umask (given at
+    creation: a private file is never readable by others, not even for a moment)."""
     temp = temp_path_for(final)
     try:
         clear_the_way(final)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o666)
+                     mode)
         with open(fd, "wb") as f:
             f.write(data)
             f.flush()

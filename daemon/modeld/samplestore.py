@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .atomic import TEMP_PREFIX, disk_error, fsync_dir, read_regular, remove_leftovers, temp_path_for
+from .atomic import TEMP_PREFIX, fsync_dir, read_regular, remove_leftovers, write_atomic
 from .samples import (FILE_MODE, GENERATION_PREFIX, INDEX_NAME, MAX_INDEX_BYTES, MAX_NODE_CHARS,
                       SAMPLES_DIR, SUFFIX, FieldSamples, InputSignature, Limits, SampleRejected,
                       check_sample, generation_id, needed_for, should_cut, signature_from_config,
@@ -187,7 +187,7 @@ class SamplesArea:
             folder = self._ensure_folder(model)
             final = folder / f"{digest}{SUFFIX}"
             if digest not in m.members | m.previous_members or not final.exists():
-                _write_private(final, data)
+                write_atomic(final, data, mode=FILE_MODE)   # never readable by others
             for old in evict:
                 self._drop(model, m, old)
             m.samples[digest] = _Sample(digest, node, time.time(), len(data))
@@ -286,8 +286,8 @@ class SamplesArea:
                            for s in m.samples.values()],
                "generation": m.generation, "members": sorted(m.members),
                "previous": m.previous, "previous_members": sorted(m.previous_members)}
-        _write_private(self.folder(model) / INDEX_NAME,
-                       json.dumps(doc, separators=(",", ":")).encode())
+        write_atomic(self.folder(model) / INDEX_NAME,
+                     json.dumps(doc, separators=(",", ":")).encode(), mode=FILE_MODE)
 
     def _answer(self, model: str, m: _Model, digest: str, needed: int, *, stored: bool,
                 generation_cut: bool = False) -> dict[str, Any]:
@@ -315,27 +315,6 @@ class SamplesArea:
         with self._lock:
             self._signatures[model] = (key, signature)
         return signature
-
-
-def _write_private(final: Path, data: bytes) -> None:
-    """Write ``data`` atomically as a file of mode 0640 or stricter (given when the temp file is
-    created, under the umask: never readable by others); no temp is left on failure."""
-    temp = temp_path_for(final)
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     FILE_MODE)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, final)
-        fsync_dir(final.parent)
-    except OSError as e:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
-        raise disk_error(e, final) from e
 
 
 def accept(area: SamplesArea, entries: Mapping[str, Any], model: str, node: str,
