@@ -76,7 +76,8 @@ def request_for(action: Pull | Derive | Prove | Adopt | Share, *, model_dir: str
                                input_size=entry.input_size, providers=providers,
                                gates=spec.gates, simulated=simulated, task=entry.task or None,
                                runtimes=runtimes_for(settings, providers),
-                               derivation=action.derivation, basis=proof_basis(context))
+                               derivation=action.derivation, basis=proof_basis(context),
+                               must_pass=action.must_pass)
     # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
     # load and run) never reads it: a broken calibration folder must not un-serve FP32.
     # A derived file is proven on the held-out part of the data it was calibrated with: the
@@ -152,6 +153,8 @@ def _pulled(action: Pull, result: FetchResult) -> Change:
 
 def _derived(action: Derive, result: QuantizeResult) -> Change:
     record, proof = result.record, result.proof
+    if record is None:   # withheld: the variant serving now stays; these inputs are not retried
+        return lambda m: m.with_failure(action.derivation.key(), result.withheld)
 
     def change(m: Manifest) -> Manifest:
         m = m.with_file(record).with_failure(action.derivation.key(), None)

@@ -609,7 +609,7 @@ class Reconciler:
         elif isinstance(action, Prove):
             refused = {p.provider: p.reason for p in result.providers if not p.passed}
             log.info("proven", model=name, file=action.file_name,
-                     passed=[p.provider for p in result.providers if p.passed], refused=refused,
+                     passed=list(result.passed_on), refused=refused,
                      checker_ok=result.checker_ok, seconds=round(seconds, 2))
         elif isinstance(action, RestoreMode):
             log.info("file_repaired", model=name, file=action.file_name,
@@ -619,6 +619,13 @@ class Reconciler:
 
     def _log_derived(self, action: Derive, result: QuantizeResult, seconds: float) -> None:
         record, proof = result.record, result.proof
+        if record is None:
+            log.warning("rebuild_withheld", model=action.name, method=action.derivation.method,
+                        seconds=round(seconds, 2), reason=result.withheld,
+                        kept_on=list(action.must_pass))
+            return
+        if proof.passed_anywhere:   # the samples it was calibrated on are kept while it serves
+            self.samples.proven(action.name, action.derivation.params.get("calibration"))
         fp32_size = (self.store.read_manifest(action.name).files.get(FP32_FILE) or record).size
         log.info("quantized", model=action.name, method=action.derivation.method,
                  file=record.name, seconds=round(seconds, 2),
@@ -658,7 +665,7 @@ class Reconciler:
                       expected=record.sha256[:12], found=proof.file_sha256[:12])
             return
         log.info("recheck_done", model=action.name, file=action.file_name,
-                 passed=[p.provider for p in proof.providers if p.passed],
+                 passed=list(proof.passed_on),
                  verdict="the rejection stays with that node" if proof.passed_anywhere
                  else "refused for every node")
 

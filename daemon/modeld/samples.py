@@ -20,7 +20,10 @@ of its members). A first generation is cut once the pool holds ``needed`` sample
 ``field_samples``); a new one once at least ``NEW_SHARE`` (25%) of the pool's samples are not in
 the generation in use (``should_cut``). The generation's folder is the calibration folder of the
 derivation, so a new generation re-derives and re-proves the variant, and a restart that finds
-the same generation rebuilds nothing. The current and the previous snapshots are kept.
+the same generation rebuilds nothing. The current and the previous snapshots are kept, and the
+one the serving variant was calibrated on (``SamplesArea.proven``). A rebuild from a newer
+generation replaces the serving variant only if it passes wherever that one passes
+(``planning.serving_on``); otherwise it is withheld and the proven variant keeps serving.
 
 Everything here is untrusted input from nodes or from disk: a bad sample is a
 ``SampleRejected`` with a ``code`` and one line, a bad index is rebuilt from the files.

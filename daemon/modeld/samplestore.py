@@ -42,10 +42,17 @@ class _Model:
     members: frozenset[str] = frozenset()
     previous: str | None = None
     previous_members: frozenset[str] = frozenset()
+    #: the generation the serving variant was calibrated on (kept while it serves: its proof is
+    #: made again on it), whatever was cut since
+    proven: str | None = None
+    proven_members: frozenset[str] = frozenset()
+
+    @property
+    def snapshotted(self) -> frozenset[str]:
+        return self.members | self.previous_members | self.proven_members
 
     def disk_bytes(self, sizes: Mapping[str, int]) -> int:
-        held = set(self.samples) | self.members | self.previous_members
-        return sum(sizes.get(d, 0) for d in held)
+        return sum(sizes.get(d, 0) for d in set(self.samples) | self.snapshotted)
 
 
 # ---- the area -----------------------------------------------------------------------------------
@@ -121,7 +128,8 @@ class SamplesArea:
             if digest not in m.samples:
                 m.samples[digest] = _Sample(digest, "", 0.0, size)
         sizes = dict(on_disk)
-        for key, members_key in (("generation", "members"), ("previous", "previous_members")):
+        for key, members_key in (("generation", "members"), ("previous", "previous_members"),
+                                 ("proven", "proven_members")):
             gen = doc.get(key)
             members = doc.get(members_key)
             if isinstance(gen, str) and isinstance(members, list) \
@@ -180,13 +188,13 @@ class SamplesArea:
                 return self._answer(model, m, digest, needed, stored=False)
             evict = self._eviction(m, node)
             after = self._total_bytes() + len(data) - sum(
-                sizes.get(d, 0) for d in evict if d not in m.members | m.previous_members)
+                sizes.get(d, 0) for d in evict if d not in m.snapshotted)
             if after > self.limits.budget_bytes:
                 raise SampleRejected(f"samples of every model would take {after} bytes; the "
                                      f"budget is {self.limits.budget_bytes}", code="budget")
             folder = self._ensure_folder(model)
             final = folder / f"{digest}{SUFFIX}"
-            if digest not in m.members | m.previous_members or not final.exists():
+            if digest not in m.snapshotted or not final.exists():
                 write_atomic(final, data, mode=FILE_MODE)   # never readable by others
             for old in evict:
                 self._drop(model, m, old)
@@ -219,7 +227,7 @@ class SamplesArea:
             (self.folder(model) / f"{digest}{SUFFIX}").unlink()
         except FileNotFoundError:
             pass
-        if digest not in m.members | m.previous_members:
+        if digest not in m.snapshotted:
             self._sizes_of.get(model, {}).pop(digest, None)
 
     def _cut(self, model: str, m: _Model) -> None:
@@ -235,15 +243,38 @@ class SamplesArea:
                 os.link(folder / f"{digest}{SUFFIX}", work / f"{digest}{SUFFIX}")
             os.replace(work, snap)
             fsync_dir(folder)
-        keep = {gen, m.generation}
-        old_members = m.previous_members
-        if m.previous and m.previous not in keep:
-            shutil.rmtree(self._snapshot(model, m.previous), ignore_errors=True)
+        old = (m.previous, m.previous_members)
         m.previous, m.previous_members = m.generation, m.members
         m.generation, m.members = gen, members
+        self._release(model, m, *old)
+
+    def _release(self, model: str, m: _Model, generation: str | None,
+                 members: frozenset[str]) -> None:
+        """Remove the snapshot of ``generation`` unless it is current, previous or proven."""
+        if generation is None or generation in (m.generation, m.previous, m.proven):
+            return
+        shutil.rmtree(self._snapshot(model, generation), ignore_errors=True)
         sizes = self._sizes_of.get(model, {})
-        for digest in old_members - m.members - m.previous_members - set(m.samples):
+        for digest in members - m.snapshotted - set(m.samples):
             sizes.pop(digest, None)
+
+    def proven(self, model: str, folder: str | None) -> None:
+        """A variant calibrated on ``folder`` passed its proof and serves: keep that generation
+        (its re-proofs read it) until another one proves. Not a generation of ``model``: no-op."""
+        with self._lock:
+            self._ensure_loaded()
+            m = self._models.get(model)
+            if m is None or folder is None or Path(folder).parent != self.folder(model):
+                return
+            gen = Path(folder).name[len(GENERATION_PREFIX):]
+            members = {m.generation: m.members, m.previous: m.previous_members,
+                       m.proven: m.proven_members}.get(gen)
+            if members is None or gen == m.proven:
+                return   # a generation no longer kept, or already the proven one
+            old = (m.proven, m.proven_members)
+            m.proven, m.proven_members = gen, members
+            self._release(model, m, *old)
+            self._write_index(model, m)
 
     def clear(self, model: str) -> int:
         """Remove every sample and snapshot of ``model``; how many samples there were."""
@@ -285,7 +316,8 @@ class SamplesArea:
                "samples": [{"sha256": s.digest, "node": s.node, "at_unix_s": round(s.at_unix_s, 3)}
                            for s in m.samples.values()],
                "generation": m.generation, "members": sorted(m.members),
-               "previous": m.previous, "previous_members": sorted(m.previous_members)}
+               "previous": m.previous, "previous_members": sorted(m.previous_members),
+               "proven": m.proven, "proven_members": sorted(m.proven_members)}
         write_atomic(self.folder(model) / INDEX_NAME,
                      json.dumps(doc, separators=(",", ":")).encode(), mode=FILE_MODE)
 

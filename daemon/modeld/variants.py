@@ -172,6 +172,11 @@ class Proof:
     def passed_anywhere(self) -> bool:
         return self.checker_ok and any(p.passed for p in self.providers)
 
+    @property
+    def passed_on(self) -> tuple[str, ...]:
+        """The providers this file may be served on."""
+        return tuple(p.provider for p in self.providers if p.passed) if self.checker_ok else ()
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["providers"] = [asdict(p) | {"checks": [asdict(c) for c in p.checks]}
@@ -254,3 +259,17 @@ def digest_of(obj: Any) -> str:
     """Stable short digest of a JSON-able value."""
     raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def withheld_reason(proof: Proof, must_pass: tuple[str, ...]) -> str:
+    """Why a build must not replace the variant serving now ('' when it may): it has to pass on
+    every provider that one passes on (``QuantizeRequest.must_pass``)."""
+    if not must_pass:
+        return ""
+    failing = [p for p in must_pass if p not in proof.passed_on]
+    if not failing:
+        return ""
+    why = "; ".join(f"{p}: {(proof.on(p).reason if proof.on(p) else '') or 'not proven'}"
+                    for p in failing) if proof.checker_ok else proof.checker_error
+    return (f"rebuilt from newer field samples, it did not pass ({why})"[:400]
+            + "; the previous variant keeps serving")

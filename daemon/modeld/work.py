@@ -99,15 +99,20 @@ class QuantizeRequest:
     derivation: Derivation | None = None
     #: the daemon's proof key inputs; None: this worker's own onnxruntime, runtimes by path
     basis: ProofBasis | None = None
+    #: a proven variant serves now (built from an older generation of field samples): the new
+    #: build replaces it only if it passes on every one of these providers, else it is withheld
+    must_pass: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    record: FileRecord          # the published variant file, the request's derivation set
+    #: the published variant file, the request's derivation set; None: withheld (``must_pass``)
+    record: FileRecord | None
     variant: str                # "int8" | "fp16"
-    proof: Proof                # of the published file (also when it is refused)
+    proof: Proof                # of the built file (also when it is refused or withheld)
     candidates: tuple[dict, ...]  # one row per recipe tried
     warnings: tuple[str, ...]
+    withheld: str = ""          # why the build was not published ('' when it was)
 
 
 # -- prove (the result is a ``variants.Proof``) --------------------------------------------------

@@ -369,6 +369,23 @@ def test_the_worker_records_the_requests_derivation_and_proof_basis(cnn_dir):
         providers=(CPU,), gates=NO_SPEED_GATE, simulated={})
 
 
+def test_a_rebuild_that_does_not_pass_where_the_serving_one_does_is_withheld(cnn_dir):
+    """Issue 13: the variant serving now (an older generation of field samples) is replaced
+    only by a build that passes on every provider it passes on; else nothing is published."""
+    serving = (cnn_dir / "model-int8.onnx")
+    serving.write_bytes(b"the serving variant's bytes")
+    impossible = Gates(min_cosine=0.98, min_speedup=1000.0)
+    result = quantize_model(_request(cnn_dir, "dynamic_int8", gates=impossible,
+                                     must_pass=(CPU,)), _no_progress)
+    assert result.record is None and not result.proof.passed_anywhere
+    assert "CPUExecutionProvider" in result.withheld and "keeps serving" in result.withheld
+    assert serving.read_bytes() == b"the serving variant's bytes" and _leftovers(cnn_dir) == []
+    # a build that passes there replaces it
+    result = quantize_model(_request(cnn_dir, "dynamic_int8", must_pass=(CPU,)), _no_progress)
+    assert result.record is not None and result.withheld == ""
+    assert hashlib.sha256(serving.read_bytes()).hexdigest() == result.record.sha256
+
+
 def test_the_worker_boundary_types_are_light_enough_for_the_daemon():
     code = ("import sys; import modeld.work, modeld.methods, modeld.handoff, modeld.failures; "
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'numpy', 'huggingface_hub') "

@@ -30,7 +30,7 @@ from ..atomic import sha256_file as _sha256_of
 from ..errors import QuantizeError, StoreError
 from ..errors import first_line as _one_line
 from ..manifest import FileRecord
-from ..variants import FP32, VARIANT_FILES, Derivation, Proof
+from ..variants import FP32, VARIANT_FILES, Derivation, Proof, withheld_reason
 from . import verify
 from .inputs import describe, sample_inputs
 from .recipes import Recipe, auto_candidates, recipe_for
@@ -85,16 +85,20 @@ def quantize_model(request: QuantizeRequest, progress: ProgressFn) -> QuantizeRe
             built = _build_auto(request, params, source, scratch, progress, warnings)
         else:
             built = _build_one(request, params, source, scratch, progress, warnings)
-        progress(0.95, "publishing")
-        record = _publish(built.path, model_dir / VARIANT_FILES[built.recipe.variant],
-                          request.derivation)
+        withheld = withheld_reason(built.proof, request.must_pass)
+        record, size = None, built.path.stat().st_size
+        if not withheld:
+            progress(0.95, "publishing")
+            record = _publish(built.path, model_dir / VARIANT_FILES[built.recipe.variant],
+                              request.derivation)
     result = QuantizeResult(record=record, variant=built.recipe.variant, proof=built.proof,
-                            candidates=tuple(built.rows), warnings=tuple(warnings))
+                            candidates=tuple(built.rows), warnings=tuple(warnings),
+                            withheld=withheld)
     primary = built.proof.on(request.providers[0]) if request.providers else None
     log.info("quantized", model=request.name, method=request.method, recipe=built.recipe.name,
              variant=result.variant, seconds=round(time.monotonic() - started, 2),
-             size_ratio=round(record.size / source.stat().st_size, 3),
-             passed=built.proof.passed_anywhere,
+             size_ratio=round(size / source.stat().st_size, 3),
+             passed=built.proof.passed_anywhere, withheld=withheld or None,
              speedup=primary.speedup if primary else None,
              cosine=primary.cosine if primary else None, warnings=list(warnings))
     progress(1.0, "done")
