@@ -77,7 +77,7 @@ def request_for(action: Pull | Derive | Prove | Adopt | Share, *, model_dir: str
                                gates=spec.gates, simulated=simulated, task=entry.task or None,
                                runtimes=runtimes_for(settings, providers),
                                derivation=action.derivation, basis=proof_basis(context),
-                               must_pass=action.must_pass)
+                               serving=action.serving)
     # Calibration data is for comparing a derived variant with FP32. FP32's own proof (does it
     # load and run) never reads it: a broken calibration folder must not un-serve FP32.
     # A derived file is proven on the held-out part of the data it was calibrated with: the
@@ -154,7 +154,15 @@ def _pulled(action: Pull, result: FetchResult) -> Change:
 def _derived(action: Derive, result: QuantizeResult) -> Change:
     record, proof = result.record, result.proof
     if record is None:   # withheld: the variant serving now stays; these inputs are not retried
-        return lambda m: m.with_failure(action.derivation.key(), result.withheld)
+        again = result.serving_proof
+
+        def withheld(m: Manifest) -> Manifest:
+            m = m.with_failure(action.derivation.key(), result.withheld)
+            serving = m.files.get(action.serving.file_name) if action.serving else None
+            if again is not None and serving is not None and serving.sha256 == again.file_sha256:
+                m = m.with_proof(serving.name, again)   # judged on the newer samples too
+            return m
+        return withheld
 
     def change(m: Manifest) -> Manifest:
         m = m.with_file(record).with_failure(action.derivation.key(), None)

@@ -17,7 +17,7 @@ from .layout import CONFIG_FILE, FP32_FILE, LABELS_FILE
 from .manifest import FileRecord, Manifest
 from .methods import METHODS, worker_params
 from .unchanged import MISSING, PassMemo
-from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, Derivation, Gates, Proof,
+from .variants import (FILE_VARIANTS, FP32, RECIPES_VERSION, Derivation, Gates, Proof, Serving,
                        proof_key)  # noqa: F401 - proof_key: tests
 from .samples import (FieldSamples, field_calibration, same_but_samples,
                       waiting_for_samples)
@@ -64,9 +64,9 @@ class Derive:
     entry: ModelEntry
     derivation: Derivation
     reason: str
-    #: a variant of an older generation of field samples serves now on these providers: the
-    #: build replaces it only if it passes on all of them (``serving_on``)
-    must_pass: tuple[str, ...] = ()
+    #: the variant of an older generation of field samples serving now (``serving_now``): the
+    #: build replaces it only if it passes wherever that one passes
+    serving: Serving | None = None
 
     @property
     def identity(self) -> tuple:
@@ -241,11 +241,11 @@ def local_work(entry: ModelEntry, state: ModelState | None, manifest: Manifest, 
     if record is None:
         if spec.share and adopt_key(derivation) not in manifest.shares:
             return Adopt(entry.name, entry, derivation, f"look in {spec.share} for this variant")
-        serving = serving_on(state, derivation)
+        serving = serving_now(state, derivation)
         return Derive(entry.name, entry, derivation,
                       f"newer field samples: rebuilding {spec.method} (the current one serves "
                       "until the new one passes)" if serving else
-                      f"no {spec.method} variant for these inputs", must_pass=serving)
+                      f"no {spec.method} variant for these inputs", serving=serving)
     if state is None or not state.intact(record.name):
         detail = state.files[record.name].detail if state and record.name in state.files else "missing"
         if is_adopted(record) and (manifest.shares.get(adopt_key(derivation)) or {}).get(
@@ -373,19 +373,19 @@ def served_record(manifest: Manifest, derivation: Derivation) -> FileRecord | No
          if r.derivation is not None and same_but_samples(r.derivation, derivation)), None)
 
 
-def serving_on(state: ModelState | None, derivation: Derivation) -> tuple[str, ...]:
-    """The providers on which a variant of an older generation of field samples than
-    ``derivation`` serves now (intact, proven for its bytes): what a rebuild must pass on to
+def serving_now(state: ModelState | None, derivation: Derivation) -> Serving | None:
+    """The variant of an older generation of field samples than ``derivation`` that serves now
+    (intact, proven for its bytes, passing somewhere): what a rebuild must do as well as to
     replace it. A build that does not is withheld, so a worse calibration never un-serves a
     good variant."""
     if state is None or derived_record(state.manifest, derivation) is not None:
-        return ()
+        return None
     older = served_record(state.manifest, derivation)
     proof = state.manifest.proofs.get(older.name) if older is not None else None
     if older is None or proof is None or proof.file_sha256 != older.sha256 \
-            or not state.intact(older.name):
-        return ()
-    return proof.passed_on
+            or not state.intact(older.name) or not proof.passed_on:
+        return None
+    return Serving(older.name, variant_of(older), proof.passed_on)
 
 
 def derived_proof_key(entry: ModelEntry, record: FileRecord, fp32: FileRecord,

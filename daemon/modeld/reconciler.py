@@ -622,7 +622,9 @@ class Reconciler:
         if record is None:
             log.warning("rebuild_withheld", model=action.name, method=action.derivation.method,
                         seconds=round(seconds, 2), reason=result.withheld,
-                        kept_on=list(action.must_pass))
+                        serving=action.serving.file_name if action.serving else None,
+                        still_passes_on=list(result.serving_proof.passed_on)
+                        if result.serving_proof else None)
             return
         if proof.passed_anywhere:   # the samples it was calibrated on are kept while it serves
             self.samples.proven(action.name, action.derivation.params.get("calibration"))

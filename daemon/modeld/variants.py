@@ -261,15 +261,41 @@ def digest_of(obj: Any) -> str:
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
-def withheld_reason(proof: Proof, must_pass: tuple[str, ...]) -> str:
-    """Why a build must not replace the variant serving now ('' when it may): it has to pass on
-    every provider that one passes on (``QuantizeRequest.must_pass``)."""
-    if not must_pass:
+@dataclass(frozen=True)
+class Serving:
+    """The derived variant serving now that a rebuild from a newer generation of field samples
+    would replace: the rebuild must pass on every provider it passes on (``withheld_reason``)."""
+
+    file_name: str
+    variant: str
+    passes_on: tuple[str, ...]
+
+
+def withheld_reason(proof: Proof, serving: Serving | None) -> str:
+    """Why a build must not replace the variant serving now ('' when it may): it did not pass on
+    every provider that one passes on."""
+    if serving is None:
         return ""
-    failing = [p for p in must_pass if p not in proof.passed_on]
+    failing = [p for p in serving.passes_on if p not in proof.passed_on]
     if not failing:
         return ""
-    why = "; ".join(f"{p}: {(proof.on(p).reason if proof.on(p) else '') or 'not proven'}"
-                    for p in failing) if proof.checker_ok else proof.checker_error
-    return (f"rebuilt from newer field samples, it did not pass ({why})"[:400]
-            + "; the previous variant keeps serving")
+    return f"rebuilt from newer field samples, it did not pass ({_refusals(proof, failing)})"
+
+
+def _refusals(proof: Proof, providers: list[str]) -> str:
+    if not proof.checker_ok:
+        return proof.checker_error[:300]
+    return "; ".join(f"{p}: {(proof.on(p).reason if proof.on(p) else '') or 'not proven'}"
+                     for p in providers)[:300]
+
+
+def still_serving(serving: Serving, proof: Proof | None) -> str:
+    """After a withheld rebuild, what the serving variant's proof on the newer held-out samples
+    says (``proof``; None: it could not be proven again)."""
+    if proof is None:
+        return f"; {serving.file_name} keeps serving"
+    failing = [p for p in serving.passes_on if p not in proof.passed_on]
+    if not failing:
+        return f"; {serving.file_name} passes on them and keeps serving"
+    return (f"; {serving.file_name} fails on them too ({_refusals(proof, failing)}): FP32 serves "
+            "there")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
 from .manifest import FileRecord
-from .variants import DEFAULT_PROVIDERS, Derivation, Gates, Proof, proof_key
+from .variants import DEFAULT_PROVIDERS, Derivation, Gates, Proof, Serving, proof_key
 
 #: a worker's progress report: ``progress(0.4, "quantizing")`` (None: fraction unknown)
 ProgressFn = Callable[[float | None, str], None]
@@ -99,20 +99,23 @@ class QuantizeRequest:
     derivation: Derivation | None = None
     #: the daemon's proof key inputs; None: this worker's own onnxruntime, runtimes by path
     basis: ProofBasis | None = None
-    #: a proven variant serves now (built from an older generation of field samples): the new
-    #: build replaces it only if it passes on every one of these providers, else it is withheld
-    must_pass: tuple[str, ...] = ()
+    #: the variant serving now, built from an older generation of field samples: the build
+    #: replaces it only if it passes wherever that one passes, else it is withheld and that one
+    #: is proven again on the same newer held-out samples (``QuantizeResult.serving_proof``)
+    serving: Serving | None = None
 
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    #: the published variant file, the request's derivation set; None: withheld (``must_pass``)
+    #: the published variant file, the request's derivation set; None: withheld (``serving``)
     record: FileRecord | None
     variant: str                # "int8" | "fp16"
     proof: Proof                # of the built file (also when it is refused or withheld)
     candidates: tuple[dict, ...]  # one row per recipe tried
     warnings: tuple[str, ...]
     withheld: str = ""          # why the build was not published ('' when it was)
+    #: withheld: the serving variant's proof on the same held-out samples (None: not made)
+    serving_proof: Proof | None = None
 
 
 # -- prove (the result is a ``variants.Proof``) --------------------------------------------------

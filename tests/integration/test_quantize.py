@@ -371,19 +371,29 @@ def test_the_worker_records_the_requests_derivation_and_proof_basis(cnn_dir):
 
 def test_a_rebuild_that_does_not_pass_where_the_serving_one_does_is_withheld(cnn_dir):
     """Issue 13: the variant serving now (an older generation of field samples) is replaced
-    only by a build that passes on every provider it passes on; else nothing is published."""
-    serving = (cnn_dir / "model-int8.onnx")
-    serving.write_bytes(b"the serving variant's bytes")
+    only by a build that passes on every provider it passes on; else nothing is published and
+    the serving one is proven again on the same held-out samples."""
+    from modeld.variants import INT8, Serving
+    first = quantize_model(_request(cnn_dir, "dynamic_int8"), _no_progress)
+    serving_file = cnn_dir / "model-int8.onnx"
+    serving = Serving(serving_file.name, INT8, (CPU,))
+    before = serving_file.read_bytes()
     impossible = Gates(min_cosine=0.98, min_speedup=1000.0)
-    result = quantize_model(_request(cnn_dir, "dynamic_int8", gates=impossible,
-                                     must_pass=(CPU,)), _no_progress)
+    result = quantize_model(_request(cnn_dir, "static_int8", gates=impossible, serving=serving),
+                            _no_progress)
     assert result.record is None and not result.proof.passed_anywhere
-    assert "CPUExecutionProvider" in result.withheld and "keeps serving" in result.withheld
-    assert serving.read_bytes() == b"the serving variant's bytes" and _leftovers(cnn_dir) == []
+    assert "CPUExecutionProvider" in result.withheld and "did not pass" in result.withheld
+    assert serving_file.read_bytes() == before and _leftovers(cnn_dir) == []
+    # proven again on those samples (same gates: it fails too, and FP32 is the honest answer)
+    again = result.serving_proof
+    assert again is not None and again.file_sha256 == first.record.sha256
+    assert again.samples > 0 and not again.passed_anywhere
+    assert "fails on them too" in result.withheld
     # a build that passes there replaces it
-    result = quantize_model(_request(cnn_dir, "dynamic_int8", must_pass=(CPU,)), _no_progress)
-    assert result.record is not None and result.withheld == ""
-    assert hashlib.sha256(serving.read_bytes()).hexdigest() == result.record.sha256
+    result = quantize_model(_request(cnn_dir, "static_int8", serving=serving), _no_progress)
+    assert result.record is not None and result.withheld == "" and result.serving_proof is None
+    assert hashlib.sha256(serving_file.read_bytes()).hexdigest() == result.record.sha256 != \
+        first.record.sha256
 
 
 def test_the_worker_boundary_types_are_light_enough_for_the_daemon():

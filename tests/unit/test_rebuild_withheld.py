@@ -15,7 +15,7 @@ from modeld.planning import Derive, derived_proof_key, plan_model
 from modeld.samples import FieldSamples, InputSignature, Limits
 from modeld.samplestore import SamplesArea
 from modeld.settings import Settings
-from modeld.variants import INT8, Proof, ProviderProof, withheld_reason
+from modeld.variants import INT8, Proof, ProviderProof, Serving, still_serving, withheld_reason
 from modeld.views import Activity, model_view
 from modeld.work import QuantizeResult
 from tests.support.plans import CTX, entry, pulled, rec, state
@@ -39,7 +39,7 @@ def serving_a(e):
     """A manifest whose INT8 was built from generation A and proven on the CPU."""
     ctx = replace(CTX, field_samples={"det": generation(4, "aaaa")})
     first = plan_model(e, state(pulled(e)), ctx)
-    assert isinstance(first, Derive) and first.must_pass == ()   # nothing serves yet
+    assert isinstance(first, Derive) and first.serving is None   # nothing serves yet
     r = rec("model-int8.onnx", "8" * 64, derivation=first.derivation)
     m = pulled(e).with_file(r)
     return m.with_proof(r.name, replace(built_proof(r.sha256, CPU, providers=(CPU,)),
@@ -51,23 +51,27 @@ def test_a_rebuild_from_newer_samples_must_pass_where_the_serving_variant_passes
     m, served = serving_a(e)
     newer = replace(CTX, field_samples={"det": generation(6, "bbbb")})
     action = plan_model(e, state(m), newer)
-    assert isinstance(action, Derive) and action.must_pass == (CPU,)
+    assert isinstance(action, Derive) and action.serving == Serving("model-int8.onnx", INT8, (CPU,))
     assert "newer field samples" in action.reason
     assert action.derivation.params["calibration"].endswith("gen-bbbb")
     # a damaged serving file protects nothing: it cannot serve
     damaged = plan_model(e, state(m, model_int8_onnx="damaged"), newer)
-    assert isinstance(damaged, Derive) and damaged.must_pass == ()
+    assert isinstance(damaged, Derive) and damaged.serving is None
 
     request = request_for(action, model_dir="/m/det", settings=Settings(), context=newer)
-    assert request.must_pass == (CPU,)
+    assert request.serving == action.serving
 
     # the build did not pass on the CPU: nothing is published, the failure is remembered...
-    reason = withheld_reason(built_proof("9" * 64, OV), request.must_pass)
-    assert "CPUExecutionProvider: F1 0.41 < 0.9" in reason and "keeps serving" in reason
+    reason = withheld_reason(built_proof("9" * 64, OV), request.serving)
+    assert "CPUExecutionProvider: F1 0.41 < 0.9" in reason
+    # ...and the serving INT8, proven again on the same newer held-out samples, still passes
+    again = replace(m.proofs[served.name], samples=8)
+    reason += still_serving(request.serving, again)
+    assert reason.endswith("model-int8.onnx passes on them and keeps serving")
     result = QuantizeResult(record=None, variant=INT8, proof=built_proof("9" * 64, OV),
-                            candidates=(), warnings=(), withheld=reason)
+                            candidates=(), warnings=(), withheld=reason, serving_proof=again)
     after = apply(action, result)(m)
-    assert after.files == m.files and after.proofs == m.proofs
+    assert after.files == m.files and after.proofs[served.name] == again
     assert after.failures[action.derivation.key()] == reason
     # ...so it is not built again for these samples, and the old INT8 keeps being offered
     assert plan_model(e, state(after), newer) is None
@@ -76,17 +80,41 @@ def test_a_rebuild_from_newer_samples_must_pass_where_the_serving_variant_passes
     assert int8 is not None and int8.sha256 == served.sha256
     assert view.detail["failures"][action.derivation.key()] == reason
     # a generation after that tries again, still held to the same providers
-    again = plan_model(e, state(after), replace(CTX, field_samples={"det": generation(8, "cccc")}))
-    assert isinstance(again, Derive) and again.must_pass == (CPU,)
+    later = plan_model(e, state(after), replace(CTX, field_samples={"det": generation(8, "cccc")}))
+    assert isinstance(later, Derive) and later.serving == action.serving
 
 
 def test_a_build_may_replace_only_when_it_passes_on_every_provider_the_old_one_passes_on():
-    assert withheld_reason(built_proof("9" * 64, CPU), ()) == ""          # nothing serves
-    assert withheld_reason(built_proof("9" * 64, CPU, OV), (CPU, OV)) == ""
-    assert withheld_reason(built_proof("9" * 64, CPU, OV), (CPU,)) == ""   # better: fine
-    assert OV in withheld_reason(built_proof("9" * 64, CPU), (CPU, OV))
+    both, cpu = Serving("model-int8.onnx", INT8, (CPU, OV)), Serving("model-int8.onnx", INT8, (CPU,))
+    assert withheld_reason(built_proof("9" * 64, CPU), None) == ""        # nothing serves
+    assert withheld_reason(built_proof("9" * 64, CPU, OV), both) == ""
+    assert withheld_reason(built_proof("9" * 64, CPU, OV), cpu) == ""     # better: fine
+    assert OV in withheld_reason(built_proof("9" * 64, CPU), both)
     broken = replace(built_proof("9" * 64, CPU), checker_ok=False, checker_error="bad graph")
-    assert "bad graph" in withheld_reason(broken, (CPU,))
+    assert "bad graph" in withheld_reason(broken, cpu)
+    # the serving one judged on the newer samples: a shift fails it too, and FP32 serves there
+    assert "fails on them too" in still_serving(both, built_proof("8" * 64, CPU))
+    assert "FP32 serves there" in still_serving(both, built_proof("8" * 64, CPU))
+    assert still_serving(cpu, None).endswith("keeps serving")
+
+
+def test_a_serving_variant_that_fails_on_the_newer_samples_is_no_longer_offered():
+    e = entry(AUTO)
+    m, served = serving_a(e)
+    newer = replace(CTX, field_samples={"det": generation(6, "bbbb")})
+    action = plan_model(e, state(m), newer)
+    failing = replace(m.proofs[served.name], providers=(
+        ProviderProof(CPU, usable=True, passed=False, reason="F1 0.2 < 0.9"),))
+    result = QuantizeResult(record=None, variant=INT8, proof=built_proof("9" * 64),
+                            candidates=(), warnings=(), withheld="x", serving_proof=failing)
+    after = apply(action, result)(m)
+    assert plan_model(e, state(after), newer) is None   # no rebuild loop over the same samples
+    view = model_view(e, state(after), newer, activity=_idle(), pending=False, models_root="/m")
+    assert not view.variant(INT8).proof.passed_anywhere
+    # a proof of other bytes (the file changed meanwhile) is not recorded
+    other = replace(failing, file_sha256="7" * 64)
+    kept = apply(action, replace(result, serving_proof=other))(m)
+    assert kept.proofs[served.name] == m.proofs[served.name]
 
 
 def _idle() -> Activity:
