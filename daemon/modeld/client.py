@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import io
 import logging
 import random
 import select
@@ -19,12 +20,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import IntegrityError, ModeldError, TemporaryError
 from .protocol import (CPU_PROVIDER, DEFAULT_PREFER, PROTOCOL_VERSION, STATE_EVENTS,
                        LineSplitter, ProtocolError, ack_request, decode, default_socket_path,
-                       encode, parse_request, sample_header, subscribe_request)
+                       encode, pack_npz, parse_request, sample_header, subscribe_request)
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +449,9 @@ def ping(*, socket_path: str | Path | None = None, timeout_s: float = 5.0) -> bo
 def send_samples(model: str, samples: Sequence[bytes], *, node: str | None = None,
                  socket_path: str | Path | None = None, timeout_s: float = 10.0
                  ) -> list[dict[str, Any]]:
-    """Offer ``samples`` (``.npy`` bytes of inputs the node ran) for ``model`` on one connection;
+    """Offer ``samples`` (inputs the node ran: ``.npy`` bytes for a model of one input, an
+    ``.npz`` of all of a call's inputs for one of several, see ``sample_bytes``) for ``model``
+    on one connection;
     the daemon's answer to each, in order: a ``sample`` event, or an ``error`` with a ``code``
     (docs/protocol.md, "Field samples"). Stops at the first answer that closes the connection."""
     path = str(socket_path or default_socket_path())
@@ -476,6 +479,22 @@ def send_samples(model: str, samples: Sequence[bytes], *, node: str | None = Non
             raise DaemonUnavailableError(f"no answer from {path}: {e.strerror or e}",
                                          hint="is mecha10-modeld running? set MODELD_SOCKET") from e
     return answers
+
+
+def sample_bytes(feed: Mapping[str, Any]) -> bytes:
+    """One call's inputs as one field sample: the ``.npy`` of its one array, or an ``.npz``
+    (``protocol.pack_npz``) of one ``<input>.npy`` per input when there are several. Needs
+    numpy (a node running onnxruntime has it)."""
+    import numpy
+
+    arrays = {}
+    for name, value in feed.items():
+        out = io.BytesIO()
+        numpy.save(out, numpy.ascontiguousarray(value), allow_pickle=False)
+        arrays[name] = out.getvalue()
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    return pack_npz(arrays)
 
 
 class Reservoir:
@@ -549,7 +568,8 @@ class HotSession:
     ``contribute_samples=True`` (off by default: the frames are the node's) keeps a uniform
     sample of the inputs ``run`` was given over the whole run (``Reservoir``: a copy of the
     input only when the reservoir picks it) and every ``sample_interval_s`` a background thread
-    offers a few new ones to the daemon as field samples (single-input models).
+    offers a few new ones to the daemon as field samples: one sample per call, holding every
+    input of the call (an ``.npz`` for a model of several inputs, ``sample_bytes``).
     """
 
     def __init__(self, subscription: Subscription | None = None, model: str | None = None, *,
@@ -633,12 +653,13 @@ class HotSession:
         return session.run(output_names, input_feed, run_options)
 
     def _keep(self, reservoir: Reservoir, slot: int, input_feed: dict[str, Any]) -> None:
-        if len(input_feed) != 1 or not hasattr(next(iter(input_feed.values())), "copy"):
-            log.info("modeld: %s: field samples are for single-input models fed arrays; not "
+        # the whole call, every input of it: a multi-input model's sample is all of them
+        if not input_feed or not all(hasattr(v, "copy") for v in input_feed.values()):
+            log.info("modeld: %s: field samples are for inputs fed as arrays; not "
                      "contributing", self.model)
             self._reservoir = None
             return
-        reservoir.put(slot, next(iter(input_feed.values())).copy())
+        reservoir.put(slot, {str(name): value.copy() for name, value in input_feed.items()})
 
     @property
     def samples_seen(self) -> int:
@@ -647,23 +668,15 @@ class HotSession:
 
     def _contribute(self) -> None:
         """The sampler thread: every interval, offer a few inputs the reservoir took since."""
-        import io
-
-        import numpy  # the node runs onnxruntime, which needs numpy: no new dependency
-
         wait_s = self._sample_interval_s
         while not self._stop_samples.wait(wait_s):
             reservoir = self._reservoir
             if reservoir is None:
                 return
-            arrays = reservoir.take_fresh(SAMPLES_PER_SEND)
-            if not arrays:
+            feeds = reservoir.take_fresh(SAMPLES_PER_SEND)
+            if not feeds:
                 continue
-            frames = []
-            for array in arrays:
-                out = io.BytesIO()
-                numpy.save(out, numpy.ascontiguousarray(array), allow_pickle=False)
-                frames.append(out.getvalue())
+            frames = [sample_bytes(feed) for feed in feeds]
             try:
                 answers = send_samples(self.model, frames, node=self.subscription.node or None,
                                        socket_path=self.subscription.socket_path)

@@ -7,8 +7,10 @@ Requests are parsed into small frozen dataclasses; events are built by the ``*_e
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -33,8 +35,11 @@ MAX_MODELS_PER_SUBSCRIBE = 256
 MAX_NAME_CHARS = 256
 MAX_PROVIDERS = 16
 MAX_ERROR_CHARS = 2000
-#: the largest ``sample`` frame (the .npy bytes after its header line): one model input
+#: the largest ``sample`` frame (the .npy or .npz bytes after its header line): one model input
+#: (or, for a model of several inputs, one .npz holding each of them)
 MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+#: the timestamp of every member of an .npz ``pack_npz`` writes: the same arrays, the same bytes
+NPZ_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 class ProtocolError(ModeldError, ValueError):
@@ -136,7 +141,7 @@ class Admin:
 class Sample:
     """One input a node ran, offered as calibration and proof data (docs/protocol.md,
     "Field samples"): this header line is followed on the socket by exactly ``size`` bytes of
-    ``.npy`` data."""
+    ``.npy`` data (or of an ``.npz`` of one ``<input>.npy`` per input: ``pack_npz``)."""
 
     model: str
     size: int
@@ -227,7 +232,7 @@ def _parse_sample(obj: Mapping[str, Any]) -> Sample:
         raise ProtocolError('sample: "model" must be a model name')
     size = obj.get("bytes")
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_SAMPLE_BYTES:
-        raise ProtocolError(f'sample: "bytes" must be the size of the .npy data that follows, '
+        raise ProtocolError(f'sample: "bytes" must be the size of the .npy/.npz data that follows, '
                             f'1 to {MAX_SAMPLE_BYTES}')
     node = obj.get("node") or ""
     if not isinstance(node, str) or len(node) > MAX_NAME_CHARS:
@@ -236,7 +241,7 @@ def _parse_sample(obj: Mapping[str, Any]) -> Sample:
 
 
 def sample_header(model: str, size: int, *, node: str | None = None) -> dict[str, Any]:
-    """The line sent before ``size`` bytes of .npy data (``Sample``)."""
+    """The line sent before ``size`` bytes of .npy or .npz data (``Sample``)."""
     msg: dict[str, Any] = {"op": "sample", "model": model, "bytes": size}
     if node:
         msg["node"] = node
@@ -311,3 +316,18 @@ def error_event(error: str, **extra: Any) -> dict[str, Any]:
 
 def pong_event() -> dict[str, Any]:
     return {"event": "pong"}
+
+
+def pack_npz(arrays: Mapping[str, bytes]) -> bytes:
+    """One field sample of a model of several inputs: an ``.npz`` (numpy's ``savez`` format: a
+    zip of one ``<input>.npy`` per input, here stored uncompressed, with a fixed timestamp) of
+    ``arrays`` (input name -> its ``.npy`` bytes), in their order. The client packs a call's
+    inputs with it; the daemon repacks what it checked with it, so the same arrays are the same
+    bytes, and so one sample, whatever packed them."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_DATE_TIME)
+            info.external_attr = 0o600 << 16
+            archive.writestr(info, data)
+    return out.getvalue()

@@ -35,19 +35,29 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import math
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import PermanentError
-from .protocol import MAX_SAMPLE_BYTES
+from .inputshape import fitted_side, side_rule, spatial_axes
+from .protocol import MAX_SAMPLE_BYTES, pack_npz
 
 SAMPLES_DIR = "samples"
 INDEX_NAME = "index.json"
 GENERATION_PREFIX = "gen-"
-SUFFIX = ".npy"
+#: what kept samples are: .npy for a model of one input, .npz (one .npy per input) for several
+SUFFIXES = (".npy", ".npz")
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+#: a model of more inputs cannot contribute; an .npz's central directory is at most this long
+MAX_INPUTS = 64
+MAX_DIRECTORY_BYTES = 64 * 1024
 #: the catalog's default of ``field_samples``: samples needed before a first generation
 DEFAULT_NEEDED = 32
 #: a new generation once this share of the pool is not in the generation in use
@@ -84,21 +94,50 @@ class Limits:
 
 @dataclass(frozen=True)
 class InputSignature:
-    """The one input of a model, as config.json says: name, dtype name, dims (int or None)."""
+    """One input of a model, as config.json says: name, dtype name, dims (int or None), and the
+    catalog's ``input_size``, which a symbolic side of an image input must be (``inputshape``)."""
 
     name: str
     dtype: str
     shape: tuple[int | None, ...]
+    input_size: int | None = None
+
+    @property
+    def symbolic_sides(self) -> tuple[int, ...]:
+        """The axes of this input's height and width that the model leaves symbolic."""
+        return tuple(a for a in spatial_axes(self.shape) if self.shape[a] is None)
 
     @property
     def max_bytes(self) -> int:
-        """The data bytes of one sample (batch 1 where the batch is symbolic), capped."""
+        """The data bytes of one sample (batch 1 where the batch is symbolic, ``input_size``
+        for a symbolic side when the catalog gives one), capped."""
         dims = [d if d is not None else 0 for d in self.shape]
         if self.shape and self.shape[0] is None:
             dims[0] = 1
+        for axis in self.symbolic_sides:
+            dims[axis] = self.input_size or 0
         if any(d == 0 for d in dims):
             return MAX_DATA_BYTES
         return min(MAX_DATA_BYTES, math.prod(dims) * int(DTYPES[self.dtype][-1]))
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Every input of a model: a sample of one input is ``.npy``, of several one ``.npz``."""
+
+    inputs: tuple[InputSignature, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inputs)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A sample that passed ``check_sample``: the bytes to keep and their file suffix."""
+
+    data: bytes
+    suffix: str            # ".npy" (one input) or ".npz" (several), one of SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -134,32 +173,130 @@ def generation_id(members: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()[:16]
 
 
-def signature_from_config(config: Mapping[str, Any], model: str) -> InputSignature:
-    """The model's one input from its config.json; ``SampleRejected`` when it cannot take samples."""
+def signature_from_config(config: Mapping[str, Any], model: str) -> Signature:
+    """The model's inputs from its config.json (and its ``input_size``, for a symbolic side);
+    ``SampleRejected`` when it cannot take samples."""
     inputs = config.get("inputs") if isinstance(config, Mapping) else None
     if not isinstance(inputs, list) or not inputs:
         raise SampleRejected("its config.json lists no inputs", code="model")
-    if len(inputs) != 1:
-        raise SampleRejected(f"the model has {len(inputs)} inputs; field samples are for "
-                             "single-input models", code="model")
-    spec = inputs[0] if isinstance(inputs[0], Mapping) else {}
-    dtype, shape = spec.get("dtype"), spec.get("shape")
-    if dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 8:
-        raise SampleRejected(f"input {spec.get('name')!r} has no fixed tensor type",
-                             code="model")
-    dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
-                 for d in shape)
-    return InputSignature(str(spec.get("name", "")), dtype, dims)
+    if len(inputs) > MAX_INPUTS:
+        raise SampleRejected(f"the model has {len(inputs)} inputs; field samples are for models "
+                             f"of at most {MAX_INPUTS}", code="model")
+    size = config.get("input_size")
+    size = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    found = []
+    for spec in inputs:
+        spec = spec if isinstance(spec, Mapping) else {}
+        name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
+        if not isinstance(name, str) or not name or len(name) > MAX_NODE_CHARS:
+            raise SampleRejected("its config.json lists an input without a name", code="model")
+        if dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 8:
+            raise SampleRejected(f"input {name!r} has no fixed tensor type", code="model")
+        dims = tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
+                     for d in shape)
+        found.append(InputSignature(name, dtype, dims, size))
+    if len({i.name for i in found}) != len(found):
+        raise SampleRejected("its config.json names an input twice", code="model")
+    return Signature(tuple(found))
 
 
-def check_sample(data: bytes, signature: InputSignature, model: str) -> tuple[str, tuple[int, ...]]:
-    """Validate one ``.npy`` sample against ``signature``; (descr, shape) or ``SampleRejected``.
+def check_sample(data: bytes, signature: Signature, model: str) -> Checked:
+    """Validate one sample against the model's inputs: ``.npy`` data for a model of one input;
+    an ``.npz`` (``protocol.pack_npz``, or numpy's ``savez``) of one ``<input>.npy`` per input
+    for a model of several, or of one. What is kept is a ``Checked``: an .npz of a one-input
+    model is kept as its .npy, a model's .npz as ``pack_npz`` repacks the checked arrays (so the
+    same arrays dedupe, whatever zip packed them). ``SampleRejected`` otherwise."""
+    if data[:6] == NPY_MAGIC:
+        if len(signature.inputs) != 1:
+            raise SampleRejected(f"the model has {len(signature.inputs)} inputs "
+                                 f"({_listed(signature.names)}): send one .npz holding each by "
+                                 "name", code="format")
+        check_npy(data, signature.inputs[0], model)
+        return Checked(data, ".npy")
+    if data[:4] != ZIP_MAGIC:
+        raise SampleRejected("sample is neither .npy nor .npz data (no \\x93NUMPY or PK magic)",
+                             code="format")
+    members = _npz_members(data, signature)
+    for spec in signature.inputs:
+        check_npy(members[spec.name], spec, model)
+    if len(signature.inputs) == 1:
+        return Checked(members[signature.inputs[0].name], ".npy")
+    return Checked(pack_npz({name: members[name] for name in signature.names}), ".npz")
+
+
+def _listed(names: Iterable[str]) -> str:
+    text = ", ".join(names)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _npz_members(data: bytes, signature: Signature) -> dict[str, bytes]:
+    """Read an .npz with the standard library only, bounded before anything is parsed or
+    inflated: the end record (no archive comment) must count exactly one member per input in a
+    small central directory; members are named ``<input>.npy``, stored or deflated, unencrypted,
+    each declaring at most its input's size (inflating stops at the declared size, whose CRC
+    zipfile checks), all together at most ``MAX_SAMPLE_BYTES``."""
+    want = {f"{spec.name}.npy": spec for spec in signature.inputs}
+    entries, directory_bytes = _zip_directory(data)
+    if entries != len(want) or directory_bytes > MAX_DIRECTORY_BYTES:
+        raise SampleRejected(f"sample's .npz holds {entries} members; the model has "
+                             f"{len(want)} input(s): {_listed(signature.names)}", code="format")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            if len(names) != len(want) or set(names) != set(want):
+                raise SampleRejected(f"sample's .npz holds {_listed(sorted(set(names)))}; the "
+                                     f"model's inputs are {_listed(signature.names)} (one "
+                                     "<input>.npy each)", code="format")
+            for info in infos:
+                if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED,
+                                                                      zipfile.ZIP_DEFLATED):
+                    raise SampleRejected(f"sample's .npz member {info.filename[:60]!r} is "
+                                         "encrypted or compressed other than by deflate",
+                                         code="format")
+                if info.file_size > want[info.filename].max_bytes + MAX_HEADER_BYTES:
+                    raise SampleRejected(f"sample's .npz member {info.filename[:60]!r} declares "
+                                         f"{info.file_size} bytes; the input takes at most "
+                                         f"{want[info.filename].max_bytes}", code="size")
+            if sum(info.file_size for info in infos) > MAX_SAMPLE_BYTES:
+                raise SampleRejected(f"sample's .npz declares more than {MAX_SAMPLE_BYTES} bytes",
+                                     code="size")
+            return {want[info.filename].name: archive.read(info) for info in infos}
+    except SampleRejected:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
+            struct.error, RuntimeError, MemoryError) as e:
+        raise SampleRejected(f"sample's .npz does not read: {str(e)[:120]}", code="format") from None
+
+
+def _zip_directory(data: bytes) -> tuple[int, int]:
+    """(members, central directory bytes) as the end record says, read where ``zipfile`` reads
+    it (the last 22 bytes; a zip64 end record just before its locator), so that nothing larger
+    is parsed than was checked. An archive comment is refused."""
+    end = data[-22:]
+    if len(data) < 22 or end[:4] != b"PK\x05\x06":
+        raise SampleRejected("sample's .npz has no zip end record (or a comment after it)",
+                             code="format")
+    _, _, _, _, entries, directory_bytes, _, comment = struct.unpack("<4sHHHHIIH", end)
+    if comment:
+        raise SampleRejected("sample's .npz has an archive comment", code="format")
+    if len(data) >= 98 and data[-42:-38] == b"PK\x06\x07":   # zip64: its record decides
+        record = data[-98:-42]
+        if record[:4] != b"PK\x06\x06":
+            raise SampleRejected("sample's .npz has a broken zip64 end record", code="format")
+        entries, directory_bytes = struct.unpack("<4sQHHIIQQQQ", record)[6:8]
+    return entries, directory_bytes
+
+
+def check_npy(data: bytes, signature: InputSignature, model: str) -> tuple[str, tuple[int, ...]]:
+    """Validate one ``.npy`` array against one input; (descr, shape) or ``SampleRejected``.
     Parsed with the standard library: magic, version, a header that is a literal dict, the
-    dtype, C order, the shape (a missing batch axis is allowed) and the exact data length."""
+    dtype, C order, the shape (a missing batch axis is allowed; a symbolic side must be what
+    calibration would size it to, ``inputshape.fitted_side``) and the exact data length."""
     if len(data) > signature.max_bytes + MAX_HEADER_BYTES:
         raise SampleRejected(f"sample is {len(data)} bytes; the input takes at most "
                              f"{signature.max_bytes}", code="size")
-    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+    if data[:6] != NPY_MAGIC or len(data) < 10:
         raise SampleRejected("sample is not .npy data (no \\x93NUMPY magic)", code="format")
     major = data[6]
     if major == 1:
@@ -194,13 +331,21 @@ def check_sample(data: bytes, signature: InputSignature, model: str) -> tuple[st
     if len(shape) != len(signature.shape) or any(
             want_dim is not None and want_dim != got for want_dim, got in zip(signature.shape, shape)):
         raise SampleRejected(f"sample shape {list(shape)} does not fit input {signature.name!r} "
-                             f"{[d if d is not None else '?' for d in signature.shape]}",
-                             code="shape")
+                             f"{_dims(signature.shape)}", code="shape")
+    sides = [shape[a] for a in signature.symbolic_sides]
+    if any(fitted_side(signature.input_size, side) != side for side in sides):
+        raise SampleRejected(f"sample shape {list(shape)} does not fit input {signature.name!r} "
+                             f"{_dims(signature.shape)}: its sides must be "
+                             f"{side_rule(signature.input_size)}", code="shape")
     expected = math.prod(shape) * int(want[-1])
     if expected > signature.max_bytes or len(data) - start - header_len != expected:
         raise SampleRejected(f"sample holds {len(data) - start - header_len} data bytes; shape "
                              f"{list(shape)} needs {expected}", code="size")
     return descr, tuple(shape)
+
+
+def _dims(shape: tuple[int | None, ...]) -> list[int | str]:
+    return [d if d is not None else "?" for d in shape]
 
 
 def uses_field_samples(entry: Any) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from .atomic import TEMP_PREFIX, fsync_dir, read_regular, remove_leftovers, write_atomic
 from .samples import (FILE_MODE, GENERATION_PREFIX, INDEX_NAME, MAX_INDEX_BYTES, MAX_NODE_CHARS,
-                      SAMPLES_DIR, SUFFIX, FieldSamples, InputSignature, Limits, SampleRejected,
+                      SAMPLES_DIR, SUFFIXES, FieldSamples, Limits, SampleRejected, Signature,
                       check_sample, generation_id, needed_for, should_cut, signature_from_config,
                       uses_field_samples)
 
@@ -33,6 +33,11 @@ class _Sample:
     node: str
     at_unix_s: float
     size: int
+    suffix: str = SUFFIXES[0]     # .npy, or .npz for a model of several inputs
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.digest}{self.suffix}"
 
 
 @dataclass
@@ -67,7 +72,7 @@ class SamplesArea:
         self._models: dict[str, _Model] = {}
         self._sizes: dict[str, int] = {}   # digest -> bytes (content-addressed: same everywhere)
         self._sizes_of: dict[str, dict[str, int]] = {}
-        self._signatures: dict[str, tuple[tuple[int, int, int], InputSignature]] = {}
+        self._signatures: dict[str, tuple[tuple[int, int, int], Signature]] = {}
         self._loaded = False
 
     # -- paths
@@ -102,11 +107,14 @@ class SamplesArea:
     def _read(self, model: str) -> _Model:
         folder = self.folder(model)
         on_disk: dict[str, int] = {}
+        suffixes: dict[str, str] = {}
         remove_leftovers(folder)   # temp files of a write a crash interrupted
         try:
             for entry in os.scandir(folder):
-                if entry.name.endswith(SUFFIX) and entry.is_file(follow_symlinks=False):
-                    on_disk[entry.name[:-len(SUFFIX)]] = entry.stat(follow_symlinks=False).st_size
+                digest, suffix = _split_name(entry.name)
+                if suffix and entry.is_file(follow_symlinks=False):
+                    on_disk[digest] = entry.stat(follow_symlinks=False).st_size
+                    suffixes[digest] = suffix
         except OSError:
             pass
         try:
@@ -123,10 +131,10 @@ class SamplesArea:
             m.samples[digest] = _Sample(digest, str(row.get("node", ""))[:MAX_NODE_CHARS],
                                         float(row.get("at_unix_s") or 0.0)
                                         if isinstance(row.get("at_unix_s"), (int, float)) else 0.0,
-                                        on_disk[digest])
+                                        on_disk[digest], suffixes[digest])
         for digest, size in on_disk.items():   # files the index does not know (a crash)
             if digest not in m.samples:
-                m.samples[digest] = _Sample(digest, "", 0.0, size)
+                m.samples[digest] = _Sample(digest, "", 0.0, size, suffixes[digest])
         sizes = dict(on_disk)
         for key, members_key in (("generation", "members"), ("previous", "previous_members"),
                                  ("proven", "proven_members")):
@@ -135,8 +143,8 @@ class SamplesArea:
             if isinstance(gen, str) and isinstance(members, list) \
                     and generation_id(str(d) for d in members) == gen:
                 snap = self._snapshot(model, gen)
-                present = {d: (snap / f"{d}{SUFFIX}") for d in members}
-                if snap.is_dir() and not snap.is_symlink() and all(p.is_file() for p in present.values()):
+                present = {d: _sample_file(snap, str(d)) for d in members}
+                if snap.is_dir() and not snap.is_symlink() and all(present.values()):
                     setattr(m, key, gen)
                     setattr(m, members_key, frozenset(str(d) for d in members))
                     for d, p in present.items():
@@ -173,11 +181,13 @@ class SamplesArea:
         return sum(m.disk_bytes(self._sizes_of.get(n, {})) for n, m in self._models.items())
 
     # -- writing
-    def add(self, model: str, node: str, data: bytes, *, signature: InputSignature,
+    def add(self, model: str, node: str, data: bytes, *, signature: Signature,
             needed: int) -> dict[str, Any]:
         """Keep one sample (see the module docstring for the rules); what happened, as the
-        ``sample`` answer's fields. ``SampleRejected`` when a rule refuses it."""
-        check_sample(data, signature, model)
+        ``sample`` answer's fields. ``SampleRejected`` when a rule refuses it. What is kept is
+        what ``check_sample`` checked (an .npz repacked), under its own digest."""
+        checked = check_sample(data, signature, model)
+        data = checked.data
         digest = hashlib.sha256(data).hexdigest()
         node = (node or "")[:MAX_NODE_CHARS]
         with self._lock:
@@ -193,12 +203,12 @@ class SamplesArea:
                 raise SampleRejected(f"samples of every model would take {after} bytes; the "
                                      f"budget is {self.limits.budget_bytes}", code="budget")
             folder = self._ensure_folder(model)
-            final = folder / f"{digest}{SUFFIX}"
+            final = folder / f"{digest}{checked.suffix}"
             if digest not in m.snapshotted or not final.exists():
                 write_atomic(final, data, mode=FILE_MODE)   # never readable by others
             for old in evict:
                 self._drop(model, m, old)
-            m.samples[digest] = _Sample(digest, node, time.time(), len(data))
+            m.samples[digest] = _Sample(digest, node, time.time(), len(data), checked.suffix)
             sizes[digest] = len(data)
             cut = should_cut(m.samples, m.members if m.generation else None, needed)
             if cut:
@@ -222,9 +232,10 @@ class SamplesArea:
         return [next(s.digest for s in m.samples.values() if s.node == richest)]
 
     def _drop(self, model: str, m: _Model, digest: str) -> None:
-        m.samples.pop(digest, None)
+        dropped = m.samples.pop(digest, None)
         try:
-            (self.folder(model) / f"{digest}{SUFFIX}").unlink()
+            if dropped is not None:
+                (self.folder(model) / dropped.file_name).unlink()
         except FileNotFoundError:
             pass
         if digest not in m.snapshotted:
@@ -240,7 +251,8 @@ class SamplesArea:
             work = folder / f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{snap.name}"
             os.mkdir(work, 0o750)
             for digest in members:
-                os.link(folder / f"{digest}{SUFFIX}", work / f"{digest}{SUFFIX}")
+                name = m.samples[digest].file_name
+                os.link(folder / name, work / name)
             os.replace(work, snap)
             fsync_dir(folder)
         old = (m.previous, m.previous_members)
@@ -327,8 +339,8 @@ class SamplesArea:
                 "needed": needed, "generation": m.generation, "generation_cut": generation_cut}
 
     # -- the model's signature
-    def signature(self, model: str) -> InputSignature:
-        """The model's input signature from its config.json (cached by the file's stat)."""
+    def signature(self, model: str) -> Signature:
+        """The model's inputs from its config.json (cached by the file's stat)."""
         path = self.root / model / "config.json"
         try:
             st = os.lstat(path)
@@ -347,6 +359,23 @@ class SamplesArea:
         with self._lock:
             self._signatures[model] = (key, signature)
         return signature
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """A kept sample's file name -> (digest, suffix); suffix '' for any other file."""
+    for suffix in SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)], suffix
+    return name, ""
+
+
+def _sample_file(folder: Path, digest: str) -> Path | None:
+    """The file of sample ``digest`` in ``folder`` (a snapshot), whichever its suffix."""
+    for suffix in SUFFIXES:
+        path = folder / f"{digest}{suffix}"
+        if path.is_file() and not path.is_symlink():
+            return path
+    return None
 
 
 def accept(area: SamplesArea, entries: Mapping[str, Any], model: str, node: str,

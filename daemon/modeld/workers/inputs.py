@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from ..errors import QuantizeError
+from ..inputshape import fitted_side, image_layout, spatial_axes
 from .pages import text_like_image
 
 #: batch and spatial size used when neither the model nor the caller fixes a dimension
@@ -79,14 +80,8 @@ class InputSpec:
 
     @property
     def image_layout(self) -> str | None:
-        """"NCHW" / "NHWC" when this looks like an image batch (rank 4, 1 or 3 channels)."""
-        if len(self.shape) != 4:
-            return None
-        if self.shape[1] in (1, 3):
-            return "NCHW"
-        if self.shape[3] in (1, 3):
-            return "NHWC"
-        return None
+        """"NCHW" / "NHWC" when this looks like an image batch (``inputshape.image_layout``)."""
+        return image_layout(self.shape)
 
 
 def model_inputs(model_path: str | Path) -> list[InputSpec]:
@@ -185,7 +180,7 @@ def _synthetic_feed(specs: list[InputSpec], preset: Preset | None, input_size: i
 
 def _concrete_shape(spec: InputSpec, preset: Preset | None, input_size: int | None) -> tuple[int, ...]:
     side = input_size or (preset.size if preset else DEFAULT_IMAGE_SIZE)
-    spatial = {"NCHW": (2, 3), "NHWC": (1, 2)}.get(spec.image_layout or "", ())
+    spatial = spatial_axes(spec.shape)
     shape = []
     for axis, dim in enumerate(spec.shape):
         if isinstance(dim, int):
@@ -236,18 +231,14 @@ def _feed_from_file(path: Path, specs: list[InputSpec], preset: Preset | None,
             raise CalibrationError(f"{path.name}: input {spec.name!r} {list(spec.shape)} is not an "
                                    "image batch", hint="use .npy/.npz calibration data for this model")
         rgb = read_image(path)
-        shape = _concrete_shape(spec, preset, input_size or _image_side(rgb))
+        # a symbolic-size model sees the image at its own size (``inputshape.fitted_side``)
+        shape = _concrete_shape(spec, preset, fitted_side(input_size, max(rgb.shape[:2])))
         return {spec.name: _to_input(rgb, spec, shape, preset, letterbox_ok=True)}
     except CalibrationError:
         raise
     except (OSError, ValueError, zlib.error, struct.error, EOFError) as e:
         raise CalibrationError(f"cannot read calibration file {path.name}: {e}",
                                hint="replace or remove the file") from e
-
-
-def _image_side(rgb: np.ndarray) -> int:
-    # a symbolic-size model sees the image at its own size, rounded down to a stride of 32
-    return max(32, (max(rgb.shape[:2]) // 32) * 32)
 
 
 def _single_input(specs: list[InputSpec], path: Path) -> InputSpec:
