@@ -6,6 +6,10 @@ from FP32 to the proven INT8. A second node sending the wrong shape is refused i
 changes nothing; a restart keeps the samples and rebuilds nothing; a node that sends as fast as
 it can does not break the disk budget. Speed is not gated (a loaded host must not fail it):
 the benchmark and the report carry the speed.
+
+A model of two inputs (one of dynamic size) takes one .npz per call over the real socket, from a
+real ``HotSession`` fed real photographs; a frame of the wrong size is refused in one line, and a
+generation of .npz samples calibrates and proves a real ``static_int8`` build.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import pytest
 
 from modeld import client
+from modeld.protocol import pack_npz
 from tests.support.daemon import DaemonProcess, variant_is, wait_event
 
 MODEL = "ppocr-det"
@@ -157,3 +162,77 @@ def test_a_node_s_real_frames_move_it_from_fp32_to_a_proven_int8(ocr_workspace, 
         assert not (ws.models / "ocr" / "samples").exists()
     finally:
         restarted.stop()
+
+
+PAIR_NEEDED = 6
+
+
+def test_a_two_input_model_s_npz_samples_calibrate_and_prove_a_static_int8(workspace,
+                                                                           real_frames):
+    """Two inputs: ``image`` [1, 3, ?, ?] (real photographs at the catalog's input_size) and
+    ``prior`` [1, 8]; each call's inputs go as one .npz; the generation folder of them is the
+    calibration folder of a real static_int8 build, proven on its held-out samples."""
+    from modeld.client import HotSession
+    from modeld.testing.onnx_models import two_input_cnn
+    from modeld.testing.realdata import MODELS
+    from modeld.workers.inputs import sample_inputs
+
+    ws = workspace
+    ws.hub.store.create_repo("acme/pair")
+    ws.hub.store.commit("acme/pair", {"pair.onnx": two_input_cnn()})
+    ws.write_catalog(
+        '[[models]]\nname = "pair"\ntask = "image-features"\nrepo = "acme/pair"\n'
+        'filename = "pair.onnx"\npreprocessing_preset = "yolo"\ninput_size = 32\n\n'
+        '[models.quantize]\nenabled = true\nmethod = "static_int8"\n'
+        f'field_samples = {PAIR_NEEDED}\nmin_cosine = 0.9\nmin_speedup = 0\n')
+    frames = real_frames("yolov8n-nudenet", "calibration")
+    photos, _ = sample_inputs(MODELS["yolov8n-nudenet"].path, calibration=str(frames),
+                              preset="yolo", input_size=32, count=PAIR_NEEDED + 2)
+    rng = np.random.default_rng(5)
+    feeds = [{"image": p["images"], "prior": rng.standard_normal((1, 8)).astype(np.float32)}
+             for p in photos]
+    daemon = DaemonProcess(ws).start()
+    try:
+        sub = daemon.subscribe("pair")
+        wait_event(sub, variant_is("pair", "fp32"), timeout_s=60, daemon=daemon)
+        small = pack_npz({"image": npy(np.zeros((1, 3, 8, 8), np.float32)),
+                          "prior": npy(np.zeros((1, 8), np.float32))})
+        refused = client.send_samples("pair", [small, npy(feeds[0]["image"])], node="bad",
+                                      socket_path=daemon.socket)
+        assert [a.get("code") for a in refused] == ["shape", "format"], refused
+        assert "must be 32 (the catalog's input_size)" in refused[0]["error"]
+        assert "send one .npz" in refused[1]["error"]
+
+        swaps: list[str] = []
+        session = HotSession(models="pair", node="stereo", socket_path=daemon.socket,
+                             contribute_samples=True, sample_interval_s=0.1,
+                             sample_reservoir=len(feeds),
+                             on_swap=lambda loaded: swaps.append(loaded.variant))
+        try:
+            assert session.wait_ready(60)
+            deadline = time.monotonic() + 120
+            calls = 0
+            while time.monotonic() < deadline and session.current.variant != "int8":
+                session.run(None, feeds[calls % len(feeds)])
+                calls += 1
+                time.sleep(0.01)
+            assert session.current.variant == "int8", (swaps, session.last_sample_answer,
+                                                       daemon.log())
+            assert session.samples_refused == 0 and session.samples_sent >= PAIR_NEEDED
+        finally:
+            session.close()
+
+        cpu = ws.status()["models"]["pair"]["providers"]["CPUExecutionProvider"]
+        assert cpu["inputs"] != "synthetic", cpu
+        listed = json.loads(ws.cli("samples", "pair", "--json").stdout)
+        assert listed["generation"] and {r["node"] for r in listed["samples"]} == {"stereo"}
+        folder = ws.models / "pair" / "samples"
+        assert len(list(folder.glob("*.npz"))) >= PAIR_NEEDED and not list(folder.glob("*.npy"))
+        generation = folder / f"gen-{listed['generation']}"
+        members = sorted(generation.iterdir())
+        assert len(members) >= PAIR_NEEDED and {m.suffix for m in members} == {".npz"}
+        with np.load(members[0]) as archive:   # what calibration read: every input, by name
+            assert sorted(archive.files) == ["image", "prior"]
+            assert archive["image"].shape == (1, 3, 32, 32)
+    finally:
+        daemon.stop()

@@ -78,6 +78,36 @@ def matmul_mlp(*, features: int = 64, hidden: int = 256, outputs: int = 16, seed
     return _finish(graph, opset)
 
 
+def two_input_cnn(*, channels: int = 8, seed: int = 0, opset: int = OPSET) -> bytes:
+    """A model of two inputs, the first of dynamic size: an image and a per-channel prior added
+    to its features (Conv -> + prior -> Relu -> Conv).
+
+    Inputs ``image`` [1,3,H,W] float32 (H, W symbolic) and ``prior`` [1,C] float32, output
+    ``output0`` [1,4,H/2,W/2].
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (c, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, (c,))),
+        _init("w2", rng.normal(0, 0.2, (4, c, 3, 3))), _init("b2", rng.normal(0, 0.1, (4,))),
+        numpy_helper.from_array(np.array([1, c, 1, 1], np.int64), "prior_shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Reshape", ["prior", "prior_shape"], ["p"]),
+        helper.make_node("Add", ["c1", "p"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["output0"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two_input_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "height", "width"]),
+         helper.make_tensor_value_info("prior", TensorProto.FLOAT, [1, c])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4, "half_h", "half_w"])],
+        inits)
+    return _finish(graph, opset)
+
+
 def with_unknown_operator(*, seed: int = 0) -> bytes:
     """A valid-looking model using an operator of a custom domain that no provider implements:
     passes ``onnx.checker`` structurally but fails to load in onnxruntime."""
