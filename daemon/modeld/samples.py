@@ -1,11 +1,16 @@
 """Field samples: the inputs nodes really ran, kept per model and used as a calibration folder.
 
 A node that asks for it (``HotSession(contribute_samples=True)``, or the ``sample`` message of
-docs/protocol.md) sends now and then one input it ran, as ``.npy`` bytes. ``SamplesArea.add``
-checks it against the model's input signature (read from the model's ``config.json``, which the
-fetch worker wrote: the daemon never imports onnx), enforces the caps and writes it atomically
-as ``models/<name>/samples/<sha256>.npy`` (mode 0640 or stricter, deduplicated by digest). An
-index beside the files (``index.json``) says which node sent each one, so that caps hold per node:
+docs/protocol.md) sends now and then the inputs of one call it ran: ``.npy`` bytes for a model of
+one input, one ``.npz`` (one ``<input>.npy`` per input, ``protocol.pack_npz``) for a model of
+several. ``SamplesArea.add`` checks it against the model's input signature (read from the
+model's ``config.json``, which the fetch worker wrote: the daemon never imports onnx or numpy;
+an .npz is read with ``zipfile``, bounded before anything is inflated; a symbolic side of an
+image input must be what calibration sizes it to, ``inputshape.fitted_side``: the catalog's
+``input_size``), enforces the caps and writes it atomically as
+``models/<name>/samples/<sha256>.npy`` or ``.npz`` (mode 0640 or stricter, deduplicated by
+digest; an .npz is kept as ``pack_npz`` repacks the checked arrays). An index beside the files
+(``index.json``) says which node sent each one, so that caps hold per node:
 
 - a sample larger than the model's input (or than ``MAX_DATA_BYTES``) is refused unread;
 - a node holds at most ``per_node`` samples of a model: its newest replaces its oldest, so the
