@@ -171,7 +171,8 @@ def test_a_two_input_model_s_npz_samples_calibrate_and_prove_a_static_int8(works
                                                                            real_frames):
     """Two inputs: ``image`` [1, 3, ?, ?] (real photographs at the catalog's input_size) and
     ``prior`` [1, 8]; each call's inputs go as one .npz; the generation folder of them is the
-    calibration folder of a real static_int8 build, proven on its held-out samples."""
+    calibration folder of a real static_int8 build, proven on its held-out samples. As many
+    distinct calls as ``field_samples``: one generation, one build."""
     from modeld.client import HotSession
     from modeld.testing.onnx_models import two_input_cnn
     from modeld.testing.realdata import MODELS
@@ -187,7 +188,7 @@ def test_a_two_input_model_s_npz_samples_calibrate_and_prove_a_static_int8(works
         f'field_samples = {PAIR_NEEDED}\nmin_cosine = 0.9\nmin_speedup = 0\n')
     frames = real_frames("yolov8n-nudenet", "calibration")
     photos, _ = sample_inputs(MODELS["yolov8n-nudenet"].path, calibration=str(frames),
-                              preset="yolo", input_size=32, count=PAIR_NEEDED + 2)
+                              preset="yolo", input_size=32, count=PAIR_NEEDED)
     rng = np.random.default_rng(5)
     feeds = [{"image": p["images"], "prior": rng.standard_normal((1, 8)).astype(np.float32)}
              for p in photos]
