@@ -205,12 +205,14 @@ def signature_from_config(config: Mapping[str, Any], model: str) -> Signature:
     return Signature(tuple(found))
 
 
-def check_sample(data: bytes, signature: Signature, model: str) -> Checked:
+def check_sample(data: bytes, signature: Signature | InputSignature, model: str) -> Checked:
     """Validate one sample against the model's inputs: ``.npy`` data for a model of one input;
     an ``.npz`` (``protocol.pack_npz``, or numpy's ``savez``) of one ``<input>.npy`` per input
     for a model of several, or of one. What is kept is a ``Checked``: an .npz of a one-input
     model is kept as its .npy, a model's .npz as ``pack_npz`` repacks the checked arrays (so the
     same arrays dedupe, whatever zip packed them). ``SampleRejected`` otherwise."""
+    if isinstance(signature, InputSignature):   # a model of one input
+        signature = Signature((signature,))
     if data[:6] == NPY_MAGIC:
         if len(signature.inputs) != 1:
             raise SampleRejected(f"the model has {len(signature.inputs)} inputs "

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 from .atomic import TEMP_PREFIX, fsync_dir, read_regular, remove_leftovers, write_atomic
 from .samples import (FILE_MODE, GENERATION_PREFIX, INDEX_NAME, MAX_INDEX_BYTES, MAX_NODE_CHARS,
-                      SAMPLES_DIR, SUFFIXES, FieldSamples, Limits, SampleRejected, Signature,
-                      check_sample, generation_id, needed_for, should_cut, signature_from_config,
-                      uses_field_samples)
+                      SAMPLES_DIR, SUFFIXES, FieldSamples, InputSignature, Limits, SampleRejected,
+                      Signature, check_sample, generation_id, needed_for, should_cut,
+                      signature_from_config, uses_field_samples)
 
 
 @dataclass
@@ -181,8 +181,8 @@ class SamplesArea:
         return sum(m.disk_bytes(self._sizes_of.get(n, {})) for n, m in self._models.items())
 
     # -- writing
-    def add(self, model: str, node: str, data: bytes, *, signature: Signature,
-            needed: int) -> dict[str, Any]:
+    def add(self, model: str, node: str, data: bytes, *,
+            signature: Signature | InputSignature, needed: int) -> dict[str, Any]:
         """Keep one sample (see the module docstring for the rules); what happened, as the
         ``sample`` answer's fields. ``SampleRejected`` when a rule refuses it. What is kept is
         what ``check_sample`` checked (an .npz repacked), under its own digest."""
