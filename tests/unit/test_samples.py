@@ -198,6 +198,29 @@ def test_a_bad_npz_is_refused_in_one_line_before_it_is_inflated(build, code, wor
     assert words in str(caught.value) and "\n" not in str(caught.value)
 
 
+def _with_zip64_end(data: bytes, *, entries: int | None = None) -> bytes:
+    """The same archive ended as a zip64 writer ends it: a zip64 end record and its locator
+    before an end record that defers to them (``entries`` overrides the count they state)."""
+    _, _, _, _, count, cd_size, cd_offset, _ = struct.unpack("<4sHHHHIIH", data[-22:])
+    count = count if entries is None else entries
+    body = data[:-22]
+    record = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count,
+                         cd_size, cd_offset)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, len(body), 1)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
+                      0xFFFFFFFF, 0)
+    return body + record + locator + end
+
+
+def test_a_zip64_ended_npz_is_read_by_the_count_its_zip64_record_states():
+    sig = signature_from_config(PAIR, "m")
+    assert check_sample(_with_zip64_end(npz(pair(0))), sig, "m") == check_sample(
+        npz(pair(0)), sig, "m")
+    with pytest.raises(SampleRejected, match="5000 members") as caught:
+        check_sample(_with_zip64_end(npz(pair(0)), entries=5000), sig, "m")
+    assert caught.value.code == "format"
+
+
 def test_a_dynamic_size_input_takes_the_sides_calibration_sizes_it_to():
     dynamic = {"inputs": [{"name": "x", "shape": ["b", 3, "h", "w"], "dtype": "float32"}]}
     sized = signature_from_config({**dynamic, "input_size": 64}, "m")
