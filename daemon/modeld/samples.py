@@ -393,11 +393,17 @@ def same_but_samples(a: Any, b: Any) -> bool:
         return False
     pa, pb = dict(a.params), dict(b.params)
     ca, cb = pa.pop("calibration", None), pb.pop("calibration", None)
-    return pa == pb and ca != cb and _is_generation(ca) and _is_generation(cb) \
+    return pa == pb and ca != cb and _none_or_generation(ca) and _none_or_generation(cb) \
         and (a.onnx, a.onnxruntime) == (b.onnx, b.onnxruntime)
 
 
-def _is_generation(folder: Any) -> bool:
+def _none_or_generation(folder: Any) -> bool:
     """None (no calibration data: synthetic inputs) or a generation's snapshot folder."""
-    return folder is None or isinstance(folder, str) and Path(folder).parent.name == SAMPLES_DIR \
-        and Path(folder).name.startswith(GENERATION_PREFIX)
+    return folder is None or isinstance(folder, str) and is_generation_folder(folder)
+
+
+def is_generation_folder(folder: str | Path) -> bool:
+    """A generation's snapshot folder (``models/<name>/samples/gen-<id>``): the daemon's own, so
+    whoever reads it takes only regular files, never a symlink out of models/."""
+    path = Path(folder)
+    return path.parent.name == SAMPLES_DIR and path.name.startswith(GENERATION_PREFIX)

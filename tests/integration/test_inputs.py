@@ -257,15 +257,15 @@ def test_synthetic_inputs_follow_the_signature_and_the_seed(tmp_path):
                              ("mask", TensorProto.BOOL, [1, 4])])
     feeds, synthetic = sample_inputs(path, calibration=None, preset="yolo", input_size=96, count=3)
     assert synthetic is True and len(feeds) == 3
-    assert feeds[0]["x"].shape == (1, 3, 96, 96) and feeds[0]["x"].dtype == np.float32
-    assert 0.0 <= feeds[0]["x"].min() and feeds[0]["x"].max() <= 1.0   # the preset's range
+    assert feeds[0]["input"].shape == (1, 3, 96, 96) and feeds[0]["input"].dtype == np.float32
+    assert 0.0 <= feeds[0]["input"].min() and feeds[0]["input"].max() <= 1.0   # the preset's range
     assert feeds[0]["ids"].shape == (1, 96) and feeds[0]["ids"].dtype == np.int64
     assert feeds[0]["mask"].dtype == np.bool_
     again, _ = sample_inputs(path, calibration=None, preset="yolo", input_size=96, count=3)
     other, _ = sample_inputs(path, calibration=None, preset="yolo", input_size=96, count=3, seed=7)
     np.testing.assert_array_equal(feeds[2]["x"], again[2]["x"])
-    assert not np.array_equal(feeds[0]["x"], other[0]["x"])
-    assert not np.array_equal(feeds[0]["x"], feeds[1]["x"])
+    assert not np.array_equal(feeds[0]["input"], other[0]["x"])
+    assert not np.array_equal(feeds[0]["input"], feeds[1]["x"])
     small, _ = sample_inputs(path, calibration=None, preset=None, input_size=None, count=1)
     assert small[0]["x"].shape == (1, 3, 64, 64) and small[0]["ids"].shape == (1, 1)
 
@@ -317,3 +317,32 @@ def test_synthetic_inputs_for_an_ocr_model_are_text_like_pages(cnn):
     assert not np.array_equal(feeds[0]["images"], feeds[1]["images"])
     colour, _ = sample_inputs(cnn, calibration=None, preset="yolo", input_size=32, count=1)
     assert np.median(colour[0]["images"]) < 0.75      # colour fields, not paper (in [0, 1])
+
+
+def test_a_field_samples_generation_is_read_without_following_symlinks_out(tmp_path, mlp):
+    """A generation folder is the daemon's own (models/<name>/samples/gen-<id>): a symlink
+    planted in it, or in its place, never makes a worker read outside models/."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.npy"
+    np.save(secret, np.full((1, 64), 7.0, np.float32))
+    gen = tmp_path / "models" / "mlp" / "samples" / "gen-0123456789abcdef"
+    gen.mkdir(parents=True)
+    np.save(gen / "a.npy", np.zeros((1, 64), np.float32))
+    (gen / "b.npy").symlink_to(secret)
+    feeds, synthetic = read_all(mlp, gen)
+    assert not synthetic and len(feeds) == 1 and not feeds[0]["input"].any()
+    # the same symlink in an operator's own calibration folder is followed (their choice)
+    own = tmp_path / "cal"
+    own.mkdir()
+    (own / "b.npy").symlink_to(secret)
+    assert read_all(mlp, own)[0][0]["input"].max() == 7
+    swapped = tmp_path / "models" / "mlp" / "samples" / "gen-fedcba9876543210"
+    swapped.symlink_to(outside)
+    with pytest.raises(CalibrationError, match="is a symlink: not read"):
+        read_all(mlp, swapped)
+
+
+def read_all(model, folder):
+    return sample_inputs(model, calibration=str(folder), preset=None, input_size=None, count=8,
+                         split="all")

@@ -22,6 +22,7 @@ from onnx import helper
 
 from ..errors import QuantizeError
 from ..inputshape import fitted_side, image_layout, spatial_axes
+from ..samples import is_generation_folder
 from .pages import text_like_image
 
 #: batch and spatial size used when neither the model nor the caller fixes a dimension
@@ -152,8 +153,13 @@ def _calibration_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise CalibrationError(f"calibration folder {folder} does not exist",
                                hint="create it or remove 'calibration' from the entry")
+    own = is_generation_folder(folder)   # field samples: regular files only, no symlink out
+    if own and (folder.is_symlink() or folder.parent.is_symlink()):
+        raise CalibrationError(f"field samples folder {folder} is a symlink: not read",
+                               hint="the daemon cuts a new generation from the samples it keeps")
     files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + TENSOR_SUFFIXES)
+                   if p.is_file() and not (own and p.is_symlink())
+                   and p.suffix.lower() in IMAGE_SUFFIXES + TENSOR_SUFFIXES)
     if not files:
         raise CalibrationError(f"calibration folder {folder} holds no usable files",
                                hint="add PNG/PPM images, .npy tensors or .npz feeds")
