@@ -188,18 +188,35 @@ class FieldAct:
         self.started = 0.0
         self.node: Node | None = None
         self.swapped_at: float | None = None
+        self.frames: list[dict[str, np.ndarray]] = []
+        self.unseen = 0
+        self.error: BaseException | None = None
+        # decoding the photographs takes a while (JPEG in pure Python): meanwhile step 1 runs
+        self._preparing = threading.Thread(target=self._prepare, daemon=True,
+                                           name="photographs")
+        self._preparing.start()
+
+    def _prepare(self) -> None:
+        """Write the photographs' frames (``realdata``: the camera's from six photographs, the
+        unseen ones from two others) and read the camera's as the daemon preprocesses them, in a
+        seeded shuffle (the first samples span every photograph)."""
+        try:
+            from .testing import realdata
+            realdata.write_frames(self.folder / "camera", FIELD_MODEL, "calibration")
+            self.unseen = len(realdata.write_frames(self.folder / "never-sent", FIELD_MODEL,
+                                                    "holdout"))
+            feeds = self.feeds("camera")
+            order = np.random.default_rng(13).permutation(len(feeds))
+            self.frames = [feeds[i] for i in order]
+        except BaseException as e:  # noqa: BLE001 - raised again on the demo's thread
+            self.error = e
 
     def prepare(self) -> tuple[list[dict[str, np.ndarray]], int]:
-        """Write the photographs' frames (``realdata``: the camera's from six photographs, the
-        unseen ones from two others) and read the camera's as the daemon preprocesses them;
-        returns the camera's feeds (in a seeded shuffle: the first samples span every
-        photograph) and how many unseen frames there are."""
-        from .testing import realdata
-        realdata.write_frames(self.folder / "camera", FIELD_MODEL, "calibration")
-        unseen = realdata.write_frames(self.folder / "never-sent", FIELD_MODEL, "holdout")
-        feeds = self.feeds("camera")
-        order = np.random.default_rng(13).permutation(len(feeds))
-        return [feeds[i] for i in order], len(unseen)
+        """The camera's feeds and how many unseen frames there are (waits for ``_prepare``)."""
+        self._preparing.join()
+        if self.error is not None:
+            raise self.error
+        return self.frames, self.unseen
 
     def feeds(self, which: str) -> list[dict[str, np.ndarray]]:
         from .testing import realdata
@@ -209,7 +226,7 @@ class FieldAct:
                                  preset=found.preset, input_size=found.input_size, count=10_000)
         return feeds
 
-    def check_unseen(self, fp32: Path, served: Path):
+    def check_unseen(self, fp32: Path, served: Path, *, budget_s: float = 4.0):
         """The served file against FP32 on the frames the node never sent: the proofs' own
         detection check (``workers.tasks.measure``: decoded, class-aware NMS, F1 at IoU 0.5)
         and their interleaved timing (``verify.interleaved_latencies_ms``)."""
@@ -227,7 +244,7 @@ class FieldAct:
             raise RuntimeError(f"{fp32.name}: no detection head recognised in its outputs")
         check = tasks.measure(head, ref, var, Gates())
         fp32_ms, served_ms = verify.interleaved_latencies_ms([reference, variant], feeds,
-                                                              budget_s=4.0)
+                                                              budget_s=budget_s)
         return check, len(feeds), fp32_ms, served_ms
 
 
@@ -358,17 +375,19 @@ class Demo:
         self.wait_told(act.node, lambda e: e.get("variant") == "fp32", since,
                        "daemon start (no field samples yet: auto cannot prove a detector)")
         deadline = time.monotonic() + self.timeout_s
-        last = None
+        last, shown_at = None, 0.0
         while time.monotonic() < deadline:
             info = client.status(socket_path=self.socket)["models"].get(FIELD_ENTRY, {})
             samples = (info.get("detail") or {}).get("field_samples") or {}
-            shown = (info.get("reason"), samples.get("count"), samples.get("generation"))
-            if shown != last:
-                last = shown
-                self.say("", f"status of {FIELD_ENTRY}: \"{info.get('reason') or ''}\"; "
-                             f"{samples.get('count', 0)} field samples held, "
-                             f"{act.node.session.samples_sent} sent "
-                             f"({time.monotonic() - act.started:.1f} s)")
+            reason = info.get("reason") or ""
+            if reason != last or time.monotonic() - shown_at >= 3 or samples.get("generation"):
+                last, shown_at = reason, time.monotonic()
+                # the NOTE that `status` prints, and its field-samples count: while auto's first
+                # try (synthetic inputs) runs, the NOTE names that job instead
+                self.say("", f"status of {FIELD_ENTRY}: \"{reason}\"; field samples "
+                             f"{samples.get('count', 0)} of {samples.get('needed', FIELD_SAMPLES)}"
+                             f" needed ({act.node.session.samples_sent} sent, "
+                             f"{time.monotonic() - act.started:.1f} s)")
             if samples.get("generation"):
                 self.say("", f"{samples.get('generation_count')} samples make the first "
                              f"generation ({samples['generation'][:12]}): the daemon calibrates "
