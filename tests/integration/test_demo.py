@@ -33,7 +33,7 @@ def test_demo_shows_the_mission_and_leaves_nothing_running(tmp_path):
     assert "step 2   field samples: skipped (--no-field-samples)" in out
     assert "intent-node <- fp32" in out                       # added to the catalog: served
     assert "intent-node <- int8" in out                       # quantization enabled: proven, served
-    after_damage = out.split("step 6", 1)[1]
+    after_damage = out.split("step 5", 1)[1]
     assert after_damage.index("<- fp32") < after_damage.index("<- int8")  # moved, then healed
     node_lines = [line for line in out.splitlines() if line.startswith("nodes ")]
     assert len(node_lines) >= 1
