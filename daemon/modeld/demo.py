@@ -377,6 +377,9 @@ class Demo:
                                  pause_s=1.0 / CAMERA_FPS)
         self.wait_told(act.node, lambda e: e.get("variant") == "fp32", since,
                        "daemon start (no field samples yet: auto cannot prove a detector)")
+        self.say("", "until there are enough, auto builds what it can without them (synthetic "
+                     "inputs, on which a detector's proof cannot pass: FP32 stays); the first "
+                     "generation of samples cancels that job")
         deadline = time.monotonic() + self.timeout_s
         last, shown_at = None, 0.0
         while time.monotonic() < deadline:
