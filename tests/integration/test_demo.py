@@ -53,9 +53,10 @@ def test_the_field_samples_entry_says_only_auto_and_cuts_one_generation(tmp_path
     entry = catalog.entries[demo.FIELD_ENTRY]
     assert entry.quantize.method == "auto" and entry.quantize.calibration is None
     assert uses_field_samples(entry) and needed_for(entry) == demo.FIELD_SAMPLES
-    # the camera's 42 frames: a generation once FIELD_SAMPLES arrived, and the rest cut no
-    # second one (a rebuild the demo would wait for)
+    # the camera's 42 frames: a generation once FIELD_SAMPLES arrived, and nothing the camera
+    # sends later cuts a second one (a rebuild the demo would wait for)
     camera = [f"frame-{i}" for i in range(42)]
+    assert demo.FIELD_SAMPLES <= len(camera)
     assert not should_cut(camera[:demo.FIELD_SAMPLES - 1], None, demo.FIELD_SAMPLES)
     assert should_cut(camera[:demo.FIELD_SAMPLES], None, demo.FIELD_SAMPLES)
     assert not should_cut(camera, camera[:demo.FIELD_SAMPLES], demo.FIELD_SAMPLES)
