@@ -416,7 +416,7 @@ class Demo:
                            f"({time.monotonic() - act.started:.0f} s since the camera node "
                            "started)")
         deadline = time.monotonic() + self.field_timeout_s
-        last_step, told, idle = "", None, 0
+        last_step, told, idle, said_at = "", None, 0, 0.0
         while time.monotonic() < deadline and told is None:
             try:
                 at, event = node.events.get(timeout=2.0)
@@ -429,10 +429,12 @@ class Demo:
             info = client.status(socket_path=self.socket)["models"].get(FIELD_ENTRY, {})
             activity = (info.get("detail") or {}).get("activity") or {}
             step = f"{activity.get('action') or ''}: {activity.get('detail') or ''}".strip(": ")
-            if step and step != last_step:
-                self.say("", f"{FIELD_ENTRY}: {step} "
+            if step and (step != last_step or time.monotonic() - said_at >= 30):
+                # a search's probes can run for minutes under one step: say it is still at it
+                still = "still " if step == last_step else ""
+                self.say("", f"{FIELD_ENTRY}: {still}{step} "
                              f"({time.monotonic() - act.started:.0f} s since the camera started)")
-                last_step = step
+                last_step, said_at = step, time.monotonic()
             # nothing to do for a while and nothing new told: the proof refused the variant
             idle = idle + 1 if not step and info.get("state") in ("ready", "error") else 0
             if idle >= 3:
