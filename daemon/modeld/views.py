@@ -86,8 +86,10 @@ def model_view(entry: ModelEntry, state: ModelState | None, context: PlanContext
     else:
         view_state = "ready"
     field_samples = context.field_samples.get(entry.name)
-    reason = (_reason(entry, state, activity, offered) or ("queued" if pending else "")
-              or waiting_for_samples(entry, field_samples))
+    # what it is doing, and until there are enough field samples, how many there are
+    reason = "; ".join(r for r in (_reason(entry, state, activity, offered)
+                                   or ("queued" if pending else ""),
+                                   waiting_for_samples(entry, field_samples)) if r)
     detail = _detail(entry, state, activity)
     if uses_field_samples(entry):
         detail["field_samples"] = (field_samples.to_dict() if field_samples is not None

@@ -176,3 +176,18 @@ def test_a_proven_generation_counts_against_the_disk_budget(tmp_path):
     _add(area, range(4, 12))                     # the pool forgets every sample of A...
     assert area.state("det", 4).count == 4
     assert area.disk_bytes() >= 8 * one          # ...its proven snapshot still holds them
+
+
+def test_status_counts_the_field_samples_while_auto_builds_without_them():
+    """Until a generation is cut, status says how many samples there are and how many are
+    needed, also while auto builds what it can without them (the verb alone hid the count)."""
+    e = entry(AUTO)
+    few = replace(CTX, field_samples={"det": FieldSamples(3, 4)})
+    busy = model_view(e, state(pulled(e)), few, activity=Activity(action="quantizing"),
+                      pending=False, models_root="/m")
+    assert busy.reason == "quantizing; field samples: 3 of 4 needed"
+    idle = model_view(e, state(pulled(e)), few, activity=_idle(), pending=False, models_root="/m")
+    assert idle.reason == "field samples: 3 of 4 needed"
+    cut = model_view(e, state(pulled(e)), replace(CTX, field_samples={"det": generation(4, "a")}),
+                     activity=Activity(action="quantizing"), pending=False, models_root="/m")
+    assert cut.reason == "quantizing"
