@@ -389,11 +389,9 @@ class Demo:
             reason = info.get("reason") or ""
             if reason != last or time.monotonic() - shown_at >= 3 or samples.get("generation"):
                 last, shown_at = reason, time.monotonic()
-                # the NOTE that `status` prints, and its field-samples count: while auto's first
-                # try (synthetic inputs) runs, the NOTE names that job instead
-                self.say("", f"status of {FIELD_ENTRY}: \"{reason}\"; field samples "
-                             f"{samples.get('count', 0)} of {samples.get('needed', FIELD_SAMPLES)}"
-                             f" needed ({act.node.session.samples_sent} sent, "
+                # the NOTE that `status` prints: what the daemon does, and the samples count
+                self.say("", f"status of {FIELD_ENTRY}: \"{reason}\" "
+                             f"({act.node.session.samples_sent} sent, "
                              f"{time.monotonic() - act.started:.1f} s)")
             if samples.get("generation"):
                 self.say("", f"{samples.get('generation_count')} samples make the first "
