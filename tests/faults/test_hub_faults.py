@@ -27,6 +27,9 @@ ATTEMPTS = 3
 #: per file: ATTEMPTS HEADs of ours, then ATTEMPTS downloads of at most 6 HEADs and 6 GETs each
 #: (workers/fetch.py docstring, measured)
 MAX_REQUESTS_PER_FILE = ATTEMPTS + ATTEMPTS * 12
+#: the campaigns' quick backoff for `sync` too: what is counted is the retries, not their pauses
+#: (the default, 2 s doubling with full jitter, is seconds of sleep per failing attempt)
+FAST_BACKOFF = {k: v for k, v in FAST_RETRY_ENV.items() if "BACKOFF" in k}
 
 
 def _served_sha(status: dict, name: str = "det") -> str | None:
@@ -38,7 +41,7 @@ def test_sync_rides_out_a_5xx_burst(workspace):
     workspace.write_catalog(entry_toml("det"))
     workspace.hub.faults.add("status_503", MODEL_GLOB, times=1, method="HEAD")
     workspace.hub.faults.add("status_500", MODEL_GLOB, times=1, method="HEAD")
-    result = workspace.cli("sync", MODELD_PULL_ATTEMPTS=str(ATTEMPTS))
+    result = workspace.cli("sync", MODELD_PULL_ATTEMPTS=str(ATTEMPTS), **FAST_BACKOFF)
     assert result.returncode == 0, result.stderr
     heads = workspace.hub.log.records("HEAD", MODEL_GLOB)
     assert [r.status for r in heads[:3]] == [503, 500, 200]
@@ -64,7 +67,7 @@ def test_sync_under_persistent_body_faults_keeps_the_old_files(workspace):
         workspace.hub.faults.add(kind, MODEL_GLOB, times=10_000, method=method)
         # huggingface_hub itself re-GETs a short body ~5 times, 1 s apart: one attempt of ours
         attempts = 1 if kind in ("cut", "wrong_size") else ATTEMPTS
-        result = workspace.cli("sync", MODELD_PULL_ATTEMPTS=str(attempts))
+        result = workspace.cli("sync", MODELD_PULL_ATTEMPTS=str(attempts), **FAST_BACKOFF)
         assert result.returncode == 1, (kind, result.stderr)
         # logs are JSON lines on a non-terminal; what the user is told is one plain line
         said = [line for line in result.stderr.splitlines() if line.startswith("mecha10-modeld:")]

@@ -27,7 +27,9 @@ from tests.support.workspace import entry_toml
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 SEED = 20261124
-KILL_POINTS = 30
+#: with this seed 20 points hit every phase and both targets (asserted below); 30 took half as
+#: long again, most of the extra points killing one more pull
+KILL_POINTS = 20
 CHECK_EVERY = 10
 BOTH = {"fp32", "int8"}
 MLP = entry_toml("mlp", repo="acme/big", filename="big.onnx", labels=None,
@@ -129,7 +131,7 @@ def test_kill9_daemon_and_workers_at_random_points(workspace, big_model):
         daemon.stop()
 
     assert orphans == [], f"workers outlived their killed daemon: {orphans}"
-    assert len(kills) >= 30
+    assert len(kills) >= KILL_POINTS
     phases = {phase for _, phase, _ in kills}
     assert {"pulling", "quantizing", "proving"} <= phases, kills
     assert {"daemon", "worker"} <= {target for target, _, _ in kills}
