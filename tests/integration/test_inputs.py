@@ -257,15 +257,15 @@ def test_synthetic_inputs_follow_the_signature_and_the_seed(tmp_path):
                              ("mask", TensorProto.BOOL, [1, 4])])
     feeds, synthetic = sample_inputs(path, calibration=None, preset="yolo", input_size=96, count=3)
     assert synthetic is True and len(feeds) == 3
-    assert feeds[0]["input"].shape == (1, 3, 96, 96) and feeds[0]["input"].dtype == np.float32
-    assert 0.0 <= feeds[0]["input"].min() and feeds[0]["input"].max() <= 1.0   # the preset's range
+    assert feeds[0]["x"].shape == (1, 3, 96, 96) and feeds[0]["x"].dtype == np.float32
+    assert 0.0 <= feeds[0]["x"].min() and feeds[0]["x"].max() <= 1.0   # the preset's range
     assert feeds[0]["ids"].shape == (1, 96) and feeds[0]["ids"].dtype == np.int64
     assert feeds[0]["mask"].dtype == np.bool_
     again, _ = sample_inputs(path, calibration=None, preset="yolo", input_size=96, count=3)
     other, _ = sample_inputs(path, calibration=None, preset="yolo", input_size=96, count=3, seed=7)
     np.testing.assert_array_equal(feeds[2]["x"], again[2]["x"])
-    assert not np.array_equal(feeds[0]["input"], other[0]["x"])
-    assert not np.array_equal(feeds[0]["input"], feeds[1]["x"])
+    assert not np.array_equal(feeds[0]["x"], other[0]["x"])
+    assert not np.array_equal(feeds[0]["x"], feeds[1]["x"])
     small, _ = sample_inputs(path, calibration=None, preset=None, input_size=None, count=1)
     assert small[0]["x"].shape == (1, 3, 64, 64) and small[0]["ids"].shape == (1, 1)
 
